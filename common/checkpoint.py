@@ -1,0 +1,126 @@
+"""Checkpoints: atomic writes, RNG capture, and loading a trained policy back.
+
+A checkpoint is one `torch.save`d dict:
+  step, algo, config (dict), agent (networks + optimisers), sampler (its generator), rng (python, numpy,
+  torch CPU and CUDA states), normalizer (obs mean/std or None), spec (DataSpec as a dict),
+  run_dir.
+It is written to `<path>.tmp`, flushed to disk, then renamed over `<path>` (`os.replace` is atomic), so a
+crash or kill during the write leaves the previous checkpoint intact.
+
+Loading the final policy of a run (the README shows the same lines):
+
+    from common.checkpoint import load_policy
+    policy = load_policy("runs/bc/local-pendulum-expert-v0/0-20261124-101500")   # run dir or .pt file
+    action = policy(observation)        # raw env observation(s) in, numpy action(s) out
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import random
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from common.errors import fail
+
+CHECKPOINT_NAME = "checkpoint.pt"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def rng_state() -> dict:
+    """Every global RNG state a training step may touch."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: str | Path, state: dict) -> Path:
+    """Write `state` to `path` atomically (temporary file, fsync, rename). Returns the path."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        fail(f"cannot write checkpoint {path}: {err.strerror or err}")
+    return path
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """`path` itself if it is a file, else `<path>/checkpoint.pt`; `UserError` when there is none."""
+    path = Path(path)
+    candidate = path if path.is_file() else path / CHECKPOINT_NAME
+    if not candidate.is_file():
+        fail(f"no checkpoint at {path} (expected a run directory holding {CHECKPOINT_NAME}, or the file)")
+    return candidate
+
+
+def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
+    """Read a checkpoint written by `save_checkpoint` (a run directory or the file itself)."""
+    file = find_checkpoint(path)
+    try:
+        return torch.load(file, map_location=map_location, weights_only=False)
+    except Exception as err:
+        fail(f"cannot read checkpoint {file}: {type(err).__name__}: {err}")
+
+
+def _import_algorithm(algo: str):
+    """Import `algorithms/<algo>.py` as a module (the files are scripts, not a package)."""
+    file = REPO_ROOT / "algorithms" / f"{algo}.py"
+    if not file.is_file():
+        fail(f"checkpoint names algorithm '{algo}' but {file} does not exist")
+    spec = importlib.util.spec_from_file_location(f"algorithms_{algo}", file)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_agent(path: str | Path, device: str = "cpu"):
+    """Rebuild the agent of a checkpoint: returns `(agent, checkpoint dict)`."""
+    ckpt = load_checkpoint(path, map_location=device)
+    module = _import_algorithm(ckpt["algo"])
+    from common.datasets import DataSpec
+
+    config = module.Config(**ckpt["config"])
+    agent = module.Agent(config, DataSpec(**ckpt["spec"]), torch.device(device))
+    agent.load_state_dict(ckpt["agent"])
+    return agent, ckpt
+
+
+def load_policy(path: str | Path, device: str = "cpu") -> Callable[[np.ndarray], np.ndarray]:
+    """A function from flattened raw observation(s) to deterministic numpy action(s), normalisation included."""
+    from common.datasets import ObsNormalizer
+
+    agent, ckpt = load_agent(path, device)
+    normalizer = ObsNormalizer.from_state_dict(ckpt["normalizer"]) if ckpt.get("normalizer") else None
+
+    @torch.no_grad()
+    def policy(obs: np.ndarray) -> np.ndarray:
+        obs = np.asarray(obs, dtype=np.float32)
+        single = obs.ndim == 1
+        batch = obs[None] if single else obs
+        if normalizer is not None:
+            batch = normalizer(batch)
+        action = agent.act(torch.as_tensor(batch, device=device)).cpu().numpy()
+        return action[0] if single else action
+
+    return policy

@@ -1,0 +1,93 @@
+"""Evaluation: N episodes stepped together in a Gymnasium vector env, deterministic actions.
+
+Reports mean and std of the raw return and of the normalised score
+`100 * (R - ref_min) / (ref_max - ref_min)` when the dataset has reference scores (Minari metadata, or
+D4RL's table for D4RL names); otherwise raw returns only, and the result says so (`normalized: None`).
+Evaluation env seeds are `EVAL_SEED_OFFSET + seed + i`, disjoint from training seeds.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from common.datasets import ObsNormalizer, OfflineDataset, flatten_observation
+
+EVAL_SEED_OFFSET = 100_000  # evaluation episodes never reuse a training seed
+
+
+def make_eval_envs(dataset: OfflineDataset, num_envs: int) -> gym.vector.VectorEnv:
+    """`num_envs` copies of the dataset's evaluation env in a synchronous vector env."""
+    return gym.vector.SyncVectorEnv([dataset.make_env for _ in range(num_envs)],
+                                    autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+
+
+@torch.no_grad()
+def evaluate(policy: Callable[[torch.Tensor], torch.Tensor], dataset: OfflineDataset,
+             normalizer: ObsNormalizer | None, episodes: int, seed: int,
+             device: torch.device | str = "cpu", envs: gym.vector.VectorEnv | None = None) -> dict:
+    """Run `episodes` episodes at once and return their statistics.
+
+    `policy` maps a float32 tensor `(episodes, obs_dim)` of flattened, normalised observations on
+    `device` to actions `(episodes, act_dim)` (or `(episodes,)` integer actions for discrete datasets),
+    deterministically. Each env runs exactly one episode (the first one it finishes); envs that finished
+    keep stepping but are ignored. Returns a dict with `returns` (np.ndarray), `return_mean`,
+    `return_std`, `normalized_mean`, `normalized_std` (None without reference scores) and `lengths`.
+    """
+    own_envs = envs is None
+    envs = envs or make_eval_envs(dataset, episodes)
+    n = envs.num_envs
+    obs, _ = envs.reset(seed=[EVAL_SEED_OFFSET + seed + i for i in range(n)])
+    returns = np.zeros(n, dtype=np.float64)
+    lengths = np.zeros(n, dtype=np.int64)
+    done = np.zeros(n, dtype=bool)
+    low = high = None
+    if isinstance(dataset.action_space, gym.spaces.Box):
+        low, high = dataset.action_space.low, dataset.action_space.high
+    while not done.all():
+        flat = flatten_observation(obs, dataset.observation_space)
+        if normalizer is not None:
+            flat = normalizer(flat)
+        action = policy(torch.as_tensor(flat, device=device)).cpu().numpy()
+        if low is not None:
+            action = np.clip(action.reshape(n, *dataset.action_space.shape), low, high)
+        else:
+            action = action.reshape(n).astype(np.int64) + int(dataset.action_space.start)
+        obs, reward, terminated, truncated, _ = envs.step(action)
+        returns += np.where(done, 0.0, reward)
+        lengths += ~done
+        done |= np.asarray(terminated) | np.asarray(truncated)
+    if own_envs:
+        envs.close()
+    normalized = dataset.normalized_score(returns)
+    return {
+        "returns": returns,
+        "lengths": lengths,
+        "return_mean": float(returns.mean()),
+        "return_std": float(returns.std()),
+        "normalized_mean": None if normalized is None else float(normalized.mean()),
+        "normalized_std": None if normalized is None else float(normalized.std()),
+    }
+
+
+def eval_log_entries(result: dict) -> dict[str, float]:
+    """The common log keys for an evaluation result (`eval/return_mean`, `eval/normalized_score_mean`...)."""
+    out = {"eval/return_mean": result["return_mean"], "eval/return_std": result["return_std"]}
+    if result["normalized_mean"] is not None:
+        out["eval/normalized_score_mean"] = result["normalized_mean"]
+        out["eval/normalized_score_std"] = result["normalized_std"]
+    return out
+
+
+def format_result(result: dict, dataset: OfflineDataset) -> str:
+    """One line: return and normalised score (or why there is none)."""
+    line = f"return {result['return_mean']:.1f} +- {result['return_std']:.1f}"
+    if result["normalized_mean"] is not None:
+        line += (f", normalized score {result['normalized_mean']:.1f} +- {result['normalized_std']:.1f} "
+                 f"(reference scores: {dataset.ref_source})")
+    else:
+        line += " (no reference scores for this dataset: raw return only)"
+    return line

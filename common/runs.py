@@ -1,0 +1,357 @@
+"""Run bookkeeping shared by every algorithm: set-up, run directory, metrics, progress bar, checkpoints.
+
+A run writes to `<runs_dir>/<algo>/<dataset>/<seed>-<YYYYmmdd-HHMMSS>/`:
+  config.json     the resolved config
+  versions.json   package versions, python, git commit (and whether the tree was dirty), torch threads, device
+  metrics.jsonl   one JSON object per logged step: {"step": ..., "train/...": ..., "perf/steps_per_sec": ...}
+  checkpoint.pt   the latest checkpoint (unless --checkpoint-dir points elsewhere)
+  summary.json    the final evaluation
+With `--track`, the same metrics go to Weights & Biases (WANDB_MODE=offline works without a network).
+
+Metrics are read from the device only every `log_every` steps (`.item()` happens here, never per step),
+and every logged value is checked: a NaN or infinite loss stops the run with the step and the loss name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import importlib.metadata
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from common.checkpoint import (CHECKPOINT_NAME, find_checkpoint, load_checkpoint, rng_state,
+                               save_checkpoint, set_rng_state)
+from common.errors import fail
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("torch", "numpy", "gymnasium", "minari", "mujoco", "tyro", "wandb", "h5py")
+
+
+def setup(seed: int, device: str, threads: int) -> torch.device:
+    """Pin torch's thread count, seed python/numpy/torch, and resolve `device` ("auto", "cpu", "cuda[:i]")."""
+    if threads < 1:
+        fail(f"--threads must be at least 1, got {threads}")
+    torch.set_num_threads(threads)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        fail(f"unknown --device '{device}' (use auto, cpu, cuda or cuda:N)")
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {device} asked for, but torch sees no CUDA GPU (use --device cpu or auto)")
+    return resolved
+
+
+def apply_dataset_settings(config: Any, table: list[tuple[str, dict]]) -> Any:
+    """Fill the config fields left at None from the first row of `table` whose pattern matches.
+
+    `table` rows are `(fnmatch pattern, {field: value})`, matched against `config.env` and against the
+    Minari id it resolves to (e.g. "antmaze-*", "D4RL/antmaze/*", "local/pendulum/*", "*"). Fields the user
+    set on the command line are never changed. Prints what it filled, so the settings are visible.
+    """
+    from common.datasets import resolve_name
+
+    names = {config.env, resolve_name(config.env).minari_id}
+    filled = {}
+    for pattern, settings in table:
+        if any(fnmatch.fnmatch(n, pattern) for n in names):
+            for key, value in settings.items():
+                if getattr(config, key) is None:
+                    filled[key] = value
+            break
+    missing = [f.name for f in dataclasses.fields(config) if getattr(config, f.name) is None
+               and f.name not in filled and f.name in {k for _, row in table for k in row}]
+    if missing:
+        fail(f"no per-dataset default for {', '.join(missing)} on '{config.env}'; set them with flags")
+    if filled:
+        print("per-dataset settings: " + ", ".join(f"{k}={v}" for k, v in filled.items()),
+              file=sys.stderr, flush=True)
+    return dataclasses.replace(config, **filled)
+
+
+def git_commit() -> str:
+    """The repository's HEAD commit, with `-dirty` when tracked files differ; "unknown" outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return (head + ("-dirty" if dirty else "")) if head else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def versions(device: torch.device) -> dict:
+    out = {"python": platform.python_version(), "platform": platform.platform(), "git_commit": git_commit(),
+           "torch_threads": torch.get_num_threads(), "device": str(device)}
+    if device.type == "cuda":
+        out["gpu"] = torch.cuda.get_device_name(device)
+    for pkg in PACKAGES:
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+class Progress:
+    """A one-line progress bar on stderr with steps/s; plain periodic lines when stderr is not a TTY."""
+
+    def __init__(self, name: str, total: int, initial: int = 0):
+        self.name, self.total, self.step = name, total, initial
+        self.tty = sys.stderr.isatty()
+        self.start_time = self.last_print = time.perf_counter()
+        self.start_step = initial
+        self.extra = ""
+        self.interval = 0.5 if self.tty else 30.0
+
+    def update(self, step: int) -> None:
+        self.step = step
+        now = time.perf_counter()
+        if now - self.last_print >= self.interval:
+            self.last_print = now
+            self._print(now)
+
+    def _print(self, now: float, end: str = "") -> None:
+        rate = (self.step - self.start_step) / max(now - self.start_time, 1e-9)
+        eta = (self.total - self.step) / rate if rate > 0 else float("inf")
+        eta_s = time.strftime("%H:%M:%S", time.gmtime(eta)) if np.isfinite(eta) else "?"
+        pct = 100.0 * self.step / max(self.total, 1)
+        line = f"[{self.name}] {self.step}/{self.total} {pct:5.1f}% {rate:7.1f} steps/s eta {eta_s}{self.extra}"
+        if self.tty:
+            sys.stderr.write("\r" + line.ljust(100) + end)
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        self._print(time.perf_counter(), end="\n")
+
+
+def _to_float(value: Any) -> float:
+    if isinstance(value, torch.Tensor):
+        return float(value.detach().float().cpu().item())
+    return float(value)
+
+
+class Run:
+    """One training run: directory, metrics, wandb, progress, checkpoints and resume.
+
+    Usage in an algorithm's `train(config)`:
+        run = Run("bc", config, dataset, device)
+        start = run.resume(agent, sampler)             # 0, or the checkpoint's step with --resume
+        for step in run.steps(start):                   # progress bar; yields 1..max_steps
+            logs = agent.update(sampler.sample(config.batch_size))
+            if run.should_log(step): run.log(step, logs)
+            ...
+    """
+
+    def __init__(self, algo: str, config: Any, dataset: Any, device: torch.device,
+                 normalizer: Any = None):
+        self.algo, self.config, self.dataset, self.device = algo, config, dataset, device
+        self.normalizer = normalizer
+        self.config_dict = dataclasses.asdict(config)
+        self.wandb = None
+        self._last_log_time = time.perf_counter()
+        self._last_log_step = 0
+        self._excluded_time = 0.0  # evaluation and checkpoint time, left out of steps/s
+        resume_ckpt = None
+        if getattr(config, "resume", None):
+            resume_ckpt = load_checkpoint(config.resume, map_location=device)
+            self._check_resume_compatible(resume_ckpt)
+        self._resume_ckpt = resume_ckpt
+        if resume_ckpt is not None and Path(resume_ckpt.get("run_dir", "")).is_dir():
+            self.dir = Path(resume_ckpt["run_dir"])
+        else:
+            dataset_part = dataset.name.replace("/", "-")
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            self.dir = Path(config.runs_dir) / algo / dataset_part / f"{config.seed}-{stamp}"
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            (self.dir / "config.json").write_text(json.dumps(self.config_dict, indent=2, default=str))
+            (self.dir / "versions.json").write_text(json.dumps(versions(device), indent=2))
+            if resume_ckpt is not None:
+                self._truncate_metrics(resume_ckpt["step"])
+            self.metrics_file = open(self.dir / "metrics.jsonl", "a")
+        except OSError as err:
+            fail(f"cannot write the run directory {self.dir}: {err.strerror or err} "
+                 f"(choose another with --runs-dir)")
+        self.checkpoint_path = (Path(config.checkpoint_dir) if config.checkpoint_dir else self.dir) / CHECKPOINT_NAME
+        if config.track:
+            self._init_wandb(resume_ckpt)
+        print(f"run directory: {self.dir}", file=sys.stderr, flush=True)
+
+    # --- set-up -------------------------------------------------------------------------------------
+    def _check_resume_compatible(self, ckpt: dict) -> None:
+        if ckpt.get("algo") != self.algo:
+            fail(f"--resume checkpoint is from '{ckpt.get('algo')}', not '{self.algo}'")
+        saved = ckpt.get("config", {})
+        for key in ("env", "seed"):
+            if saved.get(key) != self.config_dict.get(key):
+                fail(f"--resume checkpoint has {key}={saved.get(key)!r} but this run has "
+                     f"{key}={self.config_dict.get(key)!r}; pass the same --{key}")
+        if ckpt["step"] > self.config.max_steps:
+            fail(f"--resume checkpoint is at step {ckpt['step']}, beyond --max-steps {self.config.max_steps}")
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop metrics logged after the checkpoint's step: the resumed run logs them again."""
+        path = self.dir / "metrics.jsonl"
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= step]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    def _init_wandb(self, resume_ckpt: dict | None) -> None:
+        try:
+            import wandb
+        except ImportError:
+            fail("--track needs wandb: pip install wandb")
+        run_id = resume_ckpt.get("wandb_id") if resume_ckpt else None
+        self.wandb = wandb.init(project=self.config.wandb_project, config=self.config_dict,
+                                name=f"{self.algo}-{self.dataset.name}-{self.config.seed}",
+                                group=f"{self.algo}-{self.dataset.name}", dir=str(self.dir),
+                                id=run_id, resume="allow" if run_id else None)
+
+    # --- loop -----------------------------------------------------------------------------------------
+    def resume(self, agent: Any, sampler: Any) -> int:
+        """Restore agent, sampler and RNG state from `--resume`; return the step to continue from (or 0)."""
+        ckpt = self._resume_ckpt
+        if ckpt is None:
+            return 0
+        agent.load_state_dict(ckpt["agent"])
+        if sampler is not None and ckpt.get("sampler") is not None:
+            sampler.load_state_dict(ckpt["sampler"])
+        set_rng_state(ckpt["rng"])
+        print(f"resumed from step {ckpt['step']} ({find_checkpoint(self.config.resume)})", file=sys.stderr)
+        self._last_log_step = ckpt["step"]
+        return int(ckpt["step"])
+
+    def steps(self, start: int) -> Iterator[int]:
+        """Yield steps start+1 .. max_steps with a progress bar."""
+        self.progress = Progress(f"{self.algo} {self.dataset.name}", self.config.max_steps, start)
+        self._last_log_step = start
+        self._last_log_time = time.perf_counter()
+        for step in range(start + 1, self.config.max_steps + 1):
+            yield step
+            self.progress.update(step)
+        self.progress.close()
+
+    def should_log(self, step: int) -> bool:
+        return step % self.config.log_every == 0 or step == self.config.max_steps
+
+    def should_eval(self, step: int) -> bool:
+        return self.config.eval_every > 0 and step % self.config.eval_every == 0 and step != self.config.max_steps
+
+    def should_checkpoint(self, step: int) -> bool:
+        every = self.config.checkpoint_every
+        return (every > 0 and step % every == 0) or step == self.config.max_steps
+
+    def log(self, step: int, metrics: dict[str, Any]) -> dict[str, float]:
+        """Read `metrics` to floats (the only host sync), check them, and write them out.
+
+        Adds `perf/steps_per_sec` over the steps since the previous log (evaluation time excluded).
+        A NaN or infinite value stops the run with its name and step.
+        """
+        values = {k: _to_float(v) for k, v in metrics.items()}
+        for key, value in values.items():
+            if not np.isfinite(value):
+                fail(f"{key} is {value} at step {step} (values are checked every --log-every="
+                     f"{self.config.log_every} steps); stopping. The last good checkpoint is "
+                     f"{self.checkpoint_path if self.checkpoint_path.exists() else 'not written yet'}")
+        now = time.perf_counter()
+        if any(k.startswith("train/") for k in values) and step > self._last_log_step:
+            elapsed = now - self._last_log_time - self._excluded_time
+            values["perf/steps_per_sec"] = (step - self._last_log_step) / max(elapsed, 1e-9)
+            self._last_log_step, self._last_log_time, self._excluded_time = step, now, 0.0
+        self._write(step, values)
+        return values
+
+    def _write(self, step: int, values: dict[str, float]) -> None:
+        self.metrics_file.write(json.dumps({"step": step, **values}) + "\n")
+        self.metrics_file.flush()
+        if self.wandb is not None:
+            self.wandb.log(values, step=step)
+
+    def log_eval(self, step: int, result: dict) -> None:
+        from common.evaluation import eval_log_entries
+
+        entries = eval_log_entries(result)
+        self._write(step, entries)
+        score = entries.get("eval/normalized_score_mean")
+        self.progress.extra = (f" | eval score {score:.1f}" if score is not None
+                               else f" | eval return {entries['eval/return_mean']:.1f}")
+
+    def timed(self):
+        """Context manager whose time is left out of steps/s (evaluation, checkpoints)."""
+        run = self
+
+        class _Timer:
+            def __enter__(self):
+                self.t = time.perf_counter()
+
+            def __exit__(self, *exc):
+                run._excluded_time += time.perf_counter() - self.t
+
+        return _Timer()
+
+    # --- checkpoints ----------------------------------------------------------------------------------
+    def save_checkpoint(self, step: int, agent: Any, sampler: Any) -> None:
+        """Write the checkpoint atomically; refuse to overwrite a good one with non-finite weights."""
+        state = agent.state_dict()
+        tensors = [t for t in _walk_tensors(state) if t.is_floating_point()]
+        if tensors and not bool(torch.stack([t.isfinite().all() for t in tensors]).all()):
+            fail(f"non-finite network weights at step {step}; not overwriting the last checkpoint "
+                 f"{self.checkpoint_path}")
+        save_checkpoint(self.checkpoint_path, {
+            "step": step, "algo": self.algo, "config": self.config_dict, "agent": state,
+            "sampler": None if sampler is None else sampler.state_dict(), "rng": rng_state(),
+            "normalizer": None if self.normalizer is None else self.normalizer.state_dict(),
+            "spec": dataclasses.asdict(self.dataset.spec), "run_dir": str(self.dir),
+            "wandb_id": None if self.wandb is None else self.wandb.id,
+        })
+
+    def finish(self, result: dict, extra: dict | None = None) -> dict:
+        """Write summary.json, print the closing line, close files."""
+        from common.evaluation import format_result
+
+        summary = {"algo": self.algo, "env": self.dataset.name, "minari_id": self.dataset.minari_id,
+                   "seed": self.config.seed, "steps": self.config.max_steps,
+                   "return_mean": result["return_mean"], "return_std": result["return_std"],
+                   "normalized_score_mean": result["normalized_mean"],
+                   "normalized_score_std": result["normalized_std"],
+                   "reference_scores": self.dataset.ref_source, "eval_episodes": len(result["returns"]),
+                   "git_commit": git_commit(), "run_dir": str(self.dir), **(extra or {})}
+        (self.dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        self.metrics_file.close()
+        if self.wandb is not None:
+            self.wandb.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+            self.wandb.finish()
+        print(f"{self.algo} on {self.dataset.name}, seed {self.config.seed}, {self.config.max_steps} steps: "
+              f"{format_result(result, self.dataset)}", flush=True)
+        return summary
+
+
+def _walk_tensors(obj: Any) -> Iterator[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _walk_tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _walk_tensors(v)

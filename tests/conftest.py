@@ -1,0 +1,120 @@
+"""Shared test fixtures: a private Minari root and small datasets the tests build themselves.
+
+Nothing here downloads anything. The pendulum datasets come from a scripted controller (energy pumping
+for the swing-up, PD control at the top; about -140 return against about -1200 for uniform random
+actions), so the learning tests know the expert's return exactly and build their data in seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from common.datasets import save_episodes  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+def pendulum_expert(obs: np.ndarray) -> np.ndarray:
+    """Scripted Pendulum-v1 controller: pump energy towards the upright level, then PD-stabilise."""
+    c, s, thdot = obs[..., 0], obs[..., 1], obs[..., 2]
+    theta = np.arctan2(s, c)
+    energy = 0.5 * thdot ** 2 + 15.0 * c  # thetaddot = 15 sin(theta) + 3 u  ->  E = thdot^2/2 + 15 cos
+    pump = 0.5 * (15.0 - energy) * thdot
+    pd = -(12.0 * theta + 2.5 * thdot)
+    return np.clip(np.where(c > 0.85, pd, pump), -2.0, 2.0)[..., None].astype(np.float32)
+
+
+def rollout_episodes(env_id: str, policy, episodes: int, seed: int, noise: float = 0.0,
+                     rng: np.random.Generator | None = None) -> list[dict]:
+    """Whole episodes of `policy` (obs -> action, or None for uniform random) with Gaussian action noise."""
+    env = gym.make(env_id)
+    env.action_space.seed(seed)
+    rng = rng or np.random.default_rng(seed)
+    out = []
+    for i in range(episodes):
+        obs, _ = env.reset(seed=seed + i)
+        o, a, r, te, tr = [obs], [], [], [], []
+        while True:
+            action = env.action_space.sample() if policy is None else policy(obs)
+            if noise and policy is not None:
+                action = np.clip(action + noise * rng.standard_normal(action.shape),
+                                 env.action_space.low, env.action_space.high).astype(np.float32)
+            obs, reward, terminated, truncated, _ = env.step(action)
+            o.append(obs), a.append(action), r.append(reward), te.append(terminated), tr.append(truncated)
+            if terminated or truncated:
+                break
+        out.append({"observations": np.asarray(o), "actions": np.asarray(a), "rewards": np.asarray(r),
+                    "terminations": np.asarray(te), "truncations": np.asarray(tr), "seed": seed + i})
+    env.close()
+    return out
+
+
+def mean_return(episodes: list[dict]) -> float:
+    return float(np.mean([np.sum(e["rewards"]) for e in episodes]))
+
+
+@pytest.fixture(scope="session")
+def minari_root(tmp_path_factory) -> Path:
+    """A private Minari root for the whole test session (MINARI_DATASETS_PATH points to it)."""
+    root = tmp_path_factory.mktemp("minari")
+    previous = os.environ.get("MINARI_DATASETS_PATH")
+    os.environ["MINARI_DATASETS_PATH"] = str(root)
+    yield root
+    if previous is None:
+        os.environ.pop("MINARI_DATASETS_PATH", None)
+    else:
+        os.environ["MINARI_DATASETS_PATH"] = previous
+
+
+@pytest.fixture(scope="session")
+def pendulum_refs(minari_root) -> dict:
+    """Reference returns measured on 20 evaluation episodes: uniform random and the scripted expert."""
+    random_eps = rollout_episodes("Pendulum-v1", None, 20, seed=50_000)
+    expert_eps = rollout_episodes("Pendulum-v1", pendulum_expert, 20, seed=50_000)
+    return {"random": mean_return(random_eps), "expert": mean_return(expert_eps)}
+
+
+@pytest.fixture(scope="session")
+def pendulum_expert_id(minari_root, pendulum_refs) -> str:
+    """`test/pendulum/expert-v0`: 50 episodes (10k steps) of the scripted expert with action noise 0.1."""
+    dataset_id = "test/pendulum/expert-v0"
+    episodes = rollout_episodes("Pendulum-v1", pendulum_expert, 50, seed=0, noise=0.1)
+    save_episodes(dataset_id, episodes, "Pendulum-v1", ref_min_score=pendulum_refs["random"],
+                  ref_max_score=pendulum_refs["expert"], algorithm_name="scripted-expert")
+    return dataset_id
+
+
+@pytest.fixture(scope="session")
+def pendulum_mixed_id(minari_root, pendulum_refs) -> str:
+    """`test/pendulum/mixed-v0`: 15 expert episodes and 45 uniform-random episodes (12k steps)."""
+    dataset_id = "test/pendulum/mixed-v0"
+    expert = rollout_episodes("Pendulum-v1", pendulum_expert, 15, seed=1_000, noise=0.1)
+    random = rollout_episodes("Pendulum-v1", None, 45, seed=2_000)
+    save_episodes(dataset_id, expert + random, "Pendulum-v1", ref_min_score=pendulum_refs["random"],
+                  ref_max_score=pendulum_refs["expert"], algorithm_name="scripted-expert+random")
+    return dataset_id
+
+
+def run_config(config_type, env: str, tmp_path: Path, **overrides):
+    """A config for a fast in-process test run: outputs under tmp_path, no periodic evaluation."""
+    fields = dict(env=env, seed=0, device="cpu", threads=1, eval_every=0, eval_episodes=5,
+                  log_every=500, checkpoint_every=0, runs_dir=str(tmp_path / "runs"), download=False)
+    fields.update(overrides)
+    return config_type(**fields)
+
+
+def load_algorithm(name: str):
+    """Import `algorithms/<name>.py` (the algorithm files are scripts, not a package)."""
+    from common.checkpoint import _import_algorithm
+
+    return _import_algorithm(name)
