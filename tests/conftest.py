@@ -34,6 +34,22 @@ def pendulum_expert(obs: np.ndarray) -> np.ndarray:
     return np.clip(np.where(c > 0.85, pd, pump), -2.0, 2.0)[..., None].astype(np.float32)
 
 
+def cartpole_expert(obs: np.ndarray) -> np.ndarray:
+    """Scripted CartPole-v1 controller (push towards where the pole falls); returns 500 every episode."""
+    x, x_dot, theta, theta_dot = obs[..., 0], obs[..., 1], obs[..., 2], obs[..., 3]
+    return (theta + 0.3 * theta_dot + 0.01 * x + 0.1 * x_dot > 0).astype(np.int64)
+
+
+def epsilon_greedy(policy, epsilon: float, n_actions: int, seed: int):
+    """`policy` with probability 1 - epsilon, a uniformly random action otherwise."""
+    rng = np.random.default_rng(seed)
+
+    def act(obs):
+        return int(rng.integers(n_actions)) if rng.uniform() < epsilon else int(policy(obs))
+
+    return act
+
+
 def rollout_episodes(env_id: str, policy, episodes: int, seed: int, noise: float = 0.0,
                      rng: np.random.Generator | None = None) -> list[dict]:
     """Whole episodes of `policy` (obs -> action, or None for uniform random) with Gaussian action noise."""
@@ -103,6 +119,31 @@ def pendulum_mixed_id(minari_root, pendulum_refs) -> str:
     save_episodes(dataset_id, expert + random, "Pendulum-v1", ref_min_score=pendulum_refs["random"],
                   ref_max_score=pendulum_refs["expert"], algorithm_name="scripted-expert+random")
     return dataset_id
+
+
+@pytest.fixture(scope="session")
+def cartpole_mixed_id(minari_root) -> str:
+    """`test/cartpole/mixed-v0`: the scripted expert at epsilon 0.1 (4 episodes), 0.5 (10), 1.0 (30).
+
+    Behaviour return about 90 against 500 for the expert: a dataset where improvement is possible.
+    """
+    dataset_id = "test/cartpole/mixed-v0"
+    episodes, seed = [], 3_000
+    for epsilon, count in ((0.1, 4), (0.5, 10), (1.0, 30)):
+        for _ in range(count):
+            episodes += rollout_episodes("CartPole-v1", epsilon_greedy(cartpole_expert, epsilon, 2, seed), 1,
+                                         seed=seed)
+            seed += 1
+    save_episodes(dataset_id, episodes, "CartPole-v1", ref_min_score=22.0, ref_max_score=500.0,
+                  algorithm_name="scripted-expert, epsilon-greedy 0.1/0.5/1.0")
+    return dataset_id
+
+
+def behaviour_return(dataset_id: str) -> float:
+    """Mean episode return of a dataset: the behaviour policy's return."""
+    from common.datasets import load_dataset
+
+    return float(np.mean([e.total_return for e in load_dataset(dataset_id).episodes]))
 
 
 def run_config(config_type, env: str, tmp_path: Path, **overrides):

@@ -1,0 +1,198 @@
+"""Throughput benchmark: gradient updates per second of every algorithm against the FLOP floor.
+
+    python -m common.bench                      # all algorithms, CPU (and CUDA when present), 1 thread
+    python -m common.bench --algos bc iql --threads 2 --updates 3000
+
+For each algorithm it builds the agent from the file's own `Config` (default network sizes, batch 256)
+for halfcheetah's sizes (17-d observations, 6-d actions; 4 actions for discrete algorithms), feeds it
+minibatches drawn on the device from synthetic data, and times `--updates` updates after a warm-up.
+The floor is what arithmetic alone allows: FLOPs per update (counted by
+`torch.utils.flop_counter.FlopCounterMode` over one update) divided by the matrix-multiply rate measured
+in the same run (256x256x256 fp32 products on the same device and thread count). `% floor` is the
+measured rate over that bound. Results go to stdout and `results/bench.md` (machine, threads, commit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from common.checkpoint import _import_algorithm  # noqa: E402
+from common.datasets import DataSpec, TensorSampler  # noqa: E402
+from common.runs import git_commit  # noqa: E402
+
+# Every algorithm file defines an `Agent`; each one found in algorithms/ gets a row.
+ALGORITHMS = sorted(p.stem for p in (ROOT / "algorithms").glob("*.py") if not p.stem.startswith("_"))
+OBS_DIM, ACT_DIM, N_DISCRETE_ACTIONS = 17, 6, 4  # halfcheetah's sizes; a small discrete action set
+DATA_ROWS = 100_000
+
+
+def synthetic_batch_source(spec: DataSpec, device: torch.device, seed: int = 0) -> TensorSampler:
+    """Random transitions with every key any algorithm reads, kept on `device`."""
+    rng = np.random.default_rng(seed)
+    n = DATA_ROWS
+    actions = (rng.integers(0, spec.act_dim, n) if spec.discrete
+               else rng.uniform(-1, 1, (n, spec.act_dim)).astype(np.float32))
+    arrays = {
+        "obs": rng.standard_normal((n, spec.obs_dim)).astype(np.float32),
+        "actions": actions,
+        "rewards": rng.standard_normal(n).astype(np.float32),
+        "next_obs": rng.standard_normal((n, spec.obs_dim)).astype(np.float32),
+        "terminals": (rng.uniform(size=n) < 0.01).astype(np.float32),
+        "returns_to_go": rng.standard_normal(n).astype(np.float32),
+    }
+    return TensorSampler(arrays, device, seed)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_rate(device: torch.device, size: int = 256, repeats: int = 2000) -> float:
+    """Measured fp32 FLOP/s of size x size x size matrix products (the floor's denominator)."""
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    out = torch.empty(size, size, device=device)
+    for _ in range(50):
+        torch.mm(a, b, out=out)
+    sync(device)
+    best = 0.0
+    for _ in range(3):  # best of three: the floor should be the machine's, not a noisy moment's
+        start = time.perf_counter()
+        for _ in range(repeats):
+            torch.mm(a, b, out=out)
+        sync(device)
+        best = max(best, 2 * size ** 3 * repeats / (time.perf_counter() - start))
+    return best
+
+
+def make_agent(name: str, device: torch.device, compile_update: bool):
+    module = _import_algorithm(name)
+    fields = {f.name for f in dataclasses.fields(module.Config)}
+    overrides = {"max_steps": 1_000_000, "device": str(device), "compile": compile_update}
+    config = module.Config(**{k: v for k, v in overrides.items() if k in fields})
+    discrete = bool(getattr(module, "DISCRETE_ONLY", False))
+    spec = DataSpec(OBS_DIM, N_DISCRETE_ACTIONS if discrete else ACT_DIM, 1.0, discrete)
+    return module.Agent(config, spec, device), config, spec
+
+
+def bench_algorithm(name: str, device: torch.device, updates: int, warmup: int, compile_update: bool,
+                    rate: float) -> dict:
+    agent, config, spec = make_agent(name, device, compile_update)
+    source = synthetic_batch_source(spec, device)
+    batch_size = config.batch_size
+    with FlopCounterMode(display=False) as counter:
+        agent.update(source.sample(batch_size))
+    flops = counter.get_total_flops()
+    for _ in range(warmup):
+        agent.update(source.sample(batch_size))
+    sync(device)
+    best = 0.0
+    for _ in range(3):  # best of three windows, as for the matmul rate
+        start = time.perf_counter()
+        for _ in range(updates):
+            logs = agent.update(source.sample(batch_size))
+        sync(device)
+        best = max(best, updates / (time.perf_counter() - start))
+    for value in logs.values():  # the run must stay finite to count
+        if not torch.isfinite(torch.as_tensor(value)).all():
+            raise RuntimeError(f"{name}: non-finite value in the benchmark's updates")
+    floor = rate / flops if flops else float("nan")
+    return {"algo": name, "device": str(device), "updates_per_sec": best, "mflops_per_update": flops / 1e6,
+            "floor_updates_per_sec": floor, "pct_floor": 100.0 * best / floor if flops else float("nan"),
+            "batch_size": batch_size, "compiled": compile_update}
+
+
+def machine_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m common.bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--algos", nargs="*", default=ALGORITHMS, help="algorithms to measure")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (pinned)")
+    parser.add_argument("--updates", type=int, default=2000, help="timed updates per window (3 windows)")
+    parser.add_argument("--warmup", type=int, default=200, help="untimed updates first")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="auto: CPU, and CUDA too when present")
+    parser.add_argument("--compile", action="store_true", help="also measure torch.compile'd updates")
+    parser.add_argument("--output", default=str(ROOT / "results" / "bench.md"), help="markdown report")
+    args = parser.parse_args(argv)
+    unknown = [a for a in args.algos if not (ROOT / "algorithms" / f"{a}.py").is_file()]
+    if unknown:
+        print(f"error: unknown algorithm(s) {', '.join(unknown)} (have: {', '.join(ALGORITHMS)})",
+              file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    devices = [torch.device("cpu")] if args.device in ("auto", "cpu") else []
+    if args.device in ("auto", "cuda") and torch.cuda.is_available():
+        devices.append(torch.device("cuda"))
+    if not devices:
+        print("error: --device cuda asked for, but torch sees no CUDA GPU", file=sys.stderr)
+        return 2
+
+    rows, rates = [], {}
+    for device in devices:
+        rates[str(device)] = rate = matmul_rate(device)
+        print(f"{device}: {machine_description(device)}; 256^3 fp32 matmul {rate / 1e9:.1f} GFLOP/s "
+              f"({args.threads} thread{'s' if args.threads > 1 else ''})", flush=True)
+        for name in args.algos:
+            for compiled in ([False, True] if args.compile else [False]):
+                torch.manual_seed(0)
+                row = bench_algorithm(name, device, args.updates, args.warmup, compiled, rate)
+                rows.append(row)
+                print(f"  {name:14s}{' (compiled)' if compiled else '':11s} {row['updates_per_sec']:9.1f} "
+                      f"updates/s  {row['mflops_per_update']:8.1f} MFLOP/update  floor "
+                      f"{row['floor_updates_per_sec']:9.1f}/s  {row['pct_floor']:5.1f}% of floor", flush=True)
+
+    commit = git_commit()
+    lines = ["# Throughput benchmark", "",
+             f"Command: `python -m common.bench --threads {args.threads} --updates {args.updates}"
+             f"{' --compile' if args.compile else ''}` (or `make bench`)  ",
+             f"Commit: `{commit}`; date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+             f"torch {torch.__version__}; torch threads {args.threads}  ",
+             f"Sizes: obs {OBS_DIM}, actions {ACT_DIM} (discrete: {N_DISCRETE_ACTIONS}), each file's default "
+             f"networks and batch size; synthetic data kept on the device.  ",
+             "Floor = measured 256x256x256 fp32 matmul rate / FLOPs per update (FlopCounterMode); best of "
+             "three timing windows.", ""]
+    for device in devices:
+        lines.append(f"- {device}: {machine_description(device)}, matmul {rates[str(device)] / 1e9:.1f} GFLOP/s")
+    lines += ["", "| algorithm | device | compiled | updates/s | MFLOP/update | floor updates/s | % of floor |",
+              "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['algo']} | {r['device']} | {'yes' if r['compiled'] else 'no'} | "
+                     f"{r['updates_per_sec']:.1f} | {r['mflops_per_update']:.1f} | "
+                     f"{r['floor_updates_per_sec']:.1f} | {r['pct_floor']:.1f} |")
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Every algorithm file follows the library's shape: shared flags, docstring, Agent contract, bench row."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, load_algorithm
+
+from common import bench
+from common.datasets import DataSpec
+
+# The shared Config fields, in this order, in every algorithm file (see shared/style.md).
+SHARED_FIELDS = ["env", "seed", "device", "threads", "max_steps", "batch_size", "eval_every", "eval_episodes",
+                 "log_every", "checkpoint_every", "checkpoint_dir", "resume", "track", "wandb_project",
+                 "runs_dir", "download", "compile"]
+ALGORITHM_FILES = sorted(p.stem for p in (ROOT / "algorithms").glob("*.py") if not p.stem.startswith("_"))
+
+
+@pytest.mark.parametrize("name", ALGORITHM_FILES)
+def test_algorithm_file_has_the_shared_shape(name):
+    module = load_algorithm(name)
+    doc = module.__doc__ or ""
+    assert "Lecture" in doc or "lecture" in doc, f"{name}: docstring must name the lecture section"
+    assert f"python algorithms/{name}.py" in doc, f"{name}: docstring must show a usage line"
+    fields = [f.name for f in dataclasses.fields(module.Config)]
+    assert fields[: len(SHARED_FIELDS)] == SHARED_FIELDS, f"{name}: shared Config fields differ"
+    shared_defaults = {f.name: f.default for f in dataclasses.fields(load_algorithm("bc").Config)}
+    for f in dataclasses.fields(module.Config):
+        if f.name in SHARED_FIELDS and f.name not in ("env", "max_steps", "eval_every", "log_every",
+                                                      "checkpoint_every"):
+            assert f.default == shared_defaults[f.name], f"{name}: default of {f.name} differs from bc.py"
+    defaults = module.Config()
+    assert defaults.batch_size == 256, f"{name}: the papers' batch size is 256"
+    for attr in ("Agent", "train", "DATASET_SETTINGS"):
+        assert hasattr(module, attr), f"{name}: missing {attr}"
+
+
+@pytest.mark.parametrize("name", ALGORITHM_FILES)
+def test_agent_contract_and_state_round_trip(name):
+    agent, config, spec = bench.make_agent(name, torch.device("cpu"), compile_update=False)
+    source = bench.synthetic_batch_source(spec, torch.device("cpu"))
+    logs = agent.update(source.sample(32))
+    assert logs and all(k.startswith("train/") for k in logs)
+    assert all(isinstance(v, torch.Tensor) for v in logs.values()), "logs stay tensors: no per-step sync"
+    obs = source.sample(4)["obs"]
+    action = agent.act(obs)
+    assert action.shape[0] == 4
+    clone, _, _ = bench.make_agent(name, torch.device("cpu"), compile_update=False)
+    clone.load_state_dict(agent.state_dict())
+    assert torch.equal(clone.act(obs), action)
+
+
+def test_bench_harness_reports_rates_and_floor(tmp_path):
+    out = tmp_path / "bench.md"
+    assert bench.main(["--algos", "bc", "--updates", "20", "--warmup", "5", "--device", "cpu",
+                       "--output", str(out)]) == 0
+    text = out.read_text()
+    assert "| bc | cpu | no |" in text and "Commit:" in text and "torch threads 1" in text
+    assert bench.main(["--algos", "no_such_algo", "--output", str(out)]) == 2
