@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from common.checkpoint import _import_algorithm  # noqa: E402
 from common.datasets import DataSpec, TensorSampler  # noqa: E402
-from common.runs import git_commit  # noqa: E402
+from common.runs import git_commit, tune_cpu_allocator  # noqa: E402
 
 # Every algorithm file defines an `Agent`; each one found in algorithms/ gets a row.
 ALGORITHMS = sorted(p.stem for p in (ROOT / "algorithms").glob("*.py") if not p.stem.startswith("_"))
@@ -149,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
+    tune_cpu_allocator()  # as training does (common.runs.setup)
     devices = [torch.device("cpu")] if args.device in ("auto", "cpu") else []
     if args.device in ("auto", "cuda") and torch.cuda.is_available():
         devices.append(torch.device("cuda"))

@@ -38,11 +38,33 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("torch", "numpy", "gymnasium", "minari", "mujoco", "tyro", "wandb", "h5py")
 
 
+def tune_cpu_allocator() -> bool:
+    """Keep freed activation buffers in the heap instead of returning them to the OS (glibc only).
+
+    glibc serves allocations above 128 KiB with mmap and unmaps them on free; a batch-256 x 256-unit
+    activation is 256 KiB, so every update re-faults fresh pages (about 25 page faults per BC update,
+    measured), which costs a quarter of a small-MLP update on CPU. Raising the mmap and trim thresholds
+    (mallopt) removes those faults. Returns whether the settings were applied.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # <malloc.h>
+        return bool(libc.mallopt(m_mmap_threshold, 32 << 20) and libc.mallopt(m_trim_threshold, 256 << 20)
+                    and libc.mallopt(m_top_pad, 64 << 20))
+    except (OSError, AttributeError):
+        return False
+
+
 def setup(seed: int, device: str, threads: int) -> torch.device:
     """Pin torch's thread count, seed python/numpy/torch, and resolve `device` ("auto", "cpu", "cuda[:i]")."""
     if threads < 1:
         fail(f"--threads must be at least 1, got {threads}")
     torch.set_num_threads(threads)
+    tune_cpu_allocator()
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
