@@ -31,12 +31,13 @@ sys.path.insert(0, str(ROOT))
 
 from common.checkpoint import _import_algorithm  # noqa: E402
 from common.datasets import DataSpec, TensorSampler  # noqa: E402
-from common.runs import git_commit, tune_cpu_allocator  # noqa: E402
+from common.runs import apply_dataset_settings, git_commit, tune_cpu_allocator  # noqa: E402
 
 # Every algorithm file defines an `Agent`; each one found in algorithms/ gets a row.
 ALGORITHMS = sorted(p.stem for p in (ROOT / "algorithms").glob("*.py") if not p.stem.startswith("_"))
 OBS_DIM, ACT_DIM, N_DISCRETE_ACTIONS = 17, 6, 4  # halfcheetah's sizes; a small discrete action set
 DATA_ROWS = 100_000
+BENCH_DATASET_NAME = "halfcheetah-medium-v2"  # which DATASET_SETTINGS row the benchmark's configs take
 
 
 def synthetic_batch_source(spec: DataSpec, device: torch.device, seed: int = 0) -> TensorSampler:
@@ -84,6 +85,9 @@ def make_agent(name: str, device: torch.device, compile_update: bool):
     fields = {f.name for f in dataclasses.fields(module.Config)}
     overrides = {"max_steps": 1_000_000, "device": str(device), "compile": compile_update}
     config = module.Config(**{k: v for k, v in overrides.items() if k in fields})
+    # the per-dataset fields as they would be for a D4RL locomotion dataset of the same sizes
+    config = apply_dataset_settings(dataclasses.replace(config, env=BENCH_DATASET_NAME),
+                                    getattr(module, "DATASET_SETTINGS", []), quiet=True)
     discrete = bool(getattr(module, "DISCRETE_ONLY", False))
     spec = DataSpec(OBS_DIM, N_DISCRETE_ACTIONS if discrete else ACT_DIM, 1.0, discrete)
     return module.Agent(config, spec, device), config, spec

@@ -79,7 +79,7 @@ def setup(seed: int, device: str, threads: int) -> torch.device:
     return resolved
 
 
-def apply_dataset_settings(config: Any, table: list[tuple[str, dict]]) -> Any:
+def apply_dataset_settings(config: Any, table: list[tuple[str, dict]], quiet: bool = False) -> Any:
     """Fill the config fields left at None from the first row of `table` whose pattern matches.
 
     `table` rows are `(fnmatch pattern, {field: value})`, matched against `config.env` and against the
@@ -100,7 +100,7 @@ def apply_dataset_settings(config: Any, table: list[tuple[str, dict]]) -> Any:
                and f.name not in filled and f.name in {k for _, row in table for k in row}]
     if missing:
         fail(f"no per-dataset default for {', '.join(missing)} on '{config.env}'; set them with flags")
-    if filled:
+    if filled and not quiet:
         print("per-dataset settings: " + ", ".join(f"{k}={v}" for k, v in filled.items()),
               file=sys.stderr, flush=True)
     return dataclasses.replace(config, **filled)

@@ -1,0 +1,583 @@
+"""Build D4RL-recipe offline datasets (random, medium, medium-replay, expert, medium-expert) for any Gymnasium
+env, locally and reproducibly, as Minari datasets `local/<name>/<quality>-v0`.
+
+Usage:
+    python -m common.build_datasets pendulum        # the library's default suite (a few minutes on one core)
+    python -m common.build_datasets cartpole        # discrete actions (Double DQN behaviour agent)
+    python -m common.build_datasets hopper          # D4RL sizes: 1M SAC steps, 1M transitions per quality
+    python -m common.build_datasets InvertedPendulum-v5 --agent-steps 50000 --dataset-size 50000
+    python -m common.build_datasets pendulum --qualities medium expert --overwrite
+    python -m common.build_datasets --help          # every flag, and the presets
+
+The recipe is D4RL's for gym-mujoco (Fu et al. 2020; lecture "Offline Reinforcement Learning", D4RL slide):
+  1. Train a behaviour agent online, keeping a policy checkpoint every --checkpoint-every env steps with
+     the mean return of its deterministic policy on --eval-episodes evaluation episodes (the same env seeds
+     for every checkpoint), and recording every episode it collects. Box actions: SAC
+     (`common/behavior_sac.py`); Discrete actions: Double DQN (`common/behavior_dqn.py`).
+  2. random = the randomly initialised policy network (the step-0 checkpoint, not uniform noise);
+     expert = the final policy;
+     medium = the checkpoint, strictly between random and expert, whose evaluation return is nearest
+     R_random + (R_expert - R_random) / 3: D4RL's "about one third of the expert". Here R is the return
+     of the deterministic policy (as checkpoints are evaluated), R_random and R_expert over --ref-episodes
+     episodes. The achieved ratio (R_medium - R_random) / (R_expert - R_random), R_medium re-measured on
+     --ref-episodes episodes, is printed and stored as `medium_ratio`.
+  3. random / medium / expert datasets: --dataset-size transitions each, rolled out with the stochastic
+     behaviour policy as D4RL did (SAC: actions sampled from the tanh-Gaussian; DQN: epsilon-greedy), as
+     whole episodes; the last episode is cut at the budget and then marked truncated (`last_episode_cut`).
+     medium-replay = the agent's recorded episodes up to the medium checkpoint's step (its replay buffer
+     at that step; an episode running then is cut there and marked truncated).
+     medium-expert = the medium episodes followed by the expert episodes, exactly.
+  4. Reference scores (stored as Minari's ref_min_score / ref_max_score): the mean return of the random
+     and of the expert behaviour policy, acting as they do in the datasets (stochastic), over
+     --ref-episodes fresh evaluation episodes (not the datasets), so that 100 * (R - ref_min) /
+     (ref_max - ref_min) is about 0 for the random data and about 100 for the expert data. (The
+     deterministic random policy of a fresh network is nearly a constant action, not "random"; a
+     deterministic offline agent that matches the deterministic expert may score a little above 100.)
+
+Each dataset stores the eval env spec, algorithm_name, a description (recipe, seed, sizes) and extra
+metadata: `recipe`, `seed`, `sizes`, `medium_ratio`, `medium_step`, `last_episode_cut` and `sha256`, a
+checksum of its arrays as `common.datasets.load_dataset` returns them (`dataset_checksum`).
+
+Same command, same datasets: everything is seeded from --seed, so a rebuild on the same device, thread count
+and library versions gives the same checksums. Resumable: the agent's state is saved under --build-dir (at
+episode ends) and finished rollouts are cached there; rerunning the interrupted command (add --skip-existing
+if some datasets were already written) continues where it stopped and gives the same datasets as an
+uninterrupted build. Datasets are written atomically, so an interrupted write never leaves a dataset under a
+valid id.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import hashlib
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from common.datasets import minari_root, save_episodes
+from common.errors import UserError, fail
+
+QUALITIES = ("random", "medium", "medium-replay", "expert", "medium-expert")
+MEDIUM_FRACTION = 1 / 3  # D4RL: medium is "about 1/3 of the expert's" return, measured from random
+# Rollout seeds (env resets and policy sampling): a fixed offset from --seed per policy.
+ROLLOUT_SEED_OFFSET = {"random": 1, "medium": 2, "expert": 3}
+REFERENCE_SEED_OFFSET = 4  # sampling seed of the behaviour policies' reference evaluations
+
+
+@dataclass(frozen=True)
+class Preset:
+    env: str
+    agent_steps: int
+    dataset_size: int
+    checkpoint_every: int
+    warmup_steps: int
+    about: str
+
+
+PRESETS: dict[str, Preset] = {
+    # The library's embedded default: SAC solves Pendulum (about -150) in ~5k steps; 10k steps leave
+    # margin for other seeds. Checkpoints every 500 steps give medium candidates on the steep part.
+    "pendulum": Preset("Pendulum-v1", 10_000, 50_000, 500, 1_000, "default suite, ~3 min on one core"),
+    # Double DQN on CartPole: greedy returns rise from ~10 to 500 (seeds 0-2) within 25k steps.
+    "cartpole": Preset("CartPole-v1", 25_000, 50_000, 500, 1_000, "discrete actions, ~1.5 min on one core"),
+    # D4RL's gym-mujoco sizes: 1M SAC steps and 1M transitions per quality (2M for medium-expert).
+    # Time: SAC makes ~90 env steps per CPU-second here, so 1M steps take ~3 h on one core.
+    "hopper": Preset("Hopper-v5", 1_000_000, 1_000_000, 10_000, 10_000, "D4RL sizes, ~3 h"),
+    "halfcheetah": Preset("HalfCheetah-v5", 1_000_000, 1_000_000, 10_000, 10_000, "D4RL sizes, ~3 h"),
+    "walker2d": Preset("Walker2d-v5", 1_000_000, 1_000_000, 10_000, 10_000, "D4RL sizes, ~3 h"),
+}
+# Budgets for an env id that is not a preset (override with the flags).
+CUSTOM_DEFAULTS = Preset("", 100_000, 100_000, 0, 5_000, "")  # checkpoint_every 0: agent_steps // 50
+
+
+# --------------------------------------------------------------------------------------------------
+# Small helpers: progress bar, checksum, rollouts
+# --------------------------------------------------------------------------------------------------
+
+
+class ProgressBar:
+    """One progress line on stderr: done/total, steps/s and ETA; redrawn in place on a terminal, a new
+    line every 15 s otherwise (logs). The rate counts only steps made since the first update (a resumed
+    run does not count the steps it restored)."""
+
+    def __init__(self, label: str, total: int):
+        self.label, self.total = label, total
+        self.tty = sys.stderr.isatty()
+        self.interval = 0.25 if self.tty else 15.0
+        self.first: tuple[int, float] | None = None
+        self.last_draw = 0.0
+        self.done, self.note = 0, ""
+
+    def rate(self) -> float:
+        if self.first is None:
+            return 0.0
+        elapsed = time.perf_counter() - self.first[1]
+        return (self.done - self.first[0]) / elapsed if elapsed > 0 else 0.0
+
+    def __call__(self, done: int, note: str = "") -> None:
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = (done, now)
+            self.last_draw = now
+        self.done, self.note = done, note
+        if now - self.last_draw >= self.interval:
+            self.last_draw = now
+            self._draw()
+
+    def _draw(self, end: str = "") -> None:
+        rate = self.rate()
+        eta = (self.total - self.done) / rate if rate > 0 else float("nan")
+        width = 24
+        filled = int(width * self.done / max(self.total, 1))
+        line = (f"{self.label:<22} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
+                f"{rate:,.0f} steps/s eta {eta:,.0f} s  {self.note}")
+        if self.tty:
+            print(f"\r{line:<120}", end=end, file=sys.stderr, flush=True)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def close(self) -> float:
+        """Draw the final line; return the measured steps/s."""
+        self._draw(end="\n")
+        return self.rate()
+
+
+def dataset_checksum(episodes: Sequence, action_start: int = 0) -> str:
+    """sha256 of a dataset's arrays in the form `common.datasets.load_dataset` returns them.
+
+    `episodes`: dicts or `Episode` objects with observations (N+1, ...), actions, rewards, terminations,
+    truncations. Canonical form per episode, in order: observations float32 (N+1, obs_dim), actions
+    float32 (N, act_dim) or, for discrete actions, int64 (N,) minus `action_start`, rewards float32,
+    terminations and truncations bool; each array's shape is hashed with its bytes.
+    """
+    digest = hashlib.sha256()
+    for ep in episodes:
+        get = ep.__getitem__ if isinstance(ep, dict) else ep.__getattribute__
+        obs = np.asarray(get("observations"), dtype=np.float32)
+        actions = np.asarray(get("actions"))
+        n = len(actions)
+        if np.issubdtype(actions.dtype, np.integer):
+            actions = actions.astype(np.int64).reshape(n) - action_start
+        else:
+            actions = actions.astype(np.float32).reshape(n, -1)
+        arrays = (obs.reshape(len(obs), -1), actions, np.asarray(get("rewards"), dtype=np.float32),
+                  np.asarray(get("terminations"), dtype=bool), np.asarray(get("truncations"), dtype=bool))
+        for arr in arrays:
+            arr = np.ascontiguousarray(arr)
+            digest.update(repr(arr.shape).encode())
+            digest.update(arr.tobytes())
+    return digest.hexdigest()
+
+
+def rollout(env: gym.Env, act: Callable, budget: int, seed: int,
+            progress: Callable[[int], None] | None = None) -> tuple[list[dict], bool]:
+    """Run the policy `act(obs) -> action` for exactly `budget` env steps, as whole episodes.
+
+    The env is reset with `seed` once, then continues its own RNG. Returns the episodes (dicts with flat
+    float32 `observations` (N+1, obs_dim), `actions`, `rewards` (N,) float32, `terminations`,
+    `truncations` (N,) bool) and whether the last episode was cut at the budget (then marked truncated).
+    """
+    episodes, steps, cut = [], 0, False
+    obs, _ = env.reset(seed=seed)
+    while steps < budget:
+        observations, actions, rewards, terminations, truncations = [obs], [], [], [], []
+        while True:
+            action = act(obs)
+            obs, reward, terminated, truncated, _ = env.step(action)
+            steps += 1
+            if steps >= budget and not (terminated or truncated):
+                truncated = cut = True  # the budget ends this episode
+            observations.append(obs)
+            actions.append(action)
+            rewards.append(reward)
+            terminations.append(terminated)
+            truncations.append(truncated)
+            if progress is not None:
+                progress(steps)
+            if terminated or truncated:
+                break
+        episodes.append({"observations": np.stack([np.asarray(o, np.float32).reshape(-1) for o in observations]),
+                         "actions": np.asarray(actions), "rewards": np.asarray(rewards, np.float32),
+                         "terminations": np.asarray(terminations, bool),
+                         "truncations": np.asarray(truncations, bool)})
+        if steps < budget:
+            obs, _ = env.reset()
+    return episodes, cut
+
+
+def save_rollout(path: Path, episodes: list[dict], cut: bool) -> None:
+    """Cache rolled-out episodes in the build folder (atomic: temporary file, then rename)."""
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez(tmp, lengths=np.array([len(e["rewards"]) for e in episodes]), cut=np.array(cut),
+             **{k: np.concatenate([e[k] for e in episodes]) for k in episodes[0]})
+    tmp.replace(path)
+
+
+def load_rollout(path: Path) -> tuple[list[dict], bool]:
+    data = np.load(path)
+    episodes, start, obs_start = [], 0, 0
+    for n in data["lengths"]:
+        n = int(n)
+        ep = {k: data[k][start:start + n] for k in ("actions", "rewards", "terminations", "truncations")}
+        ep["observations"] = data["observations"][obs_start:obs_start + n + 1]
+        episodes.append(ep)
+        start, obs_start = start + n, obs_start + n + 1
+    return episodes, bool(data["cut"])
+
+
+def returns_of(episodes: Sequence[dict]) -> np.ndarray:
+    return np.array([float(np.sum(e["rewards"], dtype=np.float64)) for e in episodes])
+
+
+def select_medium(checkpoints: Sequence, ref_min: float, ref_max: float) -> tuple[int | None, float]:
+    """Index of the medium checkpoint and the target return R_random + (R_expert - R_random) / 3.
+
+    Candidates are the checkpoints other than the first (random) and the last (expert) whose evaluation
+    return lies strictly between `ref_min` and `ref_max`; the nearest to the target wins (the earliest on a
+    tie). None when there is no candidate.
+    """
+    target = ref_min + MEDIUM_FRACTION * (ref_max - ref_min)
+    best, best_gap = None, float("inf")
+    for i in range(1, len(checkpoints) - 1):
+        r = checkpoints[i].eval_return
+        if ref_min < r < ref_max and abs(r - target) < best_gap:
+            best, best_gap = i, abs(r - target)
+    return best, target
+
+
+# --------------------------------------------------------------------------------------------------
+# The build
+# --------------------------------------------------------------------------------------------------
+
+
+def resolve_target(target: str) -> tuple[str, str, Preset]:
+    """(dataset name, env id, budgets) for a preset name or a registered Gymnasium env id."""
+    if target in PRESETS:
+        return target, PRESETS[target].env, PRESETS[target]
+    if target in gym.registry:
+        name = re.sub(r"[^a-z0-9_-]+", "-", target.lower()).strip("-")
+        return name, target, CUSTOM_DEFAULTS
+    close = difflib.get_close_matches(target, list(PRESETS) + sorted(gym.registry), n=3, cutoff=0.5)
+    hint = f"; did you mean: {', '.join(close)}?" if close else ""
+    fail(f"unknown preset or env id '{target}'{hint} (presets: {', '.join(PRESETS)}; or any registered "
+         f"Gymnasium env id)")
+
+
+def make_agent(args, env_id: str, preset: Preset, build_dir: Path):
+    """The behaviour agent for the env's action space: SAC for Box, Double DQN for Discrete."""
+    try:
+        probe = gym.make(env_id)
+    except Exception as err:  # missing extra (box2d, mujoco), bad kwargs...
+        fail(f"cannot create env '{env_id}': {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+    obs_space, act_space = probe.observation_space, probe.action_space
+    probe.close()
+    if not isinstance(obs_space, gym.spaces.Box):
+        fail(f"env '{env_id}' has observation space {obs_space}: only Box observations are supported")
+    if isinstance(act_space, gym.spaces.Box):
+        from common import behavior_sac as module
+        agent_cls = module.SACAgent
+    elif isinstance(act_space, gym.spaces.Discrete):
+        from common import behavior_dqn as module
+        agent_cls = module.DQNAgent
+    else:
+        fail(f"env '{env_id}' has action space {act_space}: only Box (SAC) and Discrete (DQN) are supported")
+
+    agent_steps = args.agent_steps or preset.agent_steps
+    # custom envs: 50 checkpoints over training, unless given
+    checkpoint_every = args.checkpoint_every or preset.checkpoint_every or max(1, agent_steps // 50)
+    checkpoint_every = min(checkpoint_every, agent_steps)
+    warmup = args.warmup_steps if args.warmup_steps is not None else min(preset.warmup_steps, agent_steps // 10)
+    if warmup >= agent_steps:
+        fail(f"--warmup-steps {warmup} is not below --agent-steps {agent_steps}: the agent would never learn; "
+             f"raise --agent-steps")
+    overrides = {k: v for k, v in (("hidden", args.hidden), ("batch_size", args.batch_size)) if v}
+    config = module.Config(env=env_id, max_episode_steps=args.max_episode_steps, seed=args.seed,
+                           device=args.device, threads=args.threads, max_steps=agent_steps,
+                           eval_episodes=args.eval_episodes,
+                           checkpoint_every=checkpoint_every, checkpoint_dir=str(build_dir / "agent"),
+                           resume=True, save_every=max(1_000, agent_steps // 20), warmup_steps=warmup,
+                           **overrides)
+    return agent_cls(config), module
+
+
+def to_minari(episode: dict, obs_space: gym.Space, act_space: gym.Space) -> dict:
+    """An episode in the env's own shapes and dtypes, as `save_episodes` writes it."""
+    n = len(episode["rewards"])
+    out = dict(episode)
+    out["observations"] = episode["observations"].reshape(n + 1, *obs_space.shape).astype(obs_space.dtype)
+    if isinstance(act_space, gym.spaces.Discrete):
+        out["actions"] = np.asarray(episode["actions"], np.int64).reshape(n)
+    else:
+        out["actions"] = np.asarray(episode["actions"]).reshape(n, *act_space.shape).astype(act_space.dtype)
+    return out
+
+
+def build(args: argparse.Namespace) -> dict:
+    """Run the whole recipe; return per-quality results (used by the tests). Raises `UserError`."""
+    t_start = time.perf_counter()
+    torch.set_num_threads(args.threads)
+    name, env_id, preset = resolve_target(args.target)
+    if args.name:
+        if not re.fullmatch(r"[\w-]+", args.name):
+            fail(f"--name '{args.name}' may hold only letters, digits, '_' and '-'")
+        name = args.name
+    qualities = list(dict.fromkeys(args.qualities or QUALITIES))
+    for flag in ("agent_steps", "dataset_size", "checkpoint_every"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            fail(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if args.eval_episodes < 1 or args.ref_episodes < 1:
+        fail("--eval-episodes and --ref-episodes must be >= 1")
+    dataset_size = args.dataset_size or preset.dataset_size
+    ids = {q: f"local/{name}/{q}-v0" for q in qualities}
+    existing = [q for q in qualities if (minari_root() / ids[q]).exists()]
+    if existing and args.skip_existing:
+        print(f"already built, left as they are: {', '.join(ids[q] for q in existing)}", file=sys.stderr)
+        qualities = [q for q in qualities if q not in existing]
+        ids = {q: ids[q] for q in qualities}
+        if not qualities:
+            return {"results": {}, "skipped": existing}
+    elif existing and not args.overwrite:
+        listed = ", ".join(ids[q] for q in existing)
+        fail(f"{listed} already exist{'s' if len(existing) == 1 else ''} under {minari_root()}; pass --overwrite "
+             f"to replace, --skip-existing to keep, or --name to build under another name")
+
+    build_dir = Path(args.build_dir) if args.build_dir else Path("runs") / "datasets" / f"{name}-seed{args.seed}"
+    if args.fresh:  # remove only what this builder wrote there
+        for stale in [build_dir / "agent" / "agent_state.pt", *build_dir.glob("rollout-*.npz")]:
+            stale.unlink(missing_ok=True)
+    agent, module = make_agent(args, env_id, preset, build_dir)
+    cfg = agent.config
+    print(f"building {', '.join(ids.values())}\n  env {env_id}, behaviour agent {agent.algorithm_name} "
+          f"({cfg.max_steps} env steps, checkpoint every {cfg.checkpoint_every}), {dataset_size} transitions "
+          f"per rollout quality, seed {args.seed}, build folder {build_dir}", file=sys.stderr, flush=True)
+
+    # 1. Train (or resume) the behaviour agent.
+    bar = ProgressBar(f"train {agent.algorithm_name}", cfg.max_steps)
+    checkpoints = agent.train(progress=bar)
+    agent_rate = bar.close() if bar.first is not None else None
+    random_ckpt, expert_ckpt = checkpoints[0], checkpoints[-1]
+
+    # 2. Policy returns for choosing medium: the deterministic policies (as checkpoints were evaluated).
+    def det_return(ckpt) -> float:
+        return float(np.mean(agent.evaluate(ckpt.policy, args.ref_episodes)))
+
+    det_random, det_expert = det_return(random_ckpt), det_return(expert_ckpt)
+    # Reference scores: the random and expert behaviour policies as they generate the data (stochastic).
+    ref_min = float(np.mean(agent.evaluate(random_ckpt.policy, args.ref_episodes, stochastic=True,
+                                           seed=args.seed + REFERENCE_SEED_OFFSET)))
+    ref_max = float(np.mean(agent.evaluate(expert_ckpt.policy, args.ref_episodes, stochastic=True,
+                                           seed=args.seed + REFERENCE_SEED_OFFSET)))
+    print(f"over {args.ref_episodes} evaluation episodes: random {det_random:.1f} (deterministic) "
+          f"{ref_min:.1f} (behaviour), expert {det_expert:.1f} (deterministic) {ref_max:.1f} (behaviour)",
+          file=sys.stderr, flush=True)
+    if det_expert <= det_random or ref_max <= ref_min:
+        fail(f"the expert (final policy, return {det_expert:.1f} deterministic, {ref_max:.1f} behaviour) is no "
+             f"better than the random policy ({det_random:.1f}, {ref_min:.1f}) after {cfg.max_steps} agent "
+             f"steps: budget too small for a medium policy to exist; raise --agent-steps")
+
+    # 3. Medium: the checkpoint nearest one third of the way from random to expert.
+    chosen = {"random": random_ckpt, "expert": expert_ckpt}
+    medium_ratio = None
+    if {"medium", "medium-replay", "medium-expert"} & set(qualities):
+        index, target = select_medium(checkpoints, det_random, det_expert)
+        if index is None:
+            evals = ", ".join(f"{c.step}: {c.eval_return:.1f}" for c in checkpoints)
+            fail(f"no checkpoint lies between random ({det_random:.1f}) and expert ({det_expert:.1f}) "
+                 f"(checkpoint returns {evals}): budget too small for a medium policy to exist; raise "
+                 f"--agent-steps or lower --checkpoint-every")
+        chosen["medium"] = checkpoints[index]
+        det_medium = det_return(chosen["medium"])
+        medium_ratio = (det_medium - det_random) / (det_expert - det_random)
+        print(f"medium = checkpoint at step {chosen['medium'].step} (eval {chosen['medium'].eval_return:.1f}, "
+              f"target {target:.1f}); over {args.ref_episodes} episodes it returns {det_medium:.1f}: ratio "
+              f"(medium - random) / (expert - random) = {medium_ratio:.3f} (D4RL: about 1/3)",
+              file=sys.stderr, flush=True)
+        if not 0.15 <= medium_ratio <= 0.6:
+            print(f"warning: medium ratio {medium_ratio:.2f} is far from 1/3 (checkpoints too coarse?); "
+                  f"lower --checkpoint-every for a closer medium", file=sys.stderr, flush=True)
+
+    # 4. Rollouts of the stochastic behaviour policies (cached in the build folder).
+    env = module.make_env(env_id, args.max_episode_steps)
+    obs_space, act_space = env.observation_space, env.action_space
+    needed = {"random": ["random"], "medium": ["medium"], "expert": ["expert"],
+              "medium-expert": ["medium", "expert"], "medium-replay": []}
+    rollouts: dict[str, tuple[list[dict], bool]] = {}
+    for policy_name in dict.fromkeys(p for q in qualities for p in needed[q]):
+        ckpt = chosen[policy_name]
+        cache = build_dir / f"rollout-{policy_name}-step{ckpt.step}-n{dataset_size}.npz"
+        if cache.exists():
+            rollouts[policy_name] = load_rollout(cache)
+            continue
+        seed = args.seed + ROLLOUT_SEED_OFFSET[policy_name]
+        act = agent.make_policy(ckpt.policy, stochastic=True, seed=seed)
+        bar = ProgressBar(f"rollout {policy_name}", dataset_size)
+        rollouts[policy_name] = rollout(env, act, dataset_size, seed, bar)
+        bar.close()
+        save_rollout(cache, *rollouts[policy_name])
+
+    # 5. Assemble and write each quality.
+    recipe = {
+        "behavior_agent": agent.algorithm_name,
+        "agent_config": {k: getattr(cfg, k) for k in module.RECIPE_FIELDS},
+        "behavior_policy": agent.behavior_note, "medium_fraction": MEDIUM_FRACTION,
+        "reference_episodes": args.ref_episodes, "reference_policy": "behaviour (stochastic), as in the datasets",
+        "deterministic_returns": {"random": det_random, "expert": det_expert},
+        "rollout_seeds": {k: args.seed + v for k, v in ROLLOUT_SEED_OFFSET.items()},
+    }
+    results = {}
+    for quality in qualities:
+        if quality == "medium-replay":
+            step = chosen["medium"].step
+            episodes = agent.stream_episodes(step)
+            # cut: the training episode running at the medium step went on after it
+            cut = not bool(agent.buffer["terminations"][step - 1] or agent.buffer["truncations"][step - 1])
+        elif quality == "medium-expert":
+            episodes = rollouts["medium"][0] + rollouts["expert"][0]
+            cut = rollouts["medium"][1] or rollouts["expert"][1]
+        else:
+            episodes, cut = rollouts[quality]
+        returns = returns_of(episodes)
+        steps = int(sum(len(e["rewards"]) for e in episodes))
+        checksum = dataset_checksum(episodes, getattr(act_space, "start", 0))
+        source = {
+            "random": f"{dataset_size} transitions of the randomly initialised policy (step-0 checkpoint)",
+            "medium": f"{dataset_size} transitions of the medium policy (checkpoint at step "
+                      f"{chosen.get('medium', expert_ckpt).step})",
+            "expert": f"{dataset_size} transitions of the expert (final) policy at step {expert_ckpt.step}",
+            "medium-replay": f"the behaviour agent's replay buffer up to the medium checkpoint's step "
+                             f"{chosen.get('medium', expert_ckpt).step} ({steps} transitions)",
+            "medium-expert": "the medium dataset's episodes followed by the expert dataset's",
+        }[quality]
+        description = (
+            f"D4RL-recipe '{quality}' dataset for {env_id}, built locally by common/build_datasets.py: {source}. "
+            f"Behaviour agent {agent.algorithm_name}, {cfg.max_steps} env steps, checkpoints every "
+            f"{cfg.checkpoint_every} steps; rollouts use {agent.behavior_note}; whole episodes, the last one cut "
+            f"at the budget and marked truncated. medium = checkpoint nearest 1/3 of the way from random to "
+            f"expert (ratio {medium_ratio if medium_ratio is None else round(medium_ratio, 3)}). Reference "
+            f"scores: mean return of the random ({ref_min:.2f}) and expert ({ref_max:.2f}) behaviour policies "
+            f"(stochastic, as in the datasets) over {args.ref_episodes} evaluation episodes. Seed {args.seed}; "
+            f"{len(episodes)} episodes, {steps} steps; sha256 {checksum}.")
+        extra = {
+            "recipe": recipe, "seed": args.seed, "quality": quality,
+            "sizes": {"dataset_size": dataset_size, "agent_steps": cfg.max_steps, "episodes": len(episodes),
+                      "steps": steps},
+            "medium_ratio": medium_ratio, "medium_step": chosen["medium"].step if "medium" in chosen else None,
+            "expert_step": expert_ckpt.step, "last_episode_cut": cut, "sha256": checksum,
+        }
+        save_episodes(ids[quality], [to_minari(e, obs_space, act_space) for e in episodes], env.spec,
+                      eval_env_spec=env.spec, ref_min_score=ref_min, ref_max_score=ref_max,
+                      algorithm_name=f"{agent.algorithm_name} (D4RL recipe: {quality})",
+                      description=description, extra_metadata=extra, overwrite=args.overwrite)
+        results[quality] = {"id": ids[quality], "episodes": len(episodes), "steps": steps,
+                            "return_mean": float(returns.mean()), "return_min": float(returns.min()),
+                            "return_max": float(returns.max()),
+                            "normalized": 100 * (float(returns.mean()) - ref_min) / (ref_max - ref_min),
+                            "sha256": checksum}
+
+    # 6. Summary.
+    print(f"\n{'quality':<14} {'episodes':>8} {'steps':>9} {'return mean':>12} {'min':>10} {'max':>10} "
+          f"{'normalised':>10}  dataset id")
+    for quality, r in results.items():
+        print(f"{quality:<14} {r['episodes']:>8} {r['steps']:>9} {r['return_mean']:>12.1f} "
+              f"{r['return_min']:>10.1f} {r['return_max']:>10.1f} {r['normalized']:>10.1f}  {r['id']}")
+    print(f"reference scores (behaviour policies, {args.ref_episodes} episodes): random {ref_min:.1f}, expert "
+          f"{ref_max:.1f}; deterministic policies: random {det_random:.1f}, expert {det_expert:.1f}"
+          + (f", medium {det_medium:.1f} = ratio {medium_ratio:.3f} (step {chosen['medium'].step})"
+             if medium_ratio is not None else ""))
+    for quality, r in results.items():
+        print(f"sha256 {quality:<14} {r['sha256']}")
+    elapsed = time.perf_counter() - t_start
+    rate = f", agent {agent_rate:.0f} env steps/s" if agent_rate else ", agent restored from the build folder"
+    print(f"built in {elapsed:.0f} s{rate}; datasets under {minari_root()}")
+    return {"results": results, "ref_min": ref_min, "ref_max": ref_max, "medium_ratio": medium_ratio,
+            "deterministic_returns": {"random": det_random, "expert": det_expert},
+            "medium_step": chosen["medium"].step if "medium" in chosen else None, "agent": agent,
+            "elapsed_s": elapsed, "agent_steps_per_s": agent_rate}
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    presets = "\n".join(f"  {k:<12} {p.env:<15} {p.agent_steps:>9,} agent steps, {p.dataset_size:>9,} "
+                        f"transitions per quality, checkpoint every {p.checkpoint_every:,} ({p.about})"
+                        for k, p in PRESETS.items())
+    parser = argparse.ArgumentParser(
+        prog="python -m common.build_datasets",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Build D4RL-recipe datasets (random, medium, medium-replay, expert, medium-expert) as Minari "
+                    "datasets local/<name>/<quality>-v0, with reference scores. Trains a behaviour agent (SAC for "
+                    "Box actions, Double DQN for Discrete), keeps checkpoints, picks medium at ~1/3 of the way "
+                    "from random to expert, rolls the policies out, and writes the datasets.",
+        epilog=f"presets:\n{presets}\n\nAny other registered Gymnasium env id works too (defaults "
+               f"{CUSTOM_DEFAULTS.agent_steps:,} agent steps, {CUSTOM_DEFAULTS.dataset_size:,} transitions, 50 "
+               f"checkpoints).\n"
+               f"Datasets go to $MINARI_DATASETS_PATH (else ~/.minari/datasets). Rerun an interrupted command to "
+               f"resume it.")
+    parser.add_argument("target", metavar="PRESET_OR_ENV_ID", help=f"a preset ({', '.join(PRESETS)}) or a "
+                        "Gymnasium env id with Box observations and Box or Discrete actions")
+    parser.add_argument("--qualities", nargs="+", choices=QUALITIES, metavar="Q",
+                        help=f"build only these qualities (default: all of {' '.join(QUALITIES)})")
+    parser.add_argument("--agent-steps", type=int,
+                        help="env steps of behaviour-agent training (default: preset's)")
+    parser.add_argument("--dataset-size", type=int,
+                        help="transitions per random/medium/expert dataset (default: preset's)")
+    parser.add_argument("--checkpoint-every", type=int,
+                        help="env steps between policy checkpoints, the medium candidates (default: preset's)")
+    parser.add_argument("--warmup-steps", type=int,
+                        help="uniform random env steps before learning (default: preset's, at most 10%% of "
+                             "--agent-steps)")
+    parser.add_argument("--eval-episodes", type=int, default=5,
+                        help="evaluation episodes per checkpoint (default 5)")
+    parser.add_argument("--ref-episodes", type=int, default=20,
+                        help="evaluation episodes for the reference scores and the medium ratio (default 20)")
+    parser.add_argument("--hidden", type=int, help="hidden layer width of the agent's networks (default 256)")
+    parser.add_argument("--batch-size", type=int, help="agent minibatch size (default: SAC 256, DQN 64)")
+    parser.add_argument("--max-episode-steps", type=int,
+                        help="time limit for the env (default: the env's registered one)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of everything (default 0)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--device", default="cpu", help="torch device of the agent (default cpu)")
+    parser.add_argument("--name", help="dataset name in local/<name>/<quality>-v0 (default: preset, or the "
+                        "lowercased env id)")
+    parser.add_argument("--build-dir", help="folder for the agent's resumable state and cached rollouts "
+                        "(default runs/datasets/<name>-seed<seed>)")
+    existing = parser.add_mutually_exclusive_group()
+    existing.add_argument("--overwrite", action="store_true", help="replace datasets that already exist")
+    existing.add_argument("--skip-existing", action="store_true",
+                          help="keep datasets that already exist and build only the missing ones (exit 0 when "
+                               "all exist)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="discard the build folder's saved agent and cached rollouts instead of resuming")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        build(args)
+    except UserError as err:
+        if sys.stderr.isatty():
+            print(file=sys.stderr)  # end a progress line
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: rerun the same command to resume from the build folder (add --skip-existing if "
+              "some datasets were already written)", file=sys.stderr, flush=True)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
