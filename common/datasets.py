@@ -481,10 +481,29 @@ def _missing_message(minari_id: str, why: str) -> str:
             f"copy it there, or build a local D4RL-recipe dataset (`python -m common.build_datasets --help`)")
 
 
+EMBEDDED_PRESET = "pendulum"  # the embedded default suite: built on first use, offline, in a few minutes
+
+
+def _build_embedded_default(minari_id: str) -> None:
+    """Build `local/pendulum/*` on first use, so the default `--env` works on a fresh machine."""
+    from common import build_datasets
+
+    print(f"'{minari_id}' is part of the embedded default suite and is not built yet: building "
+          f"local/{EMBEDDED_PRESET}/* now (a few minutes on one core; `make datasets` does the same)",
+          file=sys.stderr, flush=True)
+    if build_datasets.main([EMBEDDED_PRESET, "--skip-existing"]) != 0:
+        fail(f"building the embedded default suite failed; run `{LOCAL_PRESET_HINT.format(preset=EMBEDDED_PRESET)}` "
+             f"to see why")
+
+
 def _open_minari(minari_id: str, download: bool):
     import minari
 
     path = minari_root() / minari_id / "data"
+    if not path.is_dir() and minari_id.startswith(f"local/{EMBEDDED_PRESET}/") and \
+            minari_id.split("/")[-1].rsplit("-v", 1)[0] in ("random", "medium", "medium-replay", "expert",
+                                                              "medium-expert"):
+        _build_embedded_default(minari_id)
     if not path.is_dir():
         if minari_id.startswith("local/") or not download:
             fail(_missing_message(minari_id, "downloads are off (--no-download)"))

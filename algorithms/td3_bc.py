@@ -1,0 +1,310 @@
+"""TD3+BC: TD3 whose actor loss adds a behaviour-cloning term, with Q normalised by its own scale.
+
+Lecture sections: "Idea: TD3+BC" (TD3's twin critics, target policy smoothing and delayed policy updates,
+plus `lambda Q(s, pi(s)) - (pi(s) - a)^2` with `lambda = alpha / mean|Q|` and state normalisation), under
+"Policy-Constrained Offline RL" ("Match the distance: TD3+BC").
+Paper: Fujimoto & Gu 2021, "A Minimalist Approach to Offline Reinforcement Learning" (TD3: Fujimoto et al.
+2018, "Addressing Function Approximation Error in Actor-Critic Methods").
+
+Usage:
+    python algorithms/td3_bc.py                               # embedded default: local pendulum data
+    python algorithms/td3_bc.py --env hopper-medium-v2
+
+Continuous actions only. The paper uses one set of hyperparameters for every D4RL dataset (alpha = 2.5,
+1M steps); only the training length differs here, for the small local and test datasets, in
+`DATASET_SETTINGS` below; flags override it.
+Beware on tasks with dense negative rewards such as Pendulum: lambda divides by mean|Q|, which there is a
+large baseline (hundreds) next to the few units by which the action changes Q, so alpha = 2.5 leaves the
+actor cloning the data's mean action; a much larger --alpha is needed (the tests use 200 on a mixed
+expert/random pendulum set, where the uniform-random half covers the whole action range).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common.datasets import DataSpec, ObsNormalizer, TensorSampler, load_dataset  # noqa: E402
+from common.errors import fail, run_cli  # noqa: E402
+from common.evaluation import evaluate, make_eval_envs  # noqa: E402
+from common.runs import Run, apply_dataset_settings, setup  # noqa: E402
+
+
+@dataclass
+class Config:
+    # --- shared by every algorithm (same names, order and meaning in every file) ---
+    env: str = "local/pendulum/medium-replay-v0"
+    """dataset: a D4RL name (hopper-medium-v2), a Minari id (mujoco/hopper/expert-v0) or a local build
+    (local/pendulum/medium-replay-v0); `python -m common.datasets --list` shows what is stored locally"""
+    seed: int = 0
+    """seed for network initialisation, minibatch sampling and evaluation episodes"""
+    device: str = "auto"
+    """auto (CUDA when available, else CPU), cpu, cuda or cuda:N"""
+    threads: int = 1
+    """torch CPU threads (1 is fastest for small MLPs and never stalls when another process holds a core)"""
+    max_steps: int | None = None
+    """gradient steps (None: from DATASET_SETTINGS)"""
+    batch_size: int = 256
+    """minibatch size (the papers' 256)"""
+    eval_every: int = 5_000
+    """evaluate every this many steps (0: only at the end)"""
+    eval_episodes: int = 10
+    """evaluation episodes, stepped together in a vector env"""
+    log_every: int = 1_000
+    """write metrics every this many steps"""
+    checkpoint_every: int = 10_000
+    """write a checkpoint every this many steps (and at the end)"""
+    checkpoint_dir: str | None = None
+    """where checkpoint.pt goes (None: the run directory)"""
+    resume: str | None = None
+    """continue from this run directory (or checkpoint file) with the same --env and --seed"""
+    track: bool = False
+    """log to Weights & Biases (respects WANDB_MODE, e.g. offline)"""
+    wandb_project: str = "offline-rl"
+    """Weights & Biases project"""
+    runs_dir: str = "runs"
+    """runs go to <runs_dir>/<algo>/<dataset>/<seed>-<time>/"""
+    download: bool = True
+    """download Minari datasets that are not stored locally (when online)"""
+    compile: bool = False
+    """torch.compile the update (faster after a warm-up compilation)"""
+    # --- TD3+BC ---
+    alpha: float = 2.5
+    """alpha in lambda = alpha / (1/N sum |Q(s_i, a_i)|): weight of the Q term against the BC term"""
+    gamma: float = 0.99
+    """gamma, the discount in y = r + gamma (1 - d) min_i Q_theta'_i(s', a~)"""
+    tau: float = 0.005
+    """tau in the target updates theta' <- tau theta + (1 - tau) theta'"""
+    policy_noise: float = 0.2
+    """sigma~ of the target policy smoothing noise eps ~ clip(N(0, sigma~), -c, c), times max_action"""
+    noise_clip: float = 0.5
+    """c, the clip of the target policy smoothing noise, times max_action"""
+    policy_freq: int = 2
+    """d: the actor and the target networks are updated every d critic updates ("if t mod d")"""
+    actor_lr: float = 3e-4
+    """Adam learning rate of the actor pi_phi"""
+    critic_lr: float = 3e-4
+    """Adam learning rate of the twin critics Q_theta1, Q_theta2"""
+    hidden_dims: tuple[int, ...] = (256, 256)
+    """hidden layer sizes of the actor and of each critic"""
+    normalize_obs: bool = True
+    """state normalisation s_i = (s_i - mu_i) / (sigma_i + eps) with eps = 1e-3 (the paper's trick)"""
+
+
+# Per-dataset settings: a field left at None takes the value of the first row whose pattern matches the
+# --env name or its Minari id. The paper trains 1M steps on every D4RL dataset; the small local and test
+# datasets (a few thousand transitions of Pendulum) need far fewer.
+DATASET_SETTINGS: list[tuple[str, dict]] = [
+    ("local/pendulum/*", {"max_steps": 30_000}),
+    ("test/*", {"max_steps": 5_000}),
+    ("*", {"max_steps": 1_000_000}),
+]
+
+
+def mlp(in_dim: int, hidden_dims: tuple[int, ...], out_dim: int) -> nn.Sequential:
+    layers, last = [], in_dim
+    for width in hidden_dims:
+        layers += [nn.Linear(last, width), nn.ReLU()]
+        last = width
+    layers.append(nn.Linear(last, out_dim))
+    return nn.Sequential(*layers)
+
+
+class Actor(nn.Module):
+    """Deterministic policy pi_phi(s) = max_action * tanh(MLP(s))."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dims: tuple[int, ...], max_action: float):
+        super().__init__()
+        self.net = mlp(obs_dim, hidden_dims, act_dim)
+        self.max_action = max_action
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.max_action * torch.tanh(self.net(obs))
+
+
+class VectorizedLinear(nn.Module):
+    """K independent linear layers applied as one batched matmul: (K, B, in) -> (K, B, out)."""
+
+    def __init__(self, in_features: int, out_features: int, ensemble_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(ensemble_size, in_features, out_features))
+        self.bias = nn.Parameter(torch.empty(ensemble_size, 1, out_features))
+        # the same initialisation as nn.Linear, drawn independently for each member
+        bound = 1.0 / math.sqrt(in_features)
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+
+class CriticEnsemble(nn.Module):
+    """K critics Q_theta_k(s, a) evaluated together; TD3's twin critics are K = 2."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dims: tuple[int, ...], ensemble_size: int):
+        super().__init__()
+        dims = [obs_dim + act_dim, *hidden_dims, 1]
+        self.layers = nn.ModuleList(VectorizedLinear(i, o, ensemble_size) for i, o in zip(dims[:-1], dims[1:]))
+        self.ensemble_size = ensemble_size
+
+    def forward(self, obs: torch.Tensor, actions: torch.Tensor, detach_weights: bool = False) -> torch.Tensor:
+        """Q-values `(K, B)` for `obs (B, obs_dim)` and `actions (B, act_dim)`.
+
+        `detach_weights`: the actor's loss differentiates through the action only, never into the critics.
+        """
+        x = torch.cat([obs, actions], -1).unsqueeze(0).expand(self.ensemble_size, -1, -1)
+        for i, layer in enumerate(self.layers):
+            weight, bias = (layer.weight.detach(), layer.bias.detach()) if detach_weights else (layer.weight,
+                                                                                                 layer.bias)
+            x = torch.baddbmm(bias, x, weight)
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+        return x.squeeze(-1)
+
+
+class Agent:
+    """Actor, twin critics, their targets and optimisers, and the TD3+BC update."""
+
+    def __init__(self, config: Config, spec: DataSpec, device: torch.device):
+        if spec.discrete:
+            fail("TD3+BC needs continuous (Box) actions; this dataset has discrete actions "
+                 "(use a discrete method such as bc on it)")
+        self.config, self.spec, self.device = config, spec, device
+        self.max_action = spec.max_action
+        self.actor = Actor(spec.obs_dim, spec.act_dim, config.hidden_dims, spec.max_action).to(device)
+        self.actor_target = copy.deepcopy(self.actor).requires_grad_(False)
+        self.critic = CriticEnsemble(spec.obs_dim, spec.act_dim, config.hidden_dims, 2).to(device)
+        self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
+        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=config.actor_lr, **_fast_adam(device))
+        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=config.critic_lr,
+                                                 **_fast_adam(device))
+        self.total_it = 0  # python int: choosing whether to update the actor needs no device sync
+        zero = torch.zeros((), device=device)
+        # the actor's logs from its last update (TD3 updates it every `policy_freq` steps)
+        self.actor_logs = {"train/actor_loss": zero, "train/bc_loss": zero, "train/lambda": zero,
+                           "train/q_policy": zero}
+        self._critic_step = torch.compile(self._critic_step_impl) if config.compile else self._critic_step_impl
+        self._actor_step = torch.compile(self._actor_step_impl) if config.compile else self._actor_step_impl
+
+    def update(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        self.total_it += 1
+        logs = self._critic_step(batch["obs"], batch["actions"], batch["rewards"], batch["next_obs"],
+                                 batch["terminals"])
+        # Delayed policy updates: "if t mod d then" update phi and the target networks   (lecture: "Idea: TD3+BC")
+        if self.total_it % self.config.policy_freq == 0:
+            self.actor_logs = self._actor_step(batch["obs"], batch["actions"])
+        return {**logs, **self.actor_logs}
+
+    def _critic_step_impl(self, obs, actions, rewards, next_obs, terminals) -> dict[str, torch.Tensor]:
+        c = self.config
+        with torch.no_grad():
+            # a~ <- pi_phi'(s') + eps,  eps ~ clip(N(0, sigma~), -c, c)   (target policy smoothing)
+            noise = (torch.randn_like(actions) * c.policy_noise * self.max_action).clamp(
+                -c.noise_clip * self.max_action, c.noise_clip * self.max_action)
+            next_actions = (self.actor_target(next_obs) + noise).clamp(-self.max_action, self.max_action)
+            # y = r + gamma (1 - d) min_{i=1,2} Q_theta'_i(s', a~)   (lecture: "Idea: TD3+BC", TD3's target)
+            target_q = self.critic_target(next_obs, next_actions).min(0).values
+            y = rewards + c.gamma * (1.0 - terminals) * target_q
+        q = self.critic(obs, actions)  # (2, B)
+        # theta_i <- argmin_theta_i N^-1 sum (y - Q_theta_i(s, a))^2, both critics (summed)
+        critic_loss = ((q - y) ** 2).mean(1).sum()
+        self.critic_optimizer.zero_grad(set_to_none=True)
+        critic_loss.backward()
+        self.critic_optimizer.step()
+        return {"train/critic_loss": critic_loss.detach(), "train/q_data": q.detach().min(0).values.mean()}
+
+    def _actor_step_impl(self, obs, actions) -> dict[str, torch.Tensor]:
+        c = self.config
+        pi = self.actor(obs)
+        q = self.critic(obs, pi, detach_weights=True)  # (2, B); the actor's gradient stops at the action
+        q1 = q[0]
+        # lambda = alpha / ( 1/N sum_i |Q(s_i, a_i)| ), a constant   (lecture: "Idea: TD3+BC"; Q taken at
+        # a_i = pi(s_i), as the paper's code: lmbda = alpha / Q.abs().mean().detach())
+        lmbda = c.alpha / q1.abs().mean().detach()
+        bc_loss = F.mse_loss(pi, actions)
+        # pi = argmax_pi E_(s,a)~D [ lambda Q(s, pi(s)) - (pi(s) - a)^2 ]   (as a loss to minimise)
+        actor_loss = -lmbda * q1.mean() + bc_loss
+        self.actor_optimizer.zero_grad(set_to_none=True)
+        actor_loss.backward()
+        self.actor_optimizer.step()
+        with torch.no_grad():
+            # theta'_i <- tau theta_i + (1 - tau) theta'_i ;  phi' <- tau phi + (1 - tau) phi'
+            torch._foreach_lerp_(list(self.critic_target.parameters()), list(self.critic.parameters()), c.tau)
+            torch._foreach_lerp_(list(self.actor_target.parameters()), list(self.actor.parameters()), c.tau)
+        return {"train/actor_loss": actor_loss.detach(), "train/bc_loss": bc_loss.detach(),
+                "train/lambda": lmbda, "train/q_policy": q.detach().min(0).values.mean()}
+
+    @torch.no_grad()
+    def act(self, obs: torch.Tensor) -> torch.Tensor:
+        """Deterministic action pi_phi(s)."""
+        return self.actor(obs)
+
+    @torch.no_grad()
+    def q_value(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """min(Q_theta1, Q_theta2)(s, a), shape (batch,): the estimate TD3's target trusts."""
+        return self.critic(obs, actions).min(0).values
+
+    def state_dict(self) -> dict:
+        return {"actor": self.actor.state_dict(), "actor_target": self.actor_target.state_dict(),
+                "critic": self.critic.state_dict(), "critic_target": self.critic_target.state_dict(),
+                "actor_optimizer": self.actor_optimizer.state_dict(),
+                "critic_optimizer": self.critic_optimizer.state_dict(), "total_it": self.total_it,
+                "actor_logs": {k: v.clone() for k, v in self.actor_logs.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.actor.load_state_dict(state["actor"])
+        self.actor_target.load_state_dict(state["actor_target"])
+        self.critic.load_state_dict(state["critic"])
+        self.critic_target.load_state_dict(state["critic_target"])
+        self.actor_optimizer.load_state_dict(state["actor_optimizer"])
+        self.critic_optimizer.load_state_dict(state["critic_optimizer"])
+        self.total_it = int(state["total_it"])
+        self.actor_logs = {k: v.to(self.device) for k, v in state["actor_logs"].items()}
+
+
+def _fast_adam(device: torch.device) -> dict:
+    """Fused Adam (one kernel for all parameters) where this torch build has it, else foreach."""
+    return {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}
+
+
+def train(config: Config) -> dict:
+    config = apply_dataset_settings(config, DATASET_SETTINGS)
+    device = setup(config.seed, config.device, config.threads)
+    dataset = load_dataset(config.env, download=config.download)
+    if dataset.discrete:
+        fail(f"TD3+BC needs continuous actions; '{config.env}' has discrete actions")
+    data = dataset.transitions()
+    normalizer = ObsNormalizer.from_data(data["obs"]) if config.normalize_obs else None
+    norm = normalizer or (lambda x: x)
+    sampler = TensorSampler({"obs": norm(data["obs"]), "actions": data["actions"], "rewards": data["rewards"],
+                             "next_obs": norm(data["next_obs"]), "terminals": data["terminals"]},
+                            device, config.seed)
+    agent = Agent(config, dataset.spec, device)
+
+    run = Run("td3_bc", config, dataset, device, normalizer)
+    start = run.resume(agent, sampler)
+    envs = make_eval_envs(dataset, config.eval_episodes)
+    for step in run.steps(start):
+        logs = agent.update(sampler.sample(config.batch_size))
+        if run.should_log(step):
+            run.log(step, logs)
+        if run.should_eval(step):
+            with run.timed():
+                run.log_eval(step, evaluate(agent.act, dataset, normalizer, config.eval_episodes,
+                                            config.seed, device, envs))
+        if run.should_checkpoint(step):
+            with run.timed():
+                run.save_checkpoint(step, agent, sampler)
+    result = evaluate(agent.act, dataset, normalizer, config.eval_episodes, config.seed, device, envs)
+    run.log_eval(config.max_steps, result)
+    envs.close()
+    return run.finish(result)
+
+
+if __name__ == "__main__":
+    run_cli(train, Config)

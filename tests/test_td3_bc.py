@@ -1,0 +1,127 @@
+"""TD3+BC: lambda = alpha / mean|Q|, the loss without its Q term is pure BC, TD3's target and delay, learning."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import behaviour_return, load_algorithm, run_config
+
+from common.datasets import DataSpec
+from common.errors import UserError
+
+td3_bc = load_algorithm("td3_bc")
+
+SPEC = DataSpec(obs_dim=3, act_dim=2, max_action=2.0, discrete=False)
+
+
+def _batch(n: int = 32, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"obs": torch.randn(n, 3, generator=g), "actions": 4 * torch.rand(n, 2, generator=g) - 2,
+            "rewards": torch.randn(n, generator=g), "next_obs": torch.randn(n, 3, generator=g),
+            "terminals": (torch.rand(n, generator=g) < 0.3).float()}
+
+
+def _agent(**overrides) -> td3_bc.Agent:
+    torch.manual_seed(0)
+    return td3_bc.Agent(td3_bc.Config(hidden_dims=(32, 32), **overrides), SPEC, torch.device("cpu"))
+
+
+def test_lambda_is_alpha_over_mean_abs_q_and_the_actor_loss_matches():
+    agent = _agent(alpha=2.5, policy_freq=1)
+    batch = _batch()
+    agent.update(batch)  # one critic + actor step, so the critics are not at their initialisation
+    batch = _batch(seed=1)
+    critic_before, actor_before = copy.deepcopy(agent.critic), copy.deepcopy(agent.actor)
+    logs = agent.update(batch)
+    # the actor step sees the critics after this step's critic update: recompute that update's result
+    critic_after = agent.critic
+    pi = actor_before(batch["obs"])
+    q1 = critic_after(batch["obs"], pi)[0]
+    lmbda = 2.5 / q1.abs().mean().detach()  # a constant: no gradient flows through the normaliser
+    expected_loss = -lmbda * q1.mean() + F.mse_loss(pi, batch["actions"])
+    expected_grads = torch.autograd.grad(expected_loss, list(actor_before.parameters()))
+    assert not torch.equal(critic_before.layers[0].weight, critic_after.layers[0].weight)
+    assert logs["train/lambda"].item() == pytest.approx(lmbda.item(), rel=1e-5)
+    assert logs["train/actor_loss"].item() == pytest.approx(expected_loss.item(), rel=1e-5)
+    for p, g in zip(agent.actor.parameters(), expected_grads):
+        assert torch.allclose(p.grad, g, rtol=1e-4, atol=1e-6)
+
+
+def test_actor_loss_without_the_q_term_is_pure_mse():
+    agent = _agent(alpha=0.0, policy_freq=1)  # alpha = 0: lambda = 0, only the BC term is left
+    batch = _batch()
+    actor_before = copy.deepcopy(agent.actor)
+    logs = agent.update(batch)
+    bc = F.mse_loss(actor_before(batch["obs"]), batch["actions"])
+    expected_grads = torch.autograd.grad(bc, list(actor_before.parameters()))
+    assert logs["train/actor_loss"].item() == pytest.approx(bc.item(), rel=1e-6)
+    assert logs["train/bc_loss"].item() == pytest.approx(bc.item(), rel=1e-6)
+    for p, g in zip(agent.actor.parameters(), expected_grads):
+        assert torch.allclose(p.grad, g, atol=1e-7), "the actor's gradient must be the MSE's alone"
+
+
+def test_critic_target_is_the_min_of_the_twin_targets_at_the_target_action():
+    agent = _agent(policy_noise=0.0)  # no smoothing noise: a~ = pi_phi'(s') exactly
+    batch = _batch()
+    with torch.no_grad():
+        target_q = agent.critic_target(batch["next_obs"], agent.actor_target(batch["next_obs"])).min(0).values
+        y = batch["rewards"] + 0.99 * (1 - batch["terminals"]) * target_q
+        expected = ((agent.critic(batch["obs"], batch["actions"]) - y) ** 2).mean(1).sum()
+    logs = agent.update(batch)
+    assert logs["train/critic_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_actor_and_targets_move_only_every_policy_freq_steps():
+    agent = _agent(policy_freq=2)
+    actor0, target0 = copy.deepcopy(agent.actor.state_dict()), copy.deepcopy(agent.critic_target.state_dict())
+    agent.update(_batch(seed=1))
+    assert all(torch.equal(actor0[k], v) for k, v in agent.actor.state_dict().items())
+    assert all(torch.equal(target0[k], v) for k, v in agent.critic_target.state_dict().items())
+    agent.update(_batch(seed=2))
+    assert not all(torch.equal(actor0[k], v) for k, v in agent.actor.state_dict().items())
+    assert not all(torch.equal(target0[k], v) for k, v in agent.critic_target.state_dict().items())
+
+
+def test_discrete_actions_are_refused():
+    with pytest.raises(UserError, match="continuous"):
+        td3_bc.Agent(td3_bc.Config(), DataSpec(3, 2, 1.0, True), torch.device("cpu"))
+
+
+def test_td3_bc_beats_the_behaviour_policy_on_mixed_data(tmp_path, pendulum_mixed_id):
+    # `test/pendulum/mixed-v0`: 15 expert + 45 uniform-random episodes, behaviour return about -955.
+    # alpha = 200, not the paper's 2.5: lambda = alpha / mean|Q| normalises by the size of Q, and on Pendulum
+    # (dense costs in [-16, 0]) mean|Q| is a large baseline (~70 at gamma 0.95) while the actions change Q by
+    # about 1, so with alpha = 2.5 the BC term wins and the actor clones the mixture's mean action (zero
+    # torque: about -1500). Short-run settings: small networks, lr 1e-3, tau 0.05, gamma 0.95.
+    config = run_config(td3_bc.Config, pendulum_mixed_id, tmp_path, max_steps=3_000, alpha=200.0, gamma=0.95,
+                        tau=0.05, actor_lr=1e-3, critic_lr=1e-3, hidden_dims=(64, 64))
+    summary = td3_bc.train(config)
+    behaviour = behaviour_return(pendulum_mixed_id)  # about -955 (normalised score about 24)
+    # observed (seeds 0 and 1): about -290 (normalised score about 86)
+    assert summary["return_mean"] > behaviour + 300, (summary["return_mean"], behaviour)
+
+
+def test_resume_continues_with_the_same_numbers(tmp_path, pendulum_mixed_id):
+    common = dict(log_every=50, checkpoint_every=100, eval_episodes=2, hidden_dims=(32, 32))
+    straight = td3_bc.train(run_config(td3_bc.Config, pendulum_mixed_id, tmp_path / "a", max_steps=201, **common))
+    first = td3_bc.train(run_config(td3_bc.Config, pendulum_mixed_id, tmp_path / "b", max_steps=101, **common))
+    resumed = td3_bc.train(run_config(td3_bc.Config, pendulum_mixed_id, tmp_path / "b", max_steps=201,
+                                      resume=first["run_dir"], **common))
+    a = torch.load(f"{straight['run_dir']}/checkpoint.pt", weights_only=False)["agent"]
+    b = torch.load(f"{resumed['run_dir']}/checkpoint.pt", weights_only=False)["agent"]
+    for net in ("actor", "actor_target", "critic", "critic_target"):
+        for key in a[net]:
+            assert torch.equal(a[net][key], b[net][key]), (net, key)
+    assert a["total_it"] == b["total_it"] == 201
+    def train_rows(run_dir):  # step -> the train/ values logged there
+        rows = [json.loads(line) for line in open(f"{run_dir}/metrics.jsonl")]
+        return {r["step"]: {k: v for k, v in r.items() if k.startswith("train/")} for r in rows
+                if "train/actor_loss" in r}
+
+    want, got = train_rows(straight["run_dir"]), train_rows(resumed["run_dir"])
+    assert sorted(want) == [50, 100, 150, 200, 201]
+    assert all(want[step] == got[step] for step in want)
