@@ -1,11 +1,13 @@
 # Two commands on a fresh machine:  `make run`  and  `make test`. Both install what is missing first.
 PY ?= python3
-ALGO ?= bc
-ENV ?= local/pendulum/expert-v0
-STEPS ?= 20000
+ALGO ?= iql
+ENV ?= local/pendulum/medium-replay-v0
+STEPS ?= 10000
+SEEDS ?= 0
+QUALITIES ?= random medium medium-replay expert medium-expert
 THREADS ?= 1
 
-.PHONY: install run test bench datasets datasets-default clean-runs
+.PHONY: install run test bench datasets datasets-default scores clean-runs
 
 # pip is only called when requirements.txt changed since the last successful install
 install: .installed
@@ -32,6 +34,14 @@ test: install
 # Gradient updates/s per algorithm against the FLOP floor; writes results/bench.md
 bench: install
 	$(PY) -m common.bench --threads $(THREADS)
+
+# One algorithm on every quality of the pendulum suite, then results/scores.md from the runs
+scores: datasets-default
+	for q in $(QUALITIES); do for s in $(SEEDS); do \
+	  $(PY) algorithms/$(ALGO).py --env local/pendulum/$$q-v0 --max-steps $(STEPS) --seed $$s \
+	    --threads $(THREADS) --eval-every 0 --runs-dir runs/scores || exit 1; done; done
+	$(PY) -m common.results --runs-dir runs/scores --output results/scores.md \
+	  --command "make scores ALGO=$(ALGO) STEPS=$(STEPS) SEEDS='$(SEEDS)'"
 
 clean-runs:
 	rm -rf runs

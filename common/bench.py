@@ -1,11 +1,11 @@
 """Throughput benchmark: gradient updates per second of every algorithm against the FLOP floor.
 
     python -m common.bench                      # all algorithms, CPU (and CUDA when present), 1 thread
-    python -m common.bench --algos bc iql --threads 2 --updates 3000
+    python -m common.bench --algos bc iql --threads 2 --seconds 5
 
 For each algorithm it builds the agent from the file's own `Config` (default network sizes, batch 256)
 for halfcheetah's sizes (17-d observations, 6-d actions; 4 actions for discrete algorithms), feeds it
-minibatches drawn on the device from synthetic data, and times `--updates` updates after a warm-up.
+minibatches drawn on the device from synthetic data, and times three windows of about `--seconds` each after a warm-up, keeping the best.
 The floor is what arithmetic alone allows: FLOPs per update (counted by
 `torch.utils.flop_counter.FlopCounterMode` over one update) divided by the matrix-multiply rate measured
 in the same run (256x256x256 fp32 products on the same device and thread count). `% floor` is the
@@ -93,17 +93,22 @@ def make_agent(name: str, device: torch.device, compile_update: bool):
     return module.Agent(config, spec, device), config, spec
 
 
-def bench_algorithm(name: str, device: torch.device, updates: int, warmup: int, compile_update: bool,
+def bench_algorithm(name: str, device: torch.device, seconds: float, warmup: int, compile_update: bool,
                     rate: float) -> dict:
+    """Best of three timing windows of about `seconds` each (sized from the warm-up's rate)."""
     agent, config, spec = make_agent(name, device, compile_update)
     source = synthetic_batch_source(spec, device)
     batch_size = config.batch_size
     with FlopCounterMode(display=False) as counter:
         agent.update(source.sample(batch_size))
     flops = counter.get_total_flops()
-    for _ in range(warmup):
-        agent.update(source.sample(batch_size))
     sync(device)
+    start = time.perf_counter()
+    for _ in range(warmup):
+        logs = agent.update(source.sample(batch_size))
+    sync(device)
+    per_update = (time.perf_counter() - start) / max(warmup, 1)
+    updates = max(5, int(seconds / max(per_update, 1e-6)))
     best = 0.0
     for _ in range(3):  # best of three windows, as for the matmul rate
         start = time.perf_counter()
@@ -140,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m common.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--algos", nargs="*", default=ALGORITHMS, help="algorithms to measure")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (pinned)")
-    parser.add_argument("--updates", type=int, default=2000, help="timed updates per window (3 windows)")
-    parser.add_argument("--warmup", type=int, default=200, help="untimed updates first")
+    parser.add_argument("--seconds", type=float, default=3.0, help="length of each of the 3 timing windows")
+    parser.add_argument("--warmup", type=int, default=20, help="untimed updates first (they size the windows)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="auto: CPU, and CUDA too when present")
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile'd updates")
@@ -169,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.algos:
             for compiled in ([False, True] if args.compile else [False]):
                 torch.manual_seed(0)
-                row = bench_algorithm(name, device, args.updates, args.warmup, compiled, rate)
+                row = bench_algorithm(name, device, args.seconds, args.warmup, compiled, rate)
                 rows.append(row)
                 print(f"  {name:14s}{' (compiled)' if compiled else '':11s} {row['updates_per_sec']:9.1f} "
                       f"updates/s  {row['mflops_per_update']:8.1f} MFLOP/update  floor "
@@ -177,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
 
     commit = git_commit()
     lines = ["# Throughput benchmark", "",
-             f"Command: `python -m common.bench --threads {args.threads} --updates {args.updates}"
+             f"Command: `python -m common.bench --threads {args.threads} --seconds {args.seconds}"
              f"{' --compile' if args.compile else ''}` (or `make bench`)  ",
              f"Commit: `{commit}`; date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
              f"torch {torch.__version__}; torch threads {args.threads}  ",

@@ -55,7 +55,7 @@ def test_agent_contract_and_state_round_trip(name):
 
 def test_bench_harness_reports_rates_and_floor(tmp_path):
     out = tmp_path / "bench.md"
-    assert bench.main(["--algos", "bc", "--updates", "20", "--warmup", "5", "--device", "cpu",
+    assert bench.main(["--algos", "bc", "--seconds", "0.05", "--warmup", "5", "--device", "cpu",
                        "--output", str(out)]) == 0
     text = out.read_text()
     assert "| bc | cpu | no |" in text and "Commit:" in text and "torch threads 1" in text
