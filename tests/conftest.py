@@ -159,3 +159,39 @@ def load_algorithm(name: str):
     from common.checkpoint import _import_algorithm
 
     return _import_algorithm(name)
+
+
+def random_batch(n: int, obs_dim: int, act_dim: int, max_action: float, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random transition batch for update tests: standard-normal observations and rewards, actions uniform
+    in [-max_action, max_action], terminals with probability 0.3; the same tensors for the same arguments."""
+    g = torch.Generator().manual_seed(seed)
+    return {"obs": torch.randn(n, obs_dim, generator=g),
+            "actions": 2 * max_action * torch.rand(n, act_dim, generator=g) - max_action,
+            "rewards": torch.randn(n, generator=g), "next_obs": torch.randn(n, obs_dim, generator=g),
+            "terminals": (torch.rand(n, generator=g) < 0.3).float()}
+
+
+def checkpoint_agent(run_dir) -> dict:
+    """The agent's state saved in `<run_dir>/checkpoint.pt`."""
+    return torch.load(f"{run_dir}/checkpoint.pt", weights_only=False)["agent"]
+
+
+def train_straight_and_resumed(module, dataset_id: str, tmp_path: Path, first_steps: int, total_steps: int,
+                               **config) -> tuple[dict, dict, dict, dict]:
+    """Train `module` straight to `total_steps` (under tmp_path/a), and to `first_steps` then resumed to
+    `total_steps` (under tmp_path/b). Returns (straight summary, resumed summary, straight agent state,
+    resumed agent state), the states read from each run's final checkpoint.pt."""
+    straight = module.train(run_config(module.Config, dataset_id, tmp_path / "a", max_steps=total_steps, **config))
+    first = module.train(run_config(module.Config, dataset_id, tmp_path / "b", max_steps=first_steps, **config))
+    resumed = module.train(run_config(module.Config, dataset_id, tmp_path / "b", max_steps=total_steps,
+                                      resume=first["run_dir"], **config))
+    assert resumed["run_dir"] == first["run_dir"]
+    return straight, resumed, checkpoint_agent(straight["run_dir"]), checkpoint_agent(resumed["run_dir"])
+
+
+def assert_states_equal(a: dict, b: dict, nets) -> None:
+    """Every tensor of `a[net]` equals (torch.equal) the one of `b[net]`, for each net in `nets`."""
+    for net in nets:
+        assert a[net].keys() == b[net].keys(), (net, sorted(a[net].keys() ^ b[net].keys()))
+        for key in a[net]:
+            assert torch.equal(a[net][key], b[net][key]), f"{net}.{key} differs between the two runs"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import behaviour_return, load_algorithm, run_config
+from conftest import behaviour_return, load_algorithm, random_batch, run_config
 
 from common.datasets import DataSpec
 from common.errors import UserError
@@ -30,10 +30,7 @@ def test_weights_are_batch_size_times_softmax_of_advantage_over_lambda():
 
 
 def _batch(n: int = 64, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {"obs": torch.randn(n, 3, generator=g), "actions": 4 * torch.rand(n, 2, generator=g) - 2,
-            "rewards": torch.randn(n, generator=g), "next_obs": torch.randn(n, 3, generator=g),
-            "terminals": (torch.rand(n, generator=g) < 0.3).float()}
+    return random_batch(n, SPEC.obs_dim, SPEC.act_dim, SPEC.max_action, seed)
 
 
 @pytest.mark.parametrize("weighting", ["batch-softmax", "exp"])

@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import load_algorithm, mean_return, pendulum_expert, rollout_episodes, run_config
+from conftest import (assert_states_equal, load_algorithm, mean_return, pendulum_expert, rollout_episodes, run_config,
+                      train_straight_and_resumed)
 
 from common.checkpoint import load_policy
 from common.evaluation import EVAL_SEED_OFFSET
@@ -53,14 +54,8 @@ def _final_weights(run_dir) -> dict:
 
 def test_resume_continues_with_the_same_numbers(tmp_path, pendulum_expert_id):
     common = dict(log_every=50, checkpoint_every=100, eval_episodes=2)
-    straight = bc.train(run_config(bc.Config, pendulum_expert_id, tmp_path / "a", max_steps=200, **common))
-    first = bc.train(run_config(bc.Config, pendulum_expert_id, tmp_path / "b", max_steps=100, **common))
-    resumed = bc.train(run_config(bc.Config, pendulum_expert_id, tmp_path / "b", max_steps=200,
-                                  resume=first["run_dir"], **common))
-    assert resumed["run_dir"] == first["run_dir"]
-    a, b = _final_weights(straight["run_dir"]), _final_weights(resumed["run_dir"])
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    straight, resumed, a, b = train_straight_and_resumed(bc, pendulum_expert_id, tmp_path, 100, 200, **common)
+    assert_states_equal(a, b, ("policy",))
     losses = lambda d: [json.loads(l)["train/policy_loss"] for l in open(f"{d}/metrics.jsonl")
                         if "train/policy_loss" in l]
     assert losses(straight["run_dir"]) == losses(resumed["run_dir"])

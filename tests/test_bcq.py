@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import behaviour_return, load_algorithm, run_config
+from conftest import assert_states_equal, behaviour_return, load_algorithm, run_config, train_straight_and_resumed
 
 from common.datasets import DataSpec
 
@@ -153,13 +153,6 @@ def test_bcq_beats_behaviour_on_mixed_pendulum(tmp_path, pendulum_mixed_id):
 
 def test_resume_continues_with_the_same_numbers(tmp_path, pendulum_mixed_id):
     common = dict(log_every=50, checkpoint_every=100, eval_episodes=2, **SMALL)
-    straight = bcq.train(run_config(bcq.Config, pendulum_mixed_id, tmp_path / "a", max_steps=200, **common))
-    first = bcq.train(run_config(bcq.Config, pendulum_mixed_id, tmp_path / "b", max_steps=100, **common))
-    resumed = bcq.train(run_config(bcq.Config, pendulum_mixed_id, tmp_path / "b", max_steps=200,
-                                   resume=first["run_dir"], **common))
-    a = torch.load(f"{straight['run_dir']}/checkpoint.pt", weights_only=False)["agent"]
-    b = torch.load(f"{resumed['run_dir']}/checkpoint.pt", weights_only=False)["agent"]
-    for net in ("vae", "perturbation", "critic", "perturbation_target", "critic_target"):
-        for key in a[net]:
-            assert torch.equal(a[net][key], b[net][key]), (net, key)
+    straight, resumed, a, b = train_straight_and_resumed(bcq, pendulum_mixed_id, tmp_path, 100, 200, **common)
+    assert_states_equal(a, b, ("vae", "perturbation", "critic", "perturbation_target", "critic_target"))
     assert straight["return_mean"] == resumed["return_mean"]

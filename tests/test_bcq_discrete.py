@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import behaviour_return, load_algorithm, run_config
+from conftest import assert_states_equal, behaviour_return, load_algorithm, run_config, train_straight_and_resumed
 
 from common.datasets import DataSpec
 
@@ -146,15 +146,6 @@ def test_bcq_discrete_beats_behaviour_on_mixed_cartpole(tmp_path, cartpole_mixed
 def test_resume_continues_with_the_same_numbers(tmp_path, cartpole_mixed_id):
     common = dict(log_every=50, checkpoint_every=100, eval_episodes=2, hidden_dims=(32, 32),
                   target_update_every=30)  # the copy schedule's step counter must survive the resume
-    straight = bcq_discrete.train(run_config(bcq_discrete.Config, cartpole_mixed_id, tmp_path / "a",
-                                             max_steps=200, **common))
-    first = bcq_discrete.train(run_config(bcq_discrete.Config, cartpole_mixed_id, tmp_path / "b",
-                                          max_steps=100, **common))
-    resumed = bcq_discrete.train(run_config(bcq_discrete.Config, cartpole_mixed_id, tmp_path / "b",
-                                            max_steps=200, resume=first["run_dir"], **common))
-    a = torch.load(f"{straight['run_dir']}/checkpoint.pt", weights_only=False)["agent"]
-    b = torch.load(f"{resumed['run_dir']}/checkpoint.pt", weights_only=False)["agent"]
-    for net in ("q_network", "q_target", "imitation"):
-        for key in a[net]:
-            assert torch.equal(a[net][key], b[net][key]), (net, key)
+    _, _, a, b = train_straight_and_resumed(bcq_discrete, cartpole_mixed_id, tmp_path, 100, 200, **common)
+    assert_states_equal(a, b, ("q_network", "q_target", "imitation"))
     assert a["steps"] == b["steps"] == 200

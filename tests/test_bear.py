@@ -7,7 +7,8 @@ import math
 
 import pytest
 import torch
-from conftest import behaviour_return, load_algorithm, run_config
+from conftest import (assert_states_equal, behaviour_return, load_algorithm, random_batch, run_config,
+                      train_straight_and_resumed)
 
 from common.datasets import DataSpec
 from common.errors import UserError
@@ -82,10 +83,7 @@ def test_soft_clipped_target_matches_manual_computation():
 
 
 def _batch(n: int = 16, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {"obs": torch.randn(n, 3, generator=g), "actions": 2 * torch.rand(n, 2, generator=g) - 1,
-            "rewards": torch.randn(n, generator=g), "next_obs": torch.randn(n, 3, generator=g),
-            "terminals": (torch.rand(n, generator=g) < 0.3).float()}
+    return random_batch(n, SPEC.obs_dim, SPEC.act_dim, 1.0, seed)
 
 
 def test_critic_loss_uses_the_lambda_weighted_target_over_sampled_next_actions():
@@ -165,13 +163,6 @@ def test_bear_beats_the_behaviour_policy_on_mixed_data(tmp_path, pendulum_mixed_
 def test_resume_continues_with_the_same_numbers(tmp_path, pendulum_mixed_id):
     common = dict(log_every=50, checkpoint_every=100, eval_episodes=2, warmup_steps=60, hidden_dims=(32, 32),
                   vae_hidden_dims=(32, 32))
-    straight = bear.train(run_config(bear.Config, pendulum_mixed_id, tmp_path / "a", max_steps=200, **common))
-    first = bear.train(run_config(bear.Config, pendulum_mixed_id, tmp_path / "b", max_steps=100, **common))
-    resumed = bear.train(run_config(bear.Config, pendulum_mixed_id, tmp_path / "b", max_steps=200,
-                                    resume=first["run_dir"], **common))
-    a = torch.load(f"{straight['run_dir']}/checkpoint.pt", weights_only=False)["agent"]
-    b = torch.load(f"{resumed['run_dir']}/checkpoint.pt", weights_only=False)["agent"]
-    for net in ("critic", "critic_target", "actor", "actor_target", "behavior_vae"):
-        for key in a[net]:
-            assert torch.equal(a[net][key], b[net][key]), (net, key)
+    _, _, a, b = train_straight_and_resumed(bear, pendulum_mixed_id, tmp_path, 100, 200, **common)
+    assert_states_equal(a, b, ("critic", "critic_target", "actor", "actor_target", "behavior_vae"))
     assert torch.equal(a["lagrange_log_alpha"], b["lagrange_log_alpha"]) and a["total_it"] == b["total_it"] == 200

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import load_algorithm, run_config
+from conftest import assert_states_equal, load_algorithm, run_config, train_straight_and_resumed
 
 from common.datasets import DataSpec, ObsNormalizer, TensorSampler, load_dataset
 from common.errors import UserError
@@ -164,15 +164,8 @@ def test_resume_continues_with_the_same_numbers(tmp_path, pendulum_mixed_id):
     """Step counter (BC warm-up boundary), both temperatures, optimisers and targets are all checkpointed."""
     common = dict(hidden_dims=(16, 16), cql_num_samples=2, batch_size=32, bc_steps=30, lagrange=True,
                   log_every=20, checkpoint_every=40, eval_episodes=1)
-    straight = cql.train(run_config(cql.Config, pendulum_mixed_id, tmp_path / "a", max_steps=80, **common))
-    first = cql.train(run_config(cql.Config, pendulum_mixed_id, tmp_path / "b", max_steps=40, **common))
-    resumed = cql.train(run_config(cql.Config, pendulum_mixed_id, tmp_path / "b", max_steps=80,
-                                   resume=first["run_dir"], **common))
-    a = torch.load(f"{straight['run_dir']}/checkpoint.pt", weights_only=False)["agent"]
-    b = torch.load(f"{resumed['run_dir']}/checkpoint.pt", weights_only=False)["agent"]
-    for part in ("actor", "critic", "target_critic"):
-        for key in a[part]:
-            assert torch.equal(a[part][key], b[part][key]), (part, key)
+    straight, resumed, a, b = train_straight_and_resumed(cql, pendulum_mixed_id, tmp_path, 40, 80, **common)
+    assert_states_equal(a, b, ("actor", "critic", "target_critic"))
     assert torch.equal(a["lagrange_log_alpha"], b["lagrange_log_alpha"]) and a["step"] == b["step"] == 80
     rows = lambda d: [json.loads(line) for line in open(f"{d}/metrics.jsonl") if "train/cql_gap" in line]
     assert [r["train/cql_gap"] for r in rows(straight["run_dir"])] == [r["train/cql_gap"] for r in

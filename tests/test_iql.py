@@ -9,7 +9,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import behaviour_return, load_algorithm, run_config
+from conftest import (assert_states_equal, behaviour_return, checkpoint_agent, load_algorithm, random_batch,
+                      run_config)
 
 from common.datasets import DataSpec
 from common.errors import UserError
@@ -97,10 +98,7 @@ def test_advantage_weights_clip_at_the_configured_max():
 
 
 def _batch(n: int = 64, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {"obs": torch.randn(n, 3, generator=g), "actions": 2 * torch.rand(n, 2, generator=g) - 1,
-            "rewards": torch.randn(n, generator=g), "next_obs": torch.randn(n, 3, generator=g),
-            "terminals": (torch.rand(n, generator=g) < 0.3).float()}
+    return random_batch(n, SPEC.obs_dim, SPEC.act_dim, 1.0, seed)
 
 
 def _agent(**overrides) -> "iql.Agent":
@@ -233,14 +231,11 @@ def test_resume_after_a_kill_continues_with_the_same_numbers(tmp_path, pendulum_
         iql.train(run_config(iql.Config, pendulum_mixed_id, tmp_path / "b", **common))
     monkeypatch.setattr(iql.Agent, "update", original)
     run_dir = next((tmp_path / "b" / "runs").glob("iql/*/*"))
-    assert torch.load(f"{run_dir}/checkpoint.pt", weights_only=False)["agent"]["step"] == 100
+    assert checkpoint_agent(run_dir)["step"] == 100
     resumed = iql.train(run_config(iql.Config, pendulum_mixed_id, tmp_path / "b", resume=str(run_dir), **common))
 
-    a = torch.load(f"{straight['run_dir']}/checkpoint.pt", weights_only=False)["agent"]
-    b = torch.load(f"{resumed['run_dir']}/checkpoint.pt", weights_only=False)["agent"]
-    for net in ("actor", "value", "critic", "target_critic"):
-        for key in a[net]:
-            assert torch.equal(a[net][key], b[net][key]), (net, key)
+    a, b = checkpoint_agent(straight["run_dir"]), checkpoint_agent(resumed["run_dir"])
+    assert_states_equal(a, b, ("actor", "value", "critic", "target_critic"))
     rows = lambda d: [json.loads(line) for line in open(f"{d}/metrics.jsonl") if "train/q_loss" in line]
     assert [r["train/actor_loss"] for r in rows(straight["run_dir"])] == \
         [r["train/actor_loss"] for r in rows(resumed["run_dir"])]

@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from conftest import load_algorithm, run_config
+from conftest import assert_states_equal, load_algorithm, random_batch, run_config, train_straight_and_resumed
 
 from common.datasets import DataSpec, ObsNormalizer, TensorSampler, load_dataset
 from common.errors import UserError
@@ -25,10 +25,7 @@ SPEC = DataSpec(obs_dim=3, act_dim=2, max_action=2.0, discrete=False)
 
 
 def _batch(n: int = 32, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {"obs": torch.randn(n, 3, generator=g), "actions": 4 * torch.rand(n, 2, generator=g) - 2,
-            "rewards": torch.randn(n, generator=g), "next_obs": torch.randn(n, 3, generator=g),
-            "terminals": (torch.rand(n, generator=g) < 0.3).float()}
+    return random_batch(n, SPEC.obs_dim, SPEC.act_dim, SPEC.max_action, seed)
 
 
 def test_log_prob_is_the_tanh_change_of_variables():
@@ -78,17 +75,8 @@ def test_discrete_actions_are_refused():
 
 def test_resume_continues_with_the_same_numbers(tmp_path, pendulum_mixed_id):
     common = dict(log_every=50, checkpoint_every=100, eval_episodes=2, hidden_dims=(32, 32))
-    straight = sac_offline.train(run_config(sac_offline.Config, pendulum_mixed_id, tmp_path / "a", max_steps=200,
-                                            **common))
-    first = sac_offline.train(run_config(sac_offline.Config, pendulum_mixed_id, tmp_path / "b", max_steps=100,
-                                         **common))
-    resumed = sac_offline.train(run_config(sac_offline.Config, pendulum_mixed_id, tmp_path / "b", max_steps=200,
-                                           resume=first["run_dir"], **common))
-    a = torch.load(f"{straight['run_dir']}/checkpoint.pt", weights_only=False)["agent"]
-    b = torch.load(f"{resumed['run_dir']}/checkpoint.pt", weights_only=False)["agent"]
-    for net in ("actor", "critic", "critic_target"):
-        for key in a[net]:
-            assert torch.equal(a[net][key], b[net][key]), (net, key)
+    _, _, a, b = train_straight_and_resumed(sac_offline, pendulum_mixed_id, tmp_path, 100, 200, **common)
+    assert_states_equal(a, b, ("actor", "critic", "critic_target"))
     assert torch.equal(a["log_alpha"], b["log_alpha"])
 
 

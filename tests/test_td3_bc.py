@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import behaviour_return, load_algorithm, run_config
+from conftest import (assert_states_equal, behaviour_return, load_algorithm, random_batch, run_config,
+                      train_straight_and_resumed)
 
 from common.datasets import DataSpec
 from common.errors import UserError
@@ -19,10 +20,7 @@ SPEC = DataSpec(obs_dim=3, act_dim=2, max_action=2.0, discrete=False)
 
 
 def _batch(n: int = 32, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {"obs": torch.randn(n, 3, generator=g), "actions": 4 * torch.rand(n, 2, generator=g) - 2,
-            "rewards": torch.randn(n, generator=g), "next_obs": torch.randn(n, 3, generator=g),
-            "terminals": (torch.rand(n, generator=g) < 0.3).float()}
+    return random_batch(n, SPEC.obs_dim, SPEC.act_dim, SPEC.max_action, seed)
 
 
 def _agent(**overrides) -> td3_bc.Agent:
@@ -107,15 +105,8 @@ def test_td3_bc_beats_the_behaviour_policy_on_mixed_data(tmp_path, pendulum_mixe
 
 def test_resume_continues_with_the_same_numbers(tmp_path, pendulum_mixed_id):
     common = dict(log_every=50, checkpoint_every=100, eval_episodes=2, hidden_dims=(32, 32))
-    straight = td3_bc.train(run_config(td3_bc.Config, pendulum_mixed_id, tmp_path / "a", max_steps=201, **common))
-    first = td3_bc.train(run_config(td3_bc.Config, pendulum_mixed_id, tmp_path / "b", max_steps=101, **common))
-    resumed = td3_bc.train(run_config(td3_bc.Config, pendulum_mixed_id, tmp_path / "b", max_steps=201,
-                                      resume=first["run_dir"], **common))
-    a = torch.load(f"{straight['run_dir']}/checkpoint.pt", weights_only=False)["agent"]
-    b = torch.load(f"{resumed['run_dir']}/checkpoint.pt", weights_only=False)["agent"]
-    for net in ("actor", "actor_target", "critic", "critic_target"):
-        for key in a[net]:
-            assert torch.equal(a[net][key], b[net][key]), (net, key)
+    straight, resumed, a, b = train_straight_and_resumed(td3_bc, pendulum_mixed_id, tmp_path, 101, 201, **common)
+    assert_states_equal(a, b, ("actor", "actor_target", "critic", "critic_target"))
     assert a["total_it"] == b["total_it"] == 201
     def train_rows(run_dir):  # step -> the train/ values logged there
         rows = [json.loads(line) for line in open(f"{run_dir}/metrics.jsonl")]
