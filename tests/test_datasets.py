@@ -244,3 +244,21 @@ def test_sampler_is_seeded_and_restorable():
     a.load_state_dict(state)
     assert torch.equal(a.sample(16)["x"], expected)
     assert not torch.equal(TensorSampler(arrays, "cpu", seed=2).sample(32)["x"], first["x"])
+
+
+def test_embedded_default_is_built_on_first_use(minari_root, monkeypatch):
+    from common import build_datasets
+
+    calls = []
+
+    def fake_build(argv):
+        calls.append(argv)
+        return 2  # as a failed build would
+
+    monkeypatch.setattr(build_datasets, "main", fake_build)
+    with pytest.raises(UserError, match="building the embedded default suite failed"):
+        load_dataset("local/pendulum/medium-replay-v0")
+    assert calls == [["pendulum", "--skip-existing"]]
+    with pytest.raises(UserError, match="not built"):  # other local suites are never built implicitly
+        load_dataset("local/hopper/medium-replay-v0")
+    assert len(calls) == 1
