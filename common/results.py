@@ -32,6 +32,11 @@ def collect(runs_dir: Path) -> list[dict]:
     return out
 
 
+def _short(commit: str) -> str:
+    """12 hex digits, keeping the `-dirty` mark of a run made from a modified tree."""
+    return commit[:12] + ("-dirty" if commit.endswith("-dirty") else "")
+
+
 def table(summaries: list[dict]) -> list[str]:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for s in summaries:
@@ -42,11 +47,12 @@ def table(summaries: list[dict]) -> list[str]:
         runs.sort(key=lambda s: s["seed"])
         returns = np.array([s["return_mean"] for s in runs])
         scores = [s["normalized_score_mean"] for s in runs]
+        spread = lambda values: f" ± {np.std(values):.1f}" if len(values) > 1 else " (one seed)"
         score = ("n/a (no reference scores)" if any(v is None for v in scores)
-                 else f"{np.mean(scores):.1f} ± {np.std(scores):.1f}")
-        commits = sorted({s.get("git_commit", "unknown")[:12] for s in runs})
+                 else f"{np.mean(scores):.1f}{spread(scores)}")
+        commits = sorted({_short(s.get("git_commit", "unknown")) for s in runs})
         lines.append(f"| {env} | {algo} | {steps} | {', '.join(str(s['seed']) for s in runs)} | {score} | "
-                     f"{returns.mean():.1f} ± {returns.std():.1f} | {runs[0].get('eval_episodes', '?')} | "
+                     f"{returns.mean():.1f}{spread(returns)} | {runs[0].get('eval_episodes', '?')} | "
                      f"{', '.join(commits)} |")
     return lines
 
@@ -66,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
              f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `python -m common.results "
              f"--runs-dir {args.runs_dir}` from {len(summaries)} runs.",
              *( [f"Runs made by: `{args.command}`"] if args.command else []),
-             "Score: final evaluation, mean ± std over seeds of each seed's mean over its evaluation episodes; "
+             "Score: final evaluation, mean ± std over seeds of each seed's mean over its evaluation episodes "
+             "(one seed: no spread shown); "
              "normalised = 100 * (R - ref_min) / (ref_max - ref_min) with the dataset's reference scores.", "",
              *table(summaries), ""]
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
