@@ -46,6 +46,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common.behavior_sac import Checkpoint, flat_obs, make_adam  # shared with the SAC behaviour agent
 from common.errors import UserError, fail
 
 # Evaluation episode i of every checkpoint resets the evaluation env with seed `seed + EVAL_SEED_OFFSET + i`.
@@ -137,28 +138,6 @@ class NumpyQ:
         return h
 
 
-def make_adam(params, lr: float) -> torch.optim.Adam:
-    """Adam with the fused kernel where the device supports it, else the multi-tensor (foreach) one."""
-    params = list(params)
-    try:
-        return torch.optim.Adam(params, lr=lr, fused=True)
-    except (RuntimeError, TypeError):
-        return torch.optim.Adam(params, lr=lr, foreach=True)
-
-
-@dataclass
-class Checkpoint:
-    """The Q-network at env step `step` and the returns of its greedy policy on the evaluation seeds."""
-
-    step: int
-    eval_returns: list[float]
-    policy: dict  # the Q-network's state_dict, CPU tensors
-
-    @property
-    def eval_return(self) -> float:
-        return float(np.mean(self.eval_returns))
-
-
 def make_env(env_id: str, max_episode_steps: int | None = None) -> gym.Env:
     """`gym.make(env_id)` for a Box-observation, Discrete-action env with a time limit, else `UserError`."""
     kwargs = {"max_episode_steps": max_episode_steps} if max_episode_steps else {}
@@ -173,11 +152,6 @@ def make_env(env_id: str, max_episode_steps: int | None = None) -> gym.Env:
     if env.spec is None or env.spec.max_episode_steps is None:
         fail(f"env '{env_id}' has no time limit; give one (--max-episode-steps) so episodes end")
     return env
-
-
-def flat_obs(obs) -> np.ndarray:
-    """A Box observation as a flat float32 vector (what the network sees and the buffer stores)."""
-    return np.asarray(obs, dtype=np.float32).reshape(-1)
 
 
 class DQNAgent:

@@ -200,11 +200,12 @@ def make_adam(params, lr: float) -> torch.optim.Adam:
 
 @dataclass
 class Checkpoint:
-    """The actor at env step `step` and the returns of its deterministic policy on the evaluation seeds."""
+    """A policy at env step `step` (SAC's actor or DQN's Q-network) and the returns of its deterministic /
+    greedy policy on the evaluation seeds."""
 
     step: int
     eval_returns: list[float]
-    policy: dict  # the actor's state_dict, CPU tensors
+    policy: dict  # the actor's (SAC) or Q-network's (DQN) state_dict, CPU tensors
 
     @property
     def eval_return(self) -> float:
