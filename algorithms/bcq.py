@@ -156,6 +156,17 @@ class TwinCritic(nn.Module):
         x = torch.cat([obs, actions], -1).unsqueeze(0).expand(NUM_CRITICS, -1, -1)
         return self.net(x).squeeze(-1)
 
+    def q1(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """Q_theta1(s, a) alone, `(B,)`, differentiable in the action only (the perturbation model's
+        objective): the second critic costs nothing and no gradient reaches the critic's weights."""
+        x = torch.cat([obs, actions], -1)
+        for layer in self.net:
+            if isinstance(layer, VectorizedLinear):
+                x = torch.addmm(layer.bias[0].detach(), x, layer.weight[0].detach())
+            else:
+                x = layer(x)
+        return x.squeeze(-1)
+
 
 class Perturbation(nn.Module):
     """xi_phi(s, a, Phi) in [-Phi, Phi] * max_action; forward gives a + xi, clipped to the action bounds."""
@@ -284,10 +295,10 @@ class Agent:
         # --- train perturbation: phi <- argmax_phi sum Q_theta1(s, a + xi_phi(s, a, Phi)), a ~ G_omega(s)
         with torch.no_grad():
             sampled = self.vae.decode(obs)
-        q_policy = self.critic(obs, self.perturbation(obs, sampled))
-        actor_loss = -q_policy[0].mean()
+        q_policy = self.critic.q1(obs, self.perturbation(obs, sampled))
+        actor_loss = -q_policy.mean()
         self.actor_optimizer.zero_grad(set_to_none=True)
-        actor_loss.backward()  # also leaves gradients on the critic; its next step zeroes them first
+        actor_loss.backward()
         self.actor_optimizer.step()
 
         # --- update targets: theta'_i <- tau theta_i + (1 - tau) theta'_i ;  phi' <- tau phi + (1 - tau) phi'
@@ -297,7 +308,7 @@ class Agent:
 
         return {"train/vae_loss": vae_loss.detach(), "train/critic_loss": critic_loss.detach(),
                 "train/actor_loss": actor_loss.detach(), "train/q_data": q_data[0].detach().mean(),
-                "train/q_policy": q_policy[0].detach().mean()}
+                "train/q_policy": q_policy.detach().mean()}
 
     @torch.no_grad()
     def act(self, obs: torch.Tensor) -> torch.Tensor:
@@ -312,7 +323,7 @@ class Agent:
         z = z.clamp(-self.config.latent_clip, self.config.latent_clip).repeat(batch, 1)  # (B*n, latent)
         obs_rep = obs.repeat_interleave(n, 0)
         candidates = self.perturbation(obs_rep, self.vae.decode(obs_rep, z))  # (B*n, act)
-        best = self.critic(obs_rep, candidates)[0].view(batch, n).argmax(1)
+        best = self.critic.q1(obs_rep, candidates).view(batch, n).argmax(1)
         return candidates.view(batch, n, -1)[torch.arange(batch, device=obs.device), best]
 
     @torch.no_grad()

@@ -152,16 +152,21 @@ class CriticEnsemble(nn.Module):
         self.layers = nn.ModuleList(VectorizedLinear(i, o, ensemble_size) for i, o in zip(dims[:-1], dims[1:]))
         self.ensemble_size = ensemble_size
 
-    def forward(self, obs: torch.Tensor, actions: torch.Tensor, detach_weights: bool = False) -> torch.Tensor:
-        """Q-values `(K, B)` for `obs (B, obs_dim)` and `actions (B, act_dim)`.
-
-        `detach_weights`: the actor's loss differentiates through the action only, never into the critics.
-        """
+    def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """Q-values `(K, B)` for `obs (B, obs_dim)` and `actions (B, act_dim)`."""
         x = torch.cat([obs, actions], -1).unsqueeze(0).expand(self.ensemble_size, -1, -1)
         for i, layer in enumerate(self.layers):
-            weight, bias = (layer.weight.detach(), layer.bias.detach()) if detach_weights else (layer.weight,
-                                                                                                 layer.bias)
-            x = torch.baddbmm(bias, x, weight)
+            x = torch.baddbmm(layer.bias, x, layer.weight)
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+        return x.squeeze(-1)
+
+    def q1(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """Q_theta1(s, a) alone, `(B,)`, differentiable in the action only: the actor's objective uses the
+        first critic (as TD3 and the paper's code), so the second costs neither forward nor backward."""
+        x = torch.cat([obs, actions], -1)
+        for i, layer in enumerate(self.layers):
+            x = torch.addmm(layer.bias[0].detach(), x, layer.weight[0].detach())
             if i < len(self.layers) - 1:
                 x = F.relu(x)
         return x.squeeze(-1)
@@ -216,13 +221,12 @@ class Agent:
         self.critic_optimizer.zero_grad(set_to_none=True)
         critic_loss.backward()
         self.critic_optimizer.step()
-        return {"train/critic_loss": critic_loss.detach(), "train/q_data": q.detach().min(0).values.mean()}
+        return {"train/critic_loss": critic_loss.detach(), "train/q_data": q.detach()[0].mean()}
 
     def _actor_step_impl(self, obs, actions) -> dict[str, torch.Tensor]:
         c = self.config
         pi = self.actor(obs)
-        q = self.critic(obs, pi, detach_weights=True)  # (2, B); the actor's gradient stops at the action
-        q1 = q[0]
+        q1 = self.critic.q1(obs, pi)  # Q_theta1(s, pi(s)); the actor's gradient stops at the action
         # lambda = alpha / ( 1/N sum_i |Q(s_i, a_i)| ), a constant   (lecture: "Idea: TD3+BC"; Q taken at
         # a_i = pi(s_i), as the paper's code: lmbda = alpha / Q.abs().mean().detach())
         lmbda = c.alpha / q1.abs().mean().detach()
@@ -237,7 +241,7 @@ class Agent:
             torch._foreach_lerp_(list(self.critic_target.parameters()), list(self.critic.parameters()), c.tau)
             torch._foreach_lerp_(list(self.actor_target.parameters()), list(self.actor.parameters()), c.tau)
         return {"train/actor_loss": actor_loss.detach(), "train/bc_loss": bc_loss.detach(),
-                "train/lambda": lmbda, "train/q_policy": q.detach().min(0).values.mean()}
+                "train/lambda": lmbda, "train/q_policy": q1.detach().mean()}
 
     @torch.no_grad()
     def act(self, obs: torch.Tensor) -> torch.Tensor:

@@ -5,9 +5,11 @@
 
 For each algorithm it builds the agent from the file's own `Config` (default network sizes, batch 256)
 for halfcheetah's sizes (17-d observations, 6-d actions; 4 actions for discrete algorithms), feeds it
-minibatches drawn on the device from synthetic data, and times three windows of about `--seconds` each after a warm-up, keeping the best.
-The floor is what arithmetic alone allows: FLOPs per update (counted by
-`torch.utils.flop_counter.FlopCounterMode` over one update) divided by the matrix-multiply rate measured
+minibatches drawn on the device from synthetic data, and times three windows of about `--seconds` each
+after a warm-up, keeping the best. Algorithms with a warm-up phase (BEAR's, CQL's BC warm start) are
+timed on their main update. The floor is what arithmetic alone allows: FLOPs per update (counted by
+`torch.utils.flop_counter.FlopCounterMode` and averaged over 4 updates, so that TD3's delayed actor
+update counts at its rate) divided by the matrix-multiply rate measured
 in the same run (256x256x256 fp32 products on the same device and thread count). `% floor` is the
 measured rate over that bound. Results go to stdout and `results/bench.md` (machine, threads, commit).
 """
@@ -38,6 +40,9 @@ ALGORITHMS = sorted(p.stem for p in (ROOT / "algorithms").glob("*.py") if not p.
 OBS_DIM, ACT_DIM, N_DISCRETE_ACTIONS = 17, 6, 4  # halfcheetah's sizes; a small discrete action set
 DATA_ROWS = 100_000
 BENCH_DATASET_NAME = "halfcheetah-medium-v2"  # which DATASET_SETTINGS row the benchmark's configs take
+FLOP_WINDOW = 4  # updates whose FLOPs are counted and averaged (a multiple of every update period)
+# warm-up phases (BEAR's and CQL's BC warm starts) are skipped: the benchmark times the main update
+SKIP_WARMUP_PHASES = {"warmup_steps": 0, "bc_steps": 0}
 
 
 def synthetic_batch_source(spec: DataSpec, device: torch.device, seed: int = 0) -> TensorSampler:
@@ -88,6 +93,7 @@ def make_agent(name: str, device: torch.device, compile_update: bool):
     # the per-dataset fields as they would be for a D4RL locomotion dataset of the same sizes
     config = apply_dataset_settings(dataclasses.replace(config, env=BENCH_DATASET_NAME),
                                     getattr(module, "DATASET_SETTINGS", []), quiet=True)
+    config = dataclasses.replace(config, **{k: v for k, v in SKIP_WARMUP_PHASES.items() if k in fields})
     discrete = bool(getattr(module, "DISCRETE_ONLY", False))
     spec = DataSpec(OBS_DIM, N_DISCRETE_ACTIONS if discrete else ACT_DIM, 1.0, discrete)
     return module.Agent(config, spec, device), config, spec
@@ -99,15 +105,17 @@ def bench_algorithm(name: str, device: torch.device, seconds: float, warmup: int
     agent, config, spec = make_agent(name, device, compile_update)
     source = synthetic_batch_source(spec, device)
     batch_size = config.batch_size
-    with FlopCounterMode(display=False) as counter:
-        agent.update(source.sample(batch_size))
-    flops = counter.get_total_flops()
     sync(device)
     start = time.perf_counter()
     for _ in range(warmup):
         logs = agent.update(source.sample(batch_size))
     sync(device)
     per_update = (time.perf_counter() - start) / max(warmup, 1)
+    # FLOPs averaged over FLOP_WINDOW updates: delayed actor updates (TD3's every 2nd step) count at their rate
+    with FlopCounterMode(display=False) as counter:
+        for _ in range(FLOP_WINDOW):
+            agent.update(source.sample(batch_size))
+    flops = counter.get_total_flops() / FLOP_WINDOW
     updates = max(5, int(seconds / max(per_update, 1e-6)))
     best = 0.0
     for _ in range(3):  # best of three windows, as for the matmul rate

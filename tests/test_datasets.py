@@ -234,11 +234,19 @@ def test_writer_refuses_existing_ids_and_leaves_no_staging(minari_root, syntheti
 
 
 def test_sampler_is_seeded_and_restorable():
-    arrays = {"x": np.arange(100, dtype=np.float32), "y": np.arange(100, dtype=np.int64) * 2}
+    grid = np.arange(100 * 6, dtype=np.float32).reshape(100, 2, 3)
+    arrays = {"x": np.arange(100, dtype=np.float32), "y": np.arange(100, dtype=np.int64) * 2, "z": grid,
+              "w": -np.arange(100, dtype=np.float32)[:, None]}
     a, b = TensorSampler(arrays, "cpu", seed=1), TensorSampler(arrays, "cpu", seed=1)
     first = a.sample(32)
+    assert list(first) == ["x", "y", "z", "w"]
+    assert first["x"].shape == (32,) and first["z"].shape == (32, 2, 3) and first["w"].shape == (32, 1)
+    assert first["y"].dtype == torch.int64 and first["z"].dtype == torch.float32
     assert torch.equal(first["x"], b.sample(32)["x"])
-    assert torch.equal(first["y"], first["x"].long() * 2)  # rows stay aligned across keys
+    rows = first["x"].long()  # rows stay aligned across keys, dtypes and shapes (packed tables)
+    assert torch.equal(first["y"], rows * 2)
+    assert torch.equal(first["z"], torch.as_tensor(grid)[rows])
+    assert torch.equal(first["w"][:, 0], -first["x"])
     state = a.state_dict()
     expected = a.sample(16)["x"]
     a.load_state_dict(state)
