@@ -83,6 +83,17 @@ def critic_member(critic, k: int, obs: torch.Tensor, actions: torch.Tensor) -> t
     return x.squeeze(-1)
 
 
+def test_q1_is_the_first_critic_and_its_gradient_stops_at_the_action():
+    agent = make_agent()
+    obs = torch.randn(16, SPEC.obs_dim)
+    actions = torch.rand(16, SPEC.act_dim, requires_grad=True)
+    q1 = agent.critic.q1(obs, actions)
+    assert torch.allclose(q1, agent.critic(obs, actions.detach())[0], rtol=1e-5, atol=1e-6)
+    q1.sum().backward()
+    assert actions.grad is not None and actions.grad.abs().sum() > 0
+    assert all(p.grad is None for p in agent.critic.parameters())
+
+
 def test_soft_clipped_double_q_target_matches_manual_computation():
     agent = make_agent(min_weight=0.75, num_sampled_actions=10, gamma=0.99)
     with torch.no_grad():  # targets that differ from the online networks and from each other

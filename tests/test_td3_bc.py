@@ -49,6 +49,17 @@ def test_lambda_is_alpha_over_mean_abs_q_and_the_actor_loss_matches():
         assert torch.allclose(p.grad, g, rtol=1e-4, atol=1e-6)
 
 
+def test_q1_is_the_first_critic_and_its_gradient_stops_at_the_action():
+    agent = _agent()
+    batch = _batch()
+    actions = batch["actions"].clone().requires_grad_(True)
+    q1 = agent.critic.q1(batch["obs"], actions)
+    assert torch.allclose(q1, agent.critic(batch["obs"], batch["actions"])[0], rtol=1e-5, atol=1e-6)
+    q1.sum().backward()
+    assert actions.grad is not None and actions.grad.abs().sum() > 0
+    assert all(p.grad is None for p in agent.critic.parameters())
+
+
 def test_actor_loss_without_the_q_term_is_pure_mse():
     agent = _agent(alpha=0.0, policy_freq=1)  # alpha = 0: lambda = 0, only the BC term is left
     batch = _batch()
