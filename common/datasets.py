@@ -678,17 +678,13 @@ class TensorSampler:
         if len(sizes) != 1:
             fail(f"sampler arrays have different lengths: { {k: len(v) for k, v in data.items()} }")
         self.size = sizes.pop()
-        # one table per dtype: (table, [(key, first column, width, trailing shape), ...])
-        self.tables: list[tuple[torch.Tensor, list[tuple[str, int, int, tuple[int, ...]]]]] = []
+        # one table per dtype: (table, keys, column widths, trailing shapes)
+        self.tables: list[tuple[torch.Tensor, list[str], list[int], list[tuple[int, ...]]]] = []
         for dtype in dict.fromkeys(v.dtype for v in data.values()):
             keys = [k for k, v in data.items() if v.dtype == dtype]
-            columns, layout, start = [], [], 0
-            for k in keys:
-                flat = data[k].reshape(self.size, -1)
-                layout.append((k, start, flat.shape[1], tuple(data[k].shape[1:])))
-                columns.append(flat)
-                start += flat.shape[1]
-            self.tables.append((torch.cat(columns, 1).to(self.device).contiguous(), layout))
+            columns = [data[k].reshape(self.size, -1) for k in keys]
+            self.tables.append((torch.cat(columns, 1).to(self.device).contiguous(), keys,
+                                [c.shape[1] for c in columns], [tuple(data[k].shape[1:]) for k in keys]))
         self.keys = list(data)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
@@ -697,10 +693,9 @@ class TensorSampler:
         """A batch of `batch_size` rows drawn uniformly with replacement, as device tensors."""
         idx = torch.randint(0, self.size, (batch_size,), device=self.device, generator=self.generator)
         batch = {}
-        for table, layout in self.tables:
-            rows = table.index_select(0, idx)
-            for key, start, width, shape in layout:
-                batch[key] = rows[:, start:start + width].reshape(batch_size, *shape)
+        for table, keys, widths, shapes in self.tables:
+            for key, part, shape in zip(keys, table.index_select(0, idx).split(widths, 1), shapes):
+                batch[key] = part if len(shape) == 1 else part.view(batch_size, *shape)
         return {k: batch[k] for k in self.keys}
 
     def state_dict(self) -> dict:
