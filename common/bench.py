@@ -40,6 +40,7 @@ ALGORITHMS = sorted(p.stem for p in (ROOT / "algorithms").glob("*.py") if not p.
 OBS_DIM, ACT_DIM, N_DISCRETE_ACTIONS = 17, 6, 4  # halfcheetah's sizes; a small discrete action set
 DATA_ROWS = 100_000
 BENCH_DATASET_NAME = "halfcheetah-medium-v2"  # which DATASET_SETTINGS row the benchmark's configs take
+TINY_WIDTH, TINY_BATCH = 8, 8  # the overhead measurement's sizes: the same update with next to no arithmetic
 FLOP_WINDOW = 4  # updates whose FLOPs are counted and averaged (a multiple of every update period)
 # warm-up phases (BEAR's and CQL's BC warm starts) are skipped: the benchmark times the main update
 SKIP_WARMUP_PHASES = {"warmup_steps": 0, "bc_steps": 0}
@@ -85,10 +86,16 @@ def matmul_rate(device: torch.device, size: int = 256, repeats: int = 2000) -> f
     return best
 
 
-def make_agent(name: str, device: torch.device, compile_update: bool):
+def make_agent(name: str, device: torch.device, compile_update: bool, tiny: bool = False):
+    """The file's Agent at its default sizes, or (`tiny`) with every hidden layer TINY_WIDTH wide and
+    batch TINY_BATCH: the same operations in the same order with next to no arithmetic."""
     module = _import_algorithm(name)
     fields = {f.name for f in dataclasses.fields(module.Config)}
     overrides = {"max_steps": 1_000_000, "device": str(device), "compile": compile_update}
+    if tiny:
+        defaults = module.Config()
+        overrides["batch_size"] = TINY_BATCH
+        overrides.update({f: (TINY_WIDTH,) * len(getattr(defaults, f)) for f in fields if f.endswith("hidden_dims")})
     config = module.Config(**{k: v for k, v in overrides.items() if k in fields})
     # the per-dataset fields as they would be for a D4RL locomotion dataset of the same sizes
     config = apply_dataset_settings(dataclasses.replace(config, env=BENCH_DATASET_NAME),
@@ -99,23 +106,22 @@ def make_agent(name: str, device: torch.device, compile_update: bool):
     return module.Agent(config, spec, device), config, spec
 
 
-def bench_algorithm(name: str, device: torch.device, seconds: float, warmup: int, compile_update: bool,
-                    rate: float) -> dict:
-    """Best of three timing windows of about `seconds` each (sized from the warm-up's rate)."""
-    agent, config, spec = make_agent(name, device, compile_update)
-    source = synthetic_batch_source(spec, device)
-    batch_size = config.batch_size
+def time_updates(agent, source: TensorSampler, batch_size: int, device: torch.device, seconds: float,
+                 warmup: int, count_flops: bool = False) -> tuple[float, float, dict]:
+    """(best updates/s over three windows of about `seconds`, FLOPs per update, last logs)."""
     sync(device)
     start = time.perf_counter()
     for _ in range(warmup):
         logs = agent.update(source.sample(batch_size))
     sync(device)
     per_update = (time.perf_counter() - start) / max(warmup, 1)
-    # FLOPs averaged over FLOP_WINDOW updates: delayed actor updates (TD3's every 2nd step) count at their rate
-    with FlopCounterMode(display=False) as counter:
-        for _ in range(FLOP_WINDOW):
-            agent.update(source.sample(batch_size))
-    flops = counter.get_total_flops() / FLOP_WINDOW
+    flops = 0.0
+    if count_flops:
+        # averaged over FLOP_WINDOW updates: delayed actor updates (TD3's every 2nd step) count at their rate
+        with FlopCounterMode(display=False) as counter:
+            for _ in range(FLOP_WINDOW):
+                agent.update(source.sample(batch_size))
+        flops = counter.get_total_flops() / FLOP_WINDOW
     updates = max(5, int(seconds / max(per_update, 1e-6)))
     best = 0.0
     for _ in range(3):  # best of three windows, as for the matmul rate
@@ -124,13 +130,30 @@ def bench_algorithm(name: str, device: torch.device, seconds: float, warmup: int
             logs = agent.update(source.sample(batch_size))
         sync(device)
         best = max(best, updates / (time.perf_counter() - start))
+    return best, flops, logs
+
+
+def bench_algorithm(name: str, device: torch.device, seconds: float, warmup: int, compile_update: bool,
+                    rate: float) -> dict:
+    """Updates/s at the default sizes, the FLOP floor, and the framework's per-update overhead."""
+    agent, config, spec = make_agent(name, device, compile_update)
+    best, flops, logs = time_updates(agent, synthetic_batch_source(spec, device), config.batch_size, device,
+                                     seconds, warmup, count_flops=True)
     for value in logs.values():  # the run must stay finite to count
         if not torch.isfinite(torch.as_tensor(value)).all():
             raise RuntimeError(f"{name}: non-finite value in the benchmark's updates")
+    # the same update at width TINY_WIDTH, batch TINY_BATCH: what dispatch, autograd and the optimisers cost
+    # when the arithmetic is next to nothing
+    tiny, tiny_config, tiny_spec = make_agent(name, device, compile_update, tiny=True)
+    tiny_rate, _, _ = time_updates(tiny, synthetic_batch_source(tiny_spec, device), tiny_config.batch_size,
+                                   device, seconds / 3, warmup)
+    overhead = 1.0 / tiny_rate
     floor = rate / flops if flops else float("nan")
+    bound = 1.0 / (overhead + flops / rate)
     return {"algo": name, "device": str(device), "updates_per_sec": best, "mflops_per_update": flops / 1e6,
             "floor_updates_per_sec": floor, "pct_floor": 100.0 * best / floor if flops else float("nan"),
-            "batch_size": batch_size, "compiled": compile_update}
+            "overhead_us": overhead * 1e6, "bound_updates_per_sec": bound, "pct_bound": 100.0 * best / bound,
+            "batch_size": config.batch_size, "compiled": compile_update}
 
 
 def machine_description(device: torch.device) -> str:
@@ -186,7 +209,9 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
                 print(f"  {name:14s}{' (compiled)' if compiled else '':11s} {row['updates_per_sec']:9.1f} "
                       f"updates/s  {row['mflops_per_update']:8.1f} MFLOP/update  floor "
-                      f"{row['floor_updates_per_sec']:9.1f}/s  {row['pct_floor']:5.1f}% of floor", flush=True)
+                      f"{row['floor_updates_per_sec']:9.1f}/s  {row['pct_floor']:5.1f}% of floor  overhead "
+                      f"{row['overhead_us']:6.0f} us  floor+overhead {row['bound_updates_per_sec']:8.1f}/s  "
+                      f"{row['pct_bound']:5.1f}%", flush=True)
 
     commit = git_commit()
     lines = ["# Throughput benchmark", "",
@@ -196,16 +221,22 @@ def main(argv: list[str] | None = None) -> int:
              f"torch {torch.__version__}; torch threads {args.threads}  ",
              f"Sizes: obs {OBS_DIM}, actions {ACT_DIM} (discrete: {N_DISCRETE_ACTIONS}), each file's default "
              f"networks and batch size; synthetic data kept on the device.  ",
-             "Floor = measured 256x256x256 fp32 matmul rate / FLOPs per update (FlopCounterMode); best of "
-             "three timing windows.", ""]
+             "Floor = measured 256x256x256 fp32 matmul rate / FLOPs per update (FlopCounterMode, averaged over "
+             f"{FLOP_WINDOW} updates); best of three timing windows.  ",
+             f"Overhead = time of the same update with every hidden layer {TINY_WIDTH} wide and batch "
+             f"{TINY_BATCH} (dispatch, autograd, optimisers, sampling: what the framework costs per update with "
+             "next to no arithmetic); floor+overhead = 1 / (overhead + FLOPs / matmul rate), the rate eager "
+             "PyTorch could reach if every matmul ran at the measured rate and every other kernel were free.", ""]
     for device in devices:
         lines.append(f"- {device}: {machine_description(device)}, matmul {rates[str(device)] / 1e9:.1f} GFLOP/s")
-    lines += ["", "| algorithm | device | compiled | updates/s | MFLOP/update | floor updates/s | % of floor |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["", "| algorithm | device | compiled | updates/s | MFLOP/update | floor updates/s | % of floor | "
+              "overhead us/update | floor+overhead updates/s | % of floor+overhead |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['algo']} | {r['device']} | {'yes' if r['compiled'] else 'no'} | "
                      f"{r['updates_per_sec']:.1f} | {r['mflops_per_update']:.1f} | "
-                     f"{r['floor_updates_per_sec']:.1f} | {r['pct_floor']:.1f} |")
+                     f"{r['floor_updates_per_sec']:.1f} | {r['pct_floor']:.1f} | {r['overhead_us']:.0f} | "
+                     f"{r['bound_updates_per_sec']:.1f} | {r['pct_bound']:.1f} |")
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text("\n".join(lines) + "\n")
     print(f"wrote {args.output}")

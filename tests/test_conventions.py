@@ -53,10 +53,22 @@ def test_agent_contract_and_state_round_trip(name):
     assert torch.equal(clone.act(obs), action)
 
 
+@pytest.mark.parametrize("name", ALGORITHM_FILES)
+def test_bench_tiny_agent_runs_the_same_update_with_little_arithmetic(name):
+    agent, config, spec = bench.make_agent(name, torch.device("cpu"), compile_update=False, tiny=True)
+    assert config.batch_size == bench.TINY_BATCH
+    widths = [getattr(config, f.name) for f in dataclasses.fields(config) if f.name.endswith("hidden_dims")]
+    assert widths and all(set(w) == {bench.TINY_WIDTH} for w in widths)
+    full, _, _ = bench.make_agent(name, torch.device("cpu"), compile_update=False)
+    source = bench.synthetic_batch_source(spec, torch.device("cpu"))
+    assert set(agent.update(source.sample(config.batch_size))) == set(full.update(source.sample(32)))
+
+
 def test_bench_harness_reports_rates_and_floor(tmp_path):
     out = tmp_path / "bench.md"
     assert bench.main(["--algos", "bc", "--seconds", "0.05", "--warmup", "5", "--device", "cpu",
                        "--output", str(out)]) == 0
     text = out.read_text()
     assert "| bc | cpu | no |" in text and "Commit:" in text and "torch threads 1" in text
+    assert "% of floor+overhead" in text
     assert bench.main(["--algos", "no_such_algo", "--output", str(out)]) == 2
