@@ -46,7 +46,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.behavior_sac import Checkpoint, flat_obs, make_adam  # shared with the SAC behaviour agent
+from common.behavior_sac import (Checkpoint, buffer_episodes, episode_returns, flat_obs,  # shared with SAC
+                                 make_adam)
 from common.errors import UserError, fail
 
 # Evaluation episode i of every checkpoint resets the evaluation env with seed `seed + EVAL_SEED_OFFSET + i`.
@@ -262,17 +263,8 @@ class DQNAgent:
     def evaluate(self, policy: dict, episodes: int, stochastic: bool = False, seed: int = 0) -> list[float]:
         """Returns of `make_policy(policy, stochastic, seed)` on evaluation episodes 0..episodes-1
         (episode i resets with seed `config.seed + EVAL_SEED_OFFSET + i`, the same for every policy)."""
-        act = self.make_policy(policy, stochastic, seed)
-        returns = []
-        for i in range(episodes):
-            obs, _ = self.eval_env.reset(seed=self.config.seed + EVAL_SEED_OFFSET + i)
-            total, done = 0.0, False
-            while not done:
-                obs, reward, terminated, truncated, _ = self.eval_env.step(act(obs))
-                total += float(reward)
-                done = terminated or truncated
-            returns.append(total)
-        return returns
+        return episode_returns(self.eval_env, self.make_policy(policy, stochastic, seed), episodes,
+                               self.config.seed + EVAL_SEED_OFFSET)
 
     def _checkpoint(self) -> Checkpoint:
         policy = {k: v.detach().cpu().clone() for k, v in self.q.state_dict().items()}
@@ -348,26 +340,7 @@ class DQNAgent:
         `rewards` (N,) float32, `terminations`, `truncations` (N,) bool. An episode still running at
         `up_to_step` is cut there and marked truncated.
         """
-        t = self.step if up_to_step is None else int(up_to_step)
-        if not 0 < t <= self.step:
-            fail(f"stream_episodes: step {t} outside the recorded stream (1..{self.step})")
-        data = {k: v[:t].cpu().numpy() for k, v in self.buffer.items()}
-        terminations, truncations = data["terminations"] > 0.5, data["truncations"] > 0.5
-        ends = list(np.flatnonzero(terminations | truncations) + 1)
-        if not ends or ends[-1] != t:
-            ends.append(t)
-            truncations[t - 1] = True  # the cut episode
-        episodes, start = [], 0
-        for end in ends:
-            episodes.append({
-                "observations": np.concatenate([data["obs"][start:end], data["next_obs"][end - 1:end]]),
-                "actions": data["actions"][start:end] + self.action_start,
-                "rewards": data["rewards"][start:end],
-                "terminations": terminations[start:end],
-                "truncations": truncations[start:end],
-            })
-            start = end
-        return episodes
+        return buffer_episodes(self.buffer, self.step, up_to_step, self.action_start)
 
     # --- resumable state -------------------------------------------------------------------------
     def save_state(self, path: Path) -> None:

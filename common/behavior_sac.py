@@ -246,6 +246,51 @@ def flat_obs(obs) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 
 
+def episode_returns(env: gym.Env, act: Callable[[np.ndarray], np.ndarray], episodes: int,
+                    first_seed: int) -> list[float]:
+    """Returns of `act` on `episodes` episodes of `env`; episode i resets with seed `first_seed + i`."""
+    returns = []
+    for i in range(episodes):
+        obs, _ = env.reset(seed=first_seed + i)
+        total, done = 0.0, False
+        while not done:
+            obs, reward, terminated, truncated, _ = env.step(act(obs))
+            total += float(reward)
+            done = terminated or truncated
+        returns.append(total)
+    return returns
+
+
+def buffer_episodes(buffer: dict[str, torch.Tensor], step: int, up_to_step: int | None = None,
+                    action_offset: int = 0) -> list[dict]:
+    """A replay buffer recorded in env-step order (`obs`, `actions`, `rewards`, `next_obs`, `terminations`,
+    `truncations`; `step` rows filled) as it was at `up_to_step` (default: `step`), cut into whole episodes.
+
+    Each episode holds N+1 observations (the final one included); an episode still running at `up_to_step` is
+    cut there and marked truncated. `action_offset` is added to the actions (a Discrete space's `start`).
+    """
+    t = step if up_to_step is None else int(up_to_step)
+    if not 0 < t <= step:
+        fail(f"stream_episodes: step {t} outside the recorded stream (1..{step})")
+    data = {k: v[:t].cpu().numpy() for k, v in buffer.items()}
+    terminations, truncations = data["terminations"] > 0.5, data["truncations"] > 0.5
+    ends = list(np.flatnonzero(terminations | truncations) + 1)
+    if not ends or ends[-1] != t:
+        ends.append(t)
+        truncations[t - 1] = True  # the cut episode
+    episodes, start = [], 0
+    for end in ends:
+        episodes.append({
+            "observations": np.concatenate([data["obs"][start:end], data["next_obs"][end - 1:end]]),
+            "actions": data["actions"][start:end] + action_offset,
+            "rewards": data["rewards"][start:end],
+            "terminations": terminations[start:end],
+            "truncations": truncations[start:end],
+        })
+        start = end
+    return episodes
+
+
 class SACAgent:
     """Online SAC with checkpoints, evaluation returns, the full episode stream and resumable state."""
 
@@ -367,17 +412,8 @@ class SACAgent:
         Episode i resets the evaluation env with seed `config.seed + EVAL_SEED_OFFSET + i`, the same for every
         policy evaluated, so returns of different checkpoints are comparable.
         """
-        act = self.make_policy(policy, stochastic, seed)
-        returns = []
-        for i in range(episodes):
-            obs, _ = self.eval_env.reset(seed=self.config.seed + EVAL_SEED_OFFSET + i)
-            total, done = 0.0, False
-            while not done:
-                obs, reward, terminated, truncated, _ = self.eval_env.step(act(obs))
-                total += float(reward)
-                done = terminated or truncated
-            returns.append(total)
-        return returns
+        return episode_returns(self.eval_env, self.make_policy(policy, stochastic, seed), episodes,
+                               self.config.seed + EVAL_SEED_OFFSET)
 
     def _checkpoint(self) -> Checkpoint:
         policy = {k: v.detach().cpu().clone() for k, v in self.actor.state_dict().items()}
@@ -460,26 +496,7 @@ class SACAgent:
         An episode still running at `up_to_step` is cut there and marked truncated: these are exactly the
         transitions the buffer held at that step.
         """
-        t = self.step if up_to_step is None else int(up_to_step)
-        if not 0 < t <= self.step:
-            fail(f"stream_episodes: step {t} outside the recorded stream (1..{self.step})")
-        data = {k: v[:t].cpu().numpy() for k, v in self.buffer.items()}
-        terminations, truncations = data["terminations"] > 0.5, data["truncations"] > 0.5
-        ends = list(np.flatnonzero(terminations | truncations) + 1)
-        if not ends or ends[-1] != t:
-            ends.append(t)
-            truncations[t - 1] = True  # the cut episode
-        episodes, start = [], 0
-        for end in ends:
-            episodes.append({
-                "observations": np.concatenate([data["obs"][start:end], data["next_obs"][end - 1:end]]),
-                "actions": data["actions"][start:end],
-                "rewards": data["rewards"][start:end],
-                "terminations": terminations[start:end],
-                "truncations": truncations[start:end],
-            })
-            start = end
-        return episodes
+        return buffer_episodes(self.buffer, self.step, up_to_step)
 
     # --- resumable state -------------------------------------------------------------------------
     def save_state(self, path: Path) -> None:
