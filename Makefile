@@ -17,12 +17,12 @@ install: .installed
 
 # The embedded default datasets (Pendulum-v1, built locally in a few minutes; skipped when present)
 datasets-default: install
-	$(PY) -m common.build_datasets pendulum --skip-existing
+	$(PY) -m common.build pendulum --skip-existing
 
 # The default suites: pendulum (continuous) and cartpole (discrete)
 datasets: install
-	$(PY) -m common.build_datasets pendulum --skip-existing
-	$(PY) -m common.build_datasets cartpole --skip-existing
+	$(PY) -m common.build pendulum --skip-existing
+	$(PY) -m common.build cartpole --skip-existing
 
 # Train the headline algorithm on the embedded default dataset, offline, and print its normalised score
 run: datasets-default
@@ -33,14 +33,14 @@ test: install
 
 # Gradient updates/s per algorithm against the FLOP floor; writes results/bench.md
 bench: install
-	$(PY) -m common.bench --threads $(THREADS)
+	$(PY) -m common.reporting.bench --threads $(THREADS)
 
 # One algorithm on every quality of the pendulum suite, then results/scores.md from the runs
 scores: datasets-default
 	for q in $(QUALITIES); do for s in $(SEEDS); do \
 	  $(PY) algorithms/$(ALGO).py --env local/pendulum/$$q-v0 --max-steps $(STEPS) --seed $$s \
 	    --threads $(THREADS) --eval-every 0 --runs-dir runs/scores || exit 1; done; done
-	$(PY) -m common.results --runs-dir runs/scores --output results/scores.md \
+	$(PY) -m common.reporting.results --runs-dir runs/scores --output results/scores.md \
 	  --command "make scores ALGO=$(ALGO) STEPS=$(STEPS) SEEDS='$(SEEDS)'"
 
 clean-runs:

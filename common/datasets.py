@@ -5,7 +5,7 @@ Names accepted by every algorithm's `--env`:
     counterparts by `D4RL_TO_MINARI` below. Every mapping is a name-only match (Minari regenerated or
     ported the data on newer environment versions), so a one-line note is printed. D4RL names without a
     Minari counterpart (random, medium-replay, medium-expert, full-replay) raise an error that points to
-    the local builder (`python -m common.build_datasets`).
+    the local builder (`python -m common.build`).
   * Any Minari id `namespace/name-vN`, found under the Minari root (`$MINARI_DATASETS_PATH`, else
     `~/.minari/datasets`) or downloaded from Minari's remote when online. Locally built datasets use the
     namespace `local/` (`local/pendulum/medium-v0`), which no remote dataset uses.
@@ -70,7 +70,7 @@ D4RL_REFERENCE_SCORES: dict[str, tuple[float, float]] = {
 }
 
 LOCOMOTION = ("halfcheetah", "hopper", "walker2d", "ant")
-LOCAL_PRESET_HINT = "python -m common.build_datasets {preset}"
+LOCAL_PRESET_HINT = "python -m common.build {preset}"
 
 
 @dataclass(frozen=True)
@@ -478,7 +478,7 @@ def _missing_message(minari_id: str, why: str) -> str:
                 f"`{LOCAL_PRESET_HINT.format(preset=preset)}` (or `make datasets`)")
     return (f"dataset '{minari_id}' is not in the local Minari root ({minari_root()}) and cannot be "
             f"downloaded: {why}. Download it on a connected machine with `minari download {minari_id}` and "
-            f"copy it there, or build a local D4RL-recipe dataset (`python -m common.build_datasets --help`)")
+            f"copy it there, or build a local D4RL-recipe dataset (`python -m common.build --help`)")
 
 
 EMBEDDED_PRESET = "pendulum"  # the embedded default suite: built on first use, offline, in a few minutes
@@ -486,12 +486,12 @@ EMBEDDED_PRESET = "pendulum"  # the embedded default suite: built on first use, 
 
 def _build_embedded_default(minari_id: str) -> None:
     """Build `local/pendulum/*` on first use, so the default `--env` works on a fresh machine."""
-    from common import build_datasets
+    from common.build import recipe
 
     print(f"'{minari_id}' is part of the embedded default suite and is not built yet: building "
           f"local/{EMBEDDED_PRESET}/* now (a few minutes on one core; `make datasets` does the same)",
           file=sys.stderr, flush=True)
-    if build_datasets.main([EMBEDDED_PRESET, "--skip-existing"]) != 0:
+    if recipe.main([EMBEDDED_PRESET, "--skip-existing"]) != 0:
         fail(f"building the embedded default suite failed; run `{LOCAL_PRESET_HINT.format(preset=EMBEDDED_PRESET)}` "
              f"to see why")
 
@@ -633,7 +633,7 @@ def save_episodes(dataset_id: str, episodes: Sequence[dict], env_spec: Any, *,
                 dataset_id, buffers, env=env_spec, eval_env=eval_env_spec or env_spec,
                 observation_space=observation_space, action_space=action_space,
                 algorithm_name=algorithm_name, author="offline-rl library (local build)",
-                author_email="n/a", code_permalink="common/build_datasets.py",
+                author_email="n/a", code_permalink="common/build/recipe.py",
                 ref_min_score=ref_min_score, ref_max_score=ref_max_score, description=description)
             if extra_metadata:
                 dataset.storage.update_metadata({k: json.dumps(v) if isinstance(v, (dict, list)) else v

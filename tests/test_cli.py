@@ -40,7 +40,7 @@ def test_missing_data_offline_says_how_to_get_it(minari_root):
 
 def test_d4rl_name_without_counterpart_points_to_local_builder(minari_root):
     proc = run_bc("--env", "walker2d-medium-expert-v2", minari_root=minari_root)
-    assert_clean_error(proc, "python -m common.build_datasets walker2d")
+    assert_clean_error(proc, "python -m common.build walker2d")
 
 
 def test_flag_of_the_wrong_type_is_rejected():

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import ROOT, load_algorithm
 
-from common import bench
+from common.reporting import bench
 from common.datasets import DataSpec
 
 # The shared Config fields, in this order, in every algorithm file (see shared/style.md).

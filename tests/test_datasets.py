@@ -143,7 +143,7 @@ def test_d4rl_name_maps_to_minari_with_a_note():
 
 
 def test_d4rl_name_without_minari_counterpart_points_to_the_builder():
-    with pytest.raises(UserError, match=r"no Minari counterpart.*build_datasets hopper.*local/hopper/medium-replay-v0"):
+    with pytest.raises(UserError, match=r"no Minari counterpart.*common.build hopper.*local/hopper/medium-replay-v0"):
         resolve_name("hopper-medium-replay-v2")
 
 
@@ -154,7 +154,7 @@ def test_unknown_name_suggests_close_names():
 
 def test_minari_ids_pass_through_and_missing_local_data_says_how_to_build(minari_root):
     assert resolve_name("mujoco/hopper/expert-v0").minari_id == "mujoco/hopper/expert-v0"
-    with pytest.raises(UserError, match=r"not built .*build_datasets walker2d"):
+    with pytest.raises(UserError, match=r"not built .*common.build walker2d"):
         load_dataset("local/walker2d/medium-v0")
     with pytest.raises(UserError, match="cannot be downloaded"):
         load_dataset("mujoco/hopper/expert-v0", download=False)
@@ -255,7 +255,7 @@ def test_sampler_is_seeded_and_restorable():
 
 
 def test_embedded_default_is_built_on_first_use(minari_root, monkeypatch):
-    from common import build_datasets
+    from common.build import recipe
 
     calls = []
 
@@ -263,7 +263,7 @@ def test_embedded_default_is_built_on_first_use(minari_root, monkeypatch):
         calls.append(argv)
         return 2  # as a failed build would
 
-    monkeypatch.setattr(build_datasets, "main", fake_build)
+    monkeypatch.setattr(recipe, "main", fake_build)
     with pytest.raises(UserError, match="building the embedded default suite failed"):
         load_dataset("local/pendulum/medium-replay-v0")
     assert calls == [["pendulum", "--skip-existing"]]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from common.results import main
+from common.reporting.results import main
 
 
 def write_summary(root, algo, env, seed, score, ret, commit="abc123def4567"):  # noqa: PLR0913

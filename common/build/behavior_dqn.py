@@ -5,10 +5,10 @@ medium-replay / expert datasets), here with a value-based agent since SAC needs 
 Papers: Mnih et al., "Human-level control through deep reinforcement learning" (2015, target network,
 epsilon-greedy); van Hasselt et al., "Deep Reinforcement Learning with Double Q-learning" (2016).
 
-Usage (standalone; `python -m common.build_datasets cartpole` drives it the same way):
-    python -m common.behavior_dqn --env CartPole-v1 --max-steps 25000 --checkpoint-every 1000
+Usage (standalone; `python -m common.build cartpole` drives it the same way):
+    python -m common.build.behavior_dqn --env CartPole-v1 --max-steps 25000 --checkpoint-every 1000
 
-The contract is the SAC behaviour agent's (`common/behavior_sac.py`):
+The contract is the SAC behaviour agent's (`common/build/behavior_sac.py`):
   * `checkpoints`: the Q-network every `checkpoint_every` env steps with the returns of its greedy policy
     argmax_a Q(s,a) on `eval_episodes` evaluation episodes (same env seeds at every checkpoint). Step 0 is
     the randomly initialised network (D4RL's "random"), the last one the final policy ("expert").
@@ -46,7 +46,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.behavior_sac import (Checkpoint, buffer_episodes, episode_returns, flat_obs,  # shared with SAC
+from common.build.behavior_sac import (Checkpoint, buffer_episodes, episode_returns, flat_obs,  # shared with SAC
                                  make_adam)
 from common.errors import UserError, fail
 
@@ -149,7 +149,7 @@ def make_env(env_id: str, max_episode_steps: int | None = None) -> gym.Env:
     if not isinstance(env.observation_space, gym.spaces.Box):
         fail(f"env '{env_id}' has observation space {env.observation_space}; the DQN behaviour agent needs a Box")
     if not isinstance(env.action_space, gym.spaces.Discrete):
-        fail(f"env '{env_id}' has action space {env.action_space}; DQN needs Discrete (common.behavior_sac: Box)")
+        fail(f"env '{env_id}' has action space {env.action_space}; DQN needs Discrete (common.build.behavior_sac: Box)")
     if env.spec is None or env.spec.max_episode_steps is None:
         fail(f"env '{env_id}' has no time limit; give one (--max-episode-steps) so episodes end")
     return env

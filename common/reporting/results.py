@@ -1,7 +1,7 @@
 """Score tables from finished runs: every number says which dataset, seeds, budget and commit made it.
 
-    python -m common.results                         # all runs under runs/ -> results/scores.md
-    python -m common.results --runs-dir runs --output results/scores.md --title "Pendulum suite"
+    python -m common.reporting.results                         # all runs under runs/ -> results/scores.md
+    python -m common.reporting.results --runs-dir runs --output results/scores.md --title "Pendulum suite"
 
 Reads each run's `summary.json` (written by `Run.finish`), groups runs by (algorithm, dataset, steps) and
 reports the mean and standard deviation over seeds of the final normalised score (and raw return), with
@@ -58,7 +58,7 @@ def table(summaries: list[dict]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m common.results", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m common.reporting.results", description=__doc__.split("\n")[0])
     parser.add_argument("--runs-dir", default="runs", help="where the runs are")
     parser.add_argument("--output", default="results/scores.md", help="markdown table to write")
     parser.add_argument("--title", default="Final normalised scores", help="heading of the table")
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no finished runs (summary.json) under {args.runs_dir}", file=sys.stderr)
         return 2
     lines = [f"# {args.title}", "",
-             f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `python -m common.results "
+             f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `python -m common.reporting.results "
              f"--runs-dir {args.runs_dir}` from {len(summaries)} runs.",
              *( [f"Runs made by: `{args.command}`"] if args.command else []),
              "Score: final evaluation, mean ± std over seeds of each seed's mean over its evaluation episodes "

@@ -1,7 +1,7 @@
 """Throughput benchmark: gradient updates per second of every algorithm against the FLOP floor.
 
-    python -m common.bench                      # all algorithms, CPU (and CUDA when present), 1 thread
-    python -m common.bench --algos bc iql --threads 2 --seconds 5
+    python -m common.reporting.bench                      # all algorithms, CPU (and CUDA when present), 1 thread
+    python -m common.reporting.bench --algos bc iql --threads 2 --seconds 5
 
 For each algorithm it builds the agent from the file's own `Config` (default network sizes, batch 256)
 for halfcheetah's sizes (17-d observations, 6-d actions; 4 actions for discrete algorithms), feeds it
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from common.checkpoint import _import_algorithm  # noqa: E402
@@ -173,7 +173,7 @@ def machine_description(device: torch.device) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m common.bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m common.reporting.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--algos", nargs="*", default=ALGORITHMS, help="algorithms to measure")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (pinned)")
     parser.add_argument("--seconds", type=float, default=3.0, help="length of each of the 3 timing windows")
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
 
     commit = git_commit()
     lines = ["# Throughput benchmark", "",
-             f"Command: `python -m common.bench --threads {args.threads} --seconds {args.seconds}"
+             f"Command: `python -m common.reporting.bench --threads {args.threads} --seconds {args.seconds}"
              f"{' --compile' if args.compile else ''}` (or `make bench`)  ",
              f"Commit: `{commit}`; date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
              f"torch {torch.__version__}; torch threads {args.threads}  ",

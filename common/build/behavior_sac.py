@@ -4,8 +4,8 @@ Lecture: "Offline Reinforcement Learning", the D4RL slide ("medium": partially-t
 stopping of the training). Papers: Haarnoja et al., "Soft Actor-Critic Algorithms and Applications" (2018,
 automatic entropy tuning); Fu et al., "D4RL" (2020), whose gym-mujoco datasets were made with this agent.
 
-Usage (standalone; `python -m common.build_datasets` drives it the same way):
-    python -m common.behavior_sac --env Pendulum-v1 --max-steps 20000 --checkpoint-every 1000
+Usage (standalone; `python -m common.build` drives it the same way):
+    python -m common.build.behavior_sac --env Pendulum-v1 --max-steps 20000 --checkpoint-every 1000
 
 What it keeps for the dataset builder:
   * `checkpoints`: the actor's weights every `checkpoint_every` env steps, each with the returns of the
@@ -25,7 +25,7 @@ What it keeps for the dataset builder:
 Hyperparameters are SAC's and D4RL's defaults (not tuned per env): 256-256 MLPs, gamma 0.99, tau 0.005, Adam
 lr 3e-4 for actor, critics and temperature, batch 256, target entropy -dim(A), one gradient step per env step
 after `warmup_steps` steps of uniform random actions. Only `max_steps`, `warmup_steps` and `checkpoint_every`
-change per env (presets in `common/build_datasets.py`).
+change per env (presets in `common/build/recipe.py`).
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ class NumpyActor:
     """`Actor`'s forward pass in NumPy, for acting on one observation at a time (rollouts, evaluation).
 
     At batch size 1 torch's per-operator overhead costs about ten times the arithmetic; the same weights
-    and equations in NumPy act ~10x faster. `tests/test_build_datasets.py` checks it matches `Actor`.
+    and equations in NumPy act ~10x faster. `tests/test_build.py` checks it matches `Actor`.
     """
 
     def __init__(self, policy: dict):
@@ -228,7 +228,7 @@ def make_env(env_id: str, max_episode_steps: int | None = None) -> gym.Env:
         fail(f"env '{env_id}' has observation space {env.observation_space}; the SAC behaviour agent needs a Box")
     space = env.action_space
     if not isinstance(space, gym.spaces.Box):
-        fail(f"env '{env_id}' has action space {space}; SAC needs a Box (use common.behavior_dqn for Discrete)")
+        fail(f"env '{env_id}' has action space {space}; SAC needs a Box (use common.build.behavior_dqn for Discrete)")
     if not (np.all(np.isfinite(space.low)) and np.all(np.isfinite(space.high))):
         fail(f"env '{env_id}' has an unbounded action space {space}; SAC's tanh policy needs finite bounds")
     if env.spec is None or env.spec.max_episode_steps is None:

@@ -2,18 +2,18 @@
 env, locally and reproducibly, as Minari datasets `local/<name>/<quality>-v0`.
 
 Usage:
-    python -m common.build_datasets pendulum        # the library's default suite (a few minutes on one core)
-    python -m common.build_datasets cartpole        # discrete actions (Double DQN behaviour agent)
-    python -m common.build_datasets hopper          # D4RL sizes: 1M SAC steps, 1M transitions per quality
-    python -m common.build_datasets InvertedPendulum-v5 --agent-steps 50000 --dataset-size 50000
-    python -m common.build_datasets pendulum --qualities medium expert --overwrite
-    python -m common.build_datasets --help          # every flag, and the presets
+    python -m common.build pendulum        # the library's default suite (a few minutes on one core)
+    python -m common.build cartpole        # discrete actions (Double DQN behaviour agent)
+    python -m common.build hopper          # D4RL sizes: 1M SAC steps, 1M transitions per quality
+    python -m common.build InvertedPendulum-v5 --agent-steps 50000 --dataset-size 50000
+    python -m common.build pendulum --qualities medium expert --overwrite
+    python -m common.build --help          # every flag, and the presets
 
 The recipe is D4RL's for gym-mujoco (Fu et al. 2020; lecture "Offline Reinforcement Learning", D4RL slide):
   1. Train a behaviour agent online, keeping a policy checkpoint every --checkpoint-every env steps with
      the mean return of its deterministic policy on --eval-episodes evaluation episodes (the same env seeds
      for every checkpoint), and recording every episode it collects. Box actions: SAC
-     (`common/behavior_sac.py`); Discrete actions: Double DQN (`common/behavior_dqn.py`).
+     (`common/build/behavior_sac.py`); Discrete actions: Double DQN (`common/build/behavior_dqn.py`).
   2. random = the randomly initialised policy network (the step-0 checkpoint, not uniform noise);
      expert = the final policy;
      medium = the checkpoint, strictly between random and expert, whose evaluation return is nearest
@@ -282,10 +282,10 @@ def make_agent(args, env_id: str, preset: Preset, build_dir: Path):
     if not isinstance(obs_space, gym.spaces.Box):
         fail(f"env '{env_id}' has observation space {obs_space}: only Box observations are supported")
     if isinstance(act_space, gym.spaces.Box):
-        from common import behavior_sac as module
+        from common.build import behavior_sac as module
         agent_cls = module.SACAgent
     elif isinstance(act_space, gym.spaces.Discrete):
-        from common import behavior_dqn as module
+        from common.build import behavior_dqn as module
         agent_cls = module.DQNAgent
     else:
         fail(f"env '{env_id}' has action space {act_space}: only Box (SAC) and Discrete (DQN) are supported")
@@ -458,7 +458,7 @@ def build(args: argparse.Namespace) -> dict:
             "medium-expert": "the medium dataset's episodes followed by the expert dataset's",
         }[quality]
         description = (
-            f"D4RL-recipe '{quality}' dataset for {env_id}, built locally by common/build_datasets.py: {source}. "
+            f"D4RL-recipe '{quality}' dataset for {env_id}, built locally by common/build/recipe.py: {source}. "
             f"Behaviour agent {agent.algorithm_name}, {cfg.max_steps} env steps, checkpoints every "
             f"{cfg.checkpoint_every} steps; rollouts use {agent.behavior_note}; whole episodes, the last one cut "
             f"at the budget and marked truncated. medium = checkpoint nearest 1/3 of the way from random to "
@@ -514,7 +514,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         f"transitions per quality, checkpoint every {p.checkpoint_every:,} ({p.about})"
                         for k, p in PRESETS.items())
     parser = argparse.ArgumentParser(
-        prog="python -m common.build_datasets",
+        prog="python -m common.build",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Build D4RL-recipe datasets (random, medium, medium-replay, expert, medium-expert) as Minari "
                     "datasets local/<name>/<quality>-v0, with reference scores. Trains a behaviour agent (SAC for "

@@ -1,7 +1,7 @@
-"""Tests of the local D4RL-recipe dataset builder (`common/build_datasets.py`) and its behaviour agents.
+"""Tests of the local D4RL-recipe dataset builder (`common/build/recipe.py`) and its behaviour agents.
 
 Tiny builds (a few thousand agent steps, small networks, 1000-transition datasets) into a temporary Minari
-root; the whole file runs in about a minute on one core. Run: `pytest tests/test_build_datasets.py`.
+root; the whole file runs in about a minute on one core. Run: `pytest tests/test_build.py`.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from common import build_datasets as bd
-from common.behavior_dqn import Config as DQNConfig, DQNAgent
-from common.behavior_sac import Actor, Config as SACConfig, NumpyActor, SACAgent
+from common.build import recipe as bd
+from common.build.behavior_dqn import Config as DQNConfig, DQNAgent
+from common.build.behavior_sac import Actor, Config as SACConfig, NumpyActor, SACAgent
 from common.datasets import load_dataset, save_episodes
 
 torch.set_num_threads(1)
@@ -248,7 +248,7 @@ def error_of(argv, capsys) -> str:
 
 
 def test_unknown_env_id_exits_2_with_suggestions():
-    result = subprocess.run([sys.executable, "-m", "common.build_datasets", "Pendulumm-v1"], cwd=REPO,
+    result = subprocess.run([sys.executable, "-m", "common.build", "Pendulumm-v1"], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # one line, no traceback

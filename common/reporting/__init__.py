@@ -1,0 +1,5 @@
+"""Reporting tools a user runs (not imported by algorithm files).
+
+    python -m common.reporting.bench      # gradient updates/s per algorithm against the FLOP floor
+    python -m common.reporting.results    # score tables from run directories
+"""
