@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common.datasets import DataSpec, ObsNormalizer, TensorSampler, load_dataset  # noqa: E402
 from common.errors import fail, run_cli  # noqa: E402
 from common.evaluation import evaluate, make_eval_envs  # noqa: E402
-from common.runs import Run, apply_dataset_settings, setup  # noqa: E402
+from common.runs import Run, resolve_config, setup  # noqa: E402
 
 
 @dataclass
@@ -270,7 +270,7 @@ def _fast_adam(device: torch.device) -> dict:
 
 
 def train(config: Config) -> dict:
-    config = apply_dataset_settings(config, DATASET_SETTINGS)
+    config = resolve_config(config, DATASET_SETTINGS)  # resumed settings, checks, per-dataset defaults
     device = setup(config.seed, config.device, config.threads)
     dataset = load_dataset(config.env, download=config.download)
     if dataset.discrete:

@@ -29,6 +29,7 @@ import torch
 from common.errors import fail
 
 CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_POINTER = "checkpoint.path"  # in a run directory whose checkpoints live under --checkpoint-dir
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -64,13 +65,34 @@ def save_checkpoint(path: str | Path, state: dict) -> Path:
     return path
 
 
-def find_checkpoint(path: str | Path) -> Path:
-    """`path` itself if it is a file, else `<path>/checkpoint.pt`; `UserError` when there is none."""
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write `text` to `path` atomically (temporary file, fsync, rename)."""
     path = Path(path)
-    candidate = path if path.is_file() else path / CHECKPOINT_NAME
-    if not candidate.is_file():
-        fail(f"no checkpoint at {path} (expected a run directory holding {CHECKPOINT_NAME}, or the file)")
-    return candidate
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """The checkpoint file `path` names: the file itself, `<run dir>/checkpoint.pt`, or the file a run
+    directory's `checkpoint.path` points to (runs made with `--checkpoint-dir`); `UserError` when none."""
+    path = Path(path)
+    if path.is_file() and path.name != CHECKPOINT_POINTER:
+        return path
+    candidate = path / CHECKPOINT_NAME
+    if candidate.is_file():
+        return candidate
+    pointer = path / CHECKPOINT_POINTER
+    if pointer.is_file():
+        target = Path(pointer.read_text().strip())
+        if target.is_file():
+            return target
+        fail(f"run directory {path} keeps its checkpoint at {target}, which does not exist (was the "
+             f"--checkpoint-dir moved or deleted?)")
+    fail(f"no checkpoint at {path} (expected a run directory holding {CHECKPOINT_NAME}, or the file)")
 
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:

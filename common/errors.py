@@ -25,12 +25,13 @@ def fail(message: str) -> NoReturn:
 def run_cli(main: Callable[[T], object], config_type: type[T]) -> None:
     """Parse `config_type` with tyro, run `main(config)`, turn `UserError` into one line + exit 2.
 
+    With `--resume RUN`, the flags are parsed on top of the resumed run's saved config (`cli_config`).
     tyro itself already exits with status 2 and a short message for flags of the wrong type.
     """
-    import tyro
+    from common.runs import cli_config
 
-    config = tyro.cli(config_type)
     try:
+        config = cli_config(config_type, sys.argv[1:])
         main(config)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)

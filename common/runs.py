@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -30,9 +31,9 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from common.checkpoint import (CHECKPOINT_NAME, find_checkpoint, load_checkpoint, rng_state,
-                               save_checkpoint, set_rng_state)
-from common.errors import fail
+from common.checkpoint import (CHECKPOINT_NAME, CHECKPOINT_POINTER, atomic_write_text, find_checkpoint,
+                               load_checkpoint, rng_state, save_checkpoint, set_rng_state)
+from common.errors import UserError, fail
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("torch", "numpy", "gymnasium", "minari", "mujoco", "tyro", "wandb", "h5py")
@@ -68,15 +69,203 @@ def setup(seed: int, device: str, threads: int) -> torch.device:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    return resolve_device(device)
+
+
+def resolve_device(device: str) -> torch.device:
+    """`device` as a torch.device ("auto": CUDA when present, else CPU); one clear line when unusable."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         resolved = torch.device(device)
     except RuntimeError:
         fail(f"unknown --device '{device}' (use auto, cpu, cuda or cuda:N)")
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        fail(f"--device {device} asked for, but torch sees no CUDA GPU (use --device cpu or auto)")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            fail(f"--device {device} asked for, but torch sees no CUDA GPU (use --device cpu or auto)")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            fail(f"--device {device} asked for, but torch sees {torch.cuda.device_count()} CUDA GPU(s)")
+    elif resolved.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            fail(f"--device {device} asked for, but this machine has no MPS (Apple GPU) backend "
+                 f"(use --device cpu or auto)")
+    elif resolved.type != "cpu":
+        fail(f"unsupported --device '{device}' (use auto, cpu, cuda, cuda:N or mps)")
     return resolved
+
+
+# --------------------------------------------------------------------------------------------------
+# The run's config: resumed settings, validation, per-dataset defaults
+# --------------------------------------------------------------------------------------------------
+
+# Fields a resumed run may change: they steer bookkeeping, not the training maths. Every other field is
+# the run's own: a resumed run keeps it, and a flag that tries to change it is refused.
+RESUME_MAY_CHANGE = {"max_steps", "eval_every", "eval_episodes", "log_every", "checkpoint_every",
+                     "checkpoint_dir", "resume", "track", "wandb_project", "runs_dir", "download", "threads",
+                     "compile"}
+MAX_SEED = 2 ** 32 - 1  # numpy's seed range
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Config values equal, with tuples and lists (JSON) compared alike."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def saved_config(resume: str) -> tuple[dict, int]:
+    """The config a run was made with (from its checkpoint) and the checkpoint's step."""
+    ckpt = load_checkpoint(resume, map_location="cpu")
+    return dict(ckpt.get("config", {})), int(ckpt.get("step", 0))
+
+
+def resume_conflicts(config: Any, saved: dict, given: set[str] | None = None) -> list[str]:
+    """Fields of `config` that differ from the resumed run's `saved` config and may not change.
+
+    `given`: the fields the user set explicitly (the command line); None means "every field that differs
+    from the dataclass default" (a config built in Python).
+    """
+    conflicts = []
+    for f in dataclasses.fields(config):
+        if f.name in RESUME_MAY_CHANGE or f.name not in saved:
+            continue
+        value = getattr(config, f.name)
+        if _same(value, saved[f.name]):
+            continue
+        explicit = (f.name in given) if given is not None else not _same(value, _field_default(f))
+        if explicit:
+            conflicts.append(f"{_flag(f.name)} {_show(value)} (the run has {_show(saved[f.name])})")
+    return conflicts
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return dataclasses.MISSING
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return " ".join(str(v) for v in value)
+    return str(value)
+
+
+def merge_resumed(config: Any, saved: dict, step: int) -> Any:
+    """`config` with every field the resumed run fixed taken from `saved` (see `RESUME_MAY_CHANGE`).
+
+    For a config built in Python, a field still at its dataclass default counts as "not given" and takes
+    the saved value; a field set to anything else must equal the saved one (or be one that may change).
+    The command line is exact instead: `cli_config` parses the flags on top of the saved config.
+    """
+    conflicts = resume_conflicts(config, saved)
+    if conflicts:
+        fail(f"--resume {config.resume}: these settings differ from the run's and cannot change on resume: "
+             f"{'; '.join(conflicts)}. Drop them to continue the run as it was, or start a new run")
+    values = {}
+    for f in dataclasses.fields(config):
+        if f.name not in saved:
+            continue
+        value = getattr(config, f.name)
+        if f.name in RESUME_MAY_CHANGE and not _same(value, _field_default(f)):
+            values[f.name] = value  # a bookkeeping field the user set: it wins
+        else:
+            saved_value = saved[f.name]
+            values[f.name] = tuple(saved_value) if isinstance(saved_value, list) else saved_value
+    values["resume"] = config.resume
+    merged = dataclasses.replace(config, **values)
+    if merged.max_steps is not None and merged.max_steps < saved.get("max_steps", 0):
+        fail(f"--max-steps {merged.max_steps} is below the resumed run's {saved['max_steps']}: a resumed run "
+             f"may only be extended")
+    if merged.max_steps is not None and merged.max_steps < step:
+        fail(f"--resume checkpoint is at step {step}, beyond --max-steps {merged.max_steps}")
+    return merged
+
+
+def validate_config(config: Any) -> None:
+    """Check the shared fields (and every `*hidden_dims` field) before anything is written.
+
+    One clear line (`UserError`) for: a seed outside [0, 2^32), non-positive batch size, evaluation
+    episodes, log period or steps, negative periods, hidden layers of width < 1, an unusable device,
+    `--track` without a W&B login, and a checkpoint directory that cannot be written.
+    """
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            fail(message)
+
+    names = {f.name for f in dataclasses.fields(config)}
+    need(0 <= config.seed <= MAX_SEED, f"--seed must lie in [0, {MAX_SEED}], got {config.seed}")
+    need(config.batch_size >= 1, f"--batch-size must be at least 1, got {config.batch_size}")
+    need(config.eval_episodes >= 1, f"--eval-episodes must be at least 1, got {config.eval_episodes}")
+    need(config.log_every >= 1, f"--log-every must be at least 1, got {config.log_every}")
+    need(config.threads >= 1, f"--threads must be at least 1, got {config.threads}")
+    need(config.max_steps is None or config.max_steps >= 1,
+         f"--max-steps must be at least 1, got {config.max_steps}")
+    for name in ("eval_every", "checkpoint_every"):
+        value = getattr(config, name)
+        need(value >= 0, f"{_flag(name)} must be 0 (off) or positive, got {value}")
+    for name in sorted(n for n in names if n.endswith("hidden_dims")):
+        widths = getattr(config, name)
+        need(len(widths) >= 1 and all(w >= 1 for w in widths),
+             f"{_flag(name)} must list one or more positive widths, got {_show(widths) or '(none)'}")
+    resolve_device(config.device)
+    if config.track:
+        check_wandb_login()
+    if config.checkpoint_dir:
+        check_writable(Path(config.checkpoint_dir), "--checkpoint-dir")
+
+
+def check_wandb_login() -> None:
+    """`--track` needs wandb and either a login (API key) or an offline/disabled WANDB_MODE."""
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        fail("--track needs wandb: pip install wandb")
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
+        return
+    if os.environ.get("WANDB_API_KEY"):
+        return
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        if "api.wandb.ai" in netrc.read_text():
+            return
+    except OSError:
+        pass
+    fail("--track needs a Weights & Biases login: run `wandb login`, or set WANDB_MODE=offline to log "
+         "locally (sync later with `wandb sync`)")
+
+
+def check_writable(folder: Path, flag: str) -> None:
+    """Create `folder` if needed and make sure a file can be written there."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        fail(f"{flag} {folder} cannot be written: {err.strerror or err}")
+
+
+def resolve_config(config: Any, table: list[tuple[str, dict]]) -> Any:
+    """The run's config, checked before anything is written: the first line of every `train(config)`.
+
+    With `--resume`, the resumed run's saved settings fill every field (a resumed run is the same run);
+    fields that may change on resume (`RESUME_MAY_CHANGE`: longer `--max-steps`, periods, tracking...)
+    take the new value, and any other field set to something else is refused with one line naming it.
+    Then the shared fields are validated and fields left at None take the per-dataset defaults of `table`.
+    """
+    if getattr(config, "resume", None) and not getattr(config, "_resume_merged", False):
+        saved, step = saved_config(config.resume)
+        config = merge_resumed(config, saved, step)
+    validate_config(config)
+    config = apply_dataset_settings(config, table)
+    validate_config(config)  # the filled values too (max_steps from the table)
+    return config
 
 
 def apply_dataset_settings(config: Any, table: list[tuple[str, dict]], quiet: bool = False) -> Any:
@@ -104,6 +293,49 @@ def apply_dataset_settings(config: Any, table: list[tuple[str, dict]], quiet: bo
         print("per-dataset settings: " + ", ".join(f"{k}={v}" for k, v in filled.items()),
               file=sys.stderr, flush=True)
     return dataclasses.replace(config, **filled)
+
+
+def cli_config(config_type: type, argv: list[str]) -> Any:
+    """Parse `argv` into `config_type`; with `--resume RUN`, on top of that run's saved config.
+
+    A resumed run keeps every setting it was made with, so flags not repeated are not reset to their
+    defaults. A flag that changes a field outside `RESUME_MAY_CHANGE` is refused with one line naming it.
+    """
+    import tyro
+
+    resume = _resume_argument(argv)
+    if not resume:
+        return tyro.cli(config_type, args=argv)
+    saved, step = saved_config(resume)
+    fields = {f.name: f for f in dataclasses.fields(config_type)}
+    base = {k: (tuple(v) if isinstance(v, list) else v) for k, v in saved.items() if k in fields}
+    default = config_type(**{**base, "resume": resume})
+    config = tyro.cli(config_type, args=argv, default=default)
+    conflicts = [f"{_flag(name)} {_show(getattr(config, name))} (the run has {_show(saved[name])})"
+                 for name in fields if name in saved and name not in RESUME_MAY_CHANGE
+                 and not _same(getattr(config, name), saved[name])]
+    if conflicts:
+        fail(f"--resume {resume}: these settings differ from the run's and cannot change on resume: "
+             f"{'; '.join(conflicts)}. Drop them to continue the run as it was, or start a new run")
+    if config.max_steps is not None and config.max_steps < saved.get("max_steps", 0):
+        fail(f"--max-steps {config.max_steps} is below the resumed run's {saved['max_steps']}: a resumed run "
+             f"may only be extended")
+    if config.max_steps is not None and config.max_steps < step:
+        fail(f"--resume checkpoint is at step {step}, beyond --max-steps {config.max_steps}")
+    object.__setattr__(config, "_resume_merged", True)  # resolve_config: already merged, exactly
+    return config
+
+
+def _resume_argument(argv: list[str]) -> str | None:
+    """The value of `--resume X` / `--resume=X` in `argv`, if any."""
+    for i, token in enumerate(argv):
+        if token == "--resume" and i + 1 < len(argv):
+            value = argv[i + 1]
+            return None if value == "None" else value
+        if token.startswith("--resume="):
+            value = token.split("=", 1)[1]
+            return None if value in ("", "None") else value
+    return None
 
 
 def git_commit() -> str:
@@ -165,6 +397,48 @@ class Progress:
         self._print(time.perf_counter(), end="\n")
 
 
+def new_run_dir(parent: Path, prefix: str) -> Path:
+    """Create and return a fresh run directory `<parent>/<prefix>-<YYYYmmdd-HHMMSS>[-k]`, exclusively.
+
+    `mkdir` without exist_ok is atomic: two runs started in the same second (a sweep) get `...-HHMMSS` and
+    `...-HHMMSS-2`, never one shared folder.
+    """
+    parent.mkdir(parents=True, exist_ok=True)
+    base = f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+    for k in range(1, 10_000):
+        path = parent / (base if k == 1 else f"{base}-{k}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    fail(f"could not create a fresh run directory under {parent}")
+
+
+def resumed_run_dir(resume: str, ckpt: dict) -> Path:
+    """The run directory a `--resume` continues in: the one named (a run directory, or the folder of the
+    checkpoint file given), so that a copied or moved run continues where it now is. Only when the path
+    names a checkpoint outside any run directory (`--checkpoint-dir`) is the recorded run directory used."""
+    path = Path(resume)
+    for candidate in (path, path.parent):
+        if candidate.is_dir() and (candidate / "config.json").is_file():
+            return candidate
+    recorded = Path(ckpt.get("run_dir", ""))
+    if ckpt.get("run_dir") and (recorded / "config.json").is_file():
+        return recorded
+    fail(f"--resume {resume} names a checkpoint whose run directory ({ckpt.get('run_dir')}) is gone; pass "
+         f"the run directory (the folder holding config.json and metrics.jsonl)")
+
+
+def _remove_stale_tmp(checkpoint_path: Path) -> None:
+    """A kill during a checkpoint write leaves `checkpoint.pt.tmp`; the checkpoint itself is intact."""
+    tmp = checkpoint_path.with_name(checkpoint_path.name + ".tmp")
+    try:
+        tmp.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
 def _to_float(value: Any) -> float:
     if isinstance(value, torch.Tensor):
         return float(value.detach().float().cpu().item())
@@ -197,28 +471,57 @@ class Run:
             resume_ckpt = load_checkpoint(config.resume, map_location=device)
             self._check_resume_compatible(resume_ckpt)
         self._resume_ckpt = resume_ckpt
-        if resume_ckpt is not None and Path(resume_ckpt.get("run_dir", "")).is_dir():
-            self.dir = Path(resume_ckpt["run_dir"])
-        else:
-            dataset_part = dataset.name.replace("/", "-")
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            self.dir = Path(config.runs_dir) / algo / dataset_part / f"{config.seed}-{stamp}"
+        created = False
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            if resume_ckpt is not None:
+                self.dir = resumed_run_dir(config.resume, resume_ckpt)
+            else:
+                self.dir = new_run_dir(Path(config.runs_dir) / algo / dataset.name.replace("/", "-"),
+                                       str(config.seed))
+                created = True
+            self.checkpoint_path = self._checkpoint_location()
             (self.dir / "config.json").write_text(json.dumps(self.config_dict, indent=2, default=str))
             (self.dir / "versions.json").write_text(json.dumps(versions(device), indent=2))
             if resume_ckpt is not None:
                 self._truncate_metrics(resume_ckpt["step"])
             self.metrics_file = open(self.dir / "metrics.jsonl", "a")
         except OSError as err:
-            fail(f"cannot write the run directory {self.dir}: {err.strerror or err} "
-                 f"(choose another with --runs-dir)")
-        self.checkpoint_path = (Path(config.checkpoint_dir) if config.checkpoint_dir else self.dir) / CHECKPOINT_NAME
+            if created:
+                shutil.rmtree(self.dir, ignore_errors=True)
+            where = getattr(self, "dir", Path(config.runs_dir))
+            fail(f"cannot write the run directory {where}: {err.strerror or err} (choose another with --runs-dir)")
+        _remove_stale_tmp(self.checkpoint_path)
         if config.track:
-            self._init_wandb(resume_ckpt)
+            try:
+                self._init_wandb(resume_ckpt)
+            except Exception as err:
+                self.metrics_file.close()
+                if created:
+                    shutil.rmtree(self.dir, ignore_errors=True)
+                if isinstance(err, UserError):
+                    raise
+                fail(f"--track: wandb could not start: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
         print(f"run directory: {self.dir}", file=sys.stderr, flush=True)
 
     # --- set-up -------------------------------------------------------------------------------------
+    def _checkpoint_location(self) -> Path:
+        """Where this run's checkpoint.pt goes: the run directory, or under --checkpoint-dir in a folder of
+        its own (runs sharing one --checkpoint-dir never overwrite each other's), recorded in the run
+        directory's `checkpoint.path` so that `--resume RUN_DIR` finds it."""
+        if not self.config.checkpoint_dir:
+            (self.dir / CHECKPOINT_POINTER).unlink(missing_ok=True)
+            return self.dir / CHECKPOINT_NAME
+        pointer = self.dir / CHECKPOINT_POINTER
+        if pointer.is_file():
+            previous = Path(pointer.read_text().strip())
+            if previous.is_relative_to(Path(self.config.checkpoint_dir).resolve()):
+                return previous  # a resumed run keeps writing where it wrote before
+        rel = self.dir.resolve().relative_to(self.dir.resolve().parents[2])  # <algo>/<dataset>/<run>
+        path = Path(self.config.checkpoint_dir).resolve() / rel / CHECKPOINT_NAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(pointer, str(path) + "\n")
+        return path
+
     def _check_resume_compatible(self, ckpt: dict) -> None:
         if ckpt.get("algo") != self.algo:
             fail(f"--resume checkpoint is from '{ckpt.get('algo')}', not '{self.algo}'")
@@ -231,12 +534,20 @@ class Run:
             fail(f"--resume checkpoint is at step {ckpt['step']}, beyond --max-steps {self.config.max_steps}")
 
     def _truncate_metrics(self, step: int) -> None:
-        """Drop metrics logged after the checkpoint's step: the resumed run logs them again."""
+        """Drop metrics logged after the checkpoint's step (the resumed run logs them again), and a partial
+        last line that a kill during a write leaves behind."""
         path = self.dir / "metrics.jsonl"
-        if path.exists():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= step]
-            path.write_text("".join(line + "\n" for line in kept))
+        if not path.exists():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue  # a line cut by a kill: the resumed run writes that step again
+            if isinstance(entry, dict) and entry.get("step", 0) <= step:
+                kept.append(line)
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     def _init_wandb(self, resume_ckpt: dict | None) -> None:
         try:
