@@ -24,8 +24,9 @@ Networks. The defaults follow CORL's AWAC (the implementation behind the publish
 and critics with three hidden layers of 256, lambda = 1, batch 256, Adam 3e-4, Polyak 0.005. The paper's
 code (rlkit examples/awac/mujoco) used a 4x256 actor, 2x256 critics, batch 1024 and policy weight decay
 1e-4: `--actor-hidden-dims 256 256 256 256 --critic-hidden-dims 256 256 --batch-size 1024`. The actor is a
-Gaussian with a tanh-bounded mean and a state-independent log-std (as both). Sampled actions are clipped
-to the action bounds before the critics see them.
+Gaussian with a state-independent log-std (as both) and a tanh-bounded mean (as the paper's code, rlkit's
+GaussianPolicy with a tanh output activation; CORL's mean is unbounded). Sampled actions are clipped to the
+action bounds before the critics see them (as CORL).
 Per-dataset settings (training length) live in `DATASET_SETTINGS` below; flags override them.
 """
 

@@ -2,7 +2,9 @@
 
 Lecture sections: "Behavior Cloning / Imitation Learning" (train the policy to mimic the demonstrations,
 minimise cross-entropy or l2 loss) and, with `--top-fraction`, "Filtered Behavior Cloning" (clone only the
-best trajectories by return; CORL's BC-10% is `--top-fraction 0.1`).
+best trajectories by return). `--top-fraction 0.1` keeps the round(0.1 n) episodes of highest undiscounted
+return; CORL's BC-10% is `--top-fraction 0.1 --top-discount 0.99 --top-count floor` (its ranking uses the
+0.99-discounted return and keeps int(0.1 n) episodes).
 Papers: Pomerleau 1989 (ALVINN); Chen et al. 2021 (Decision Transformer, the %BC baseline).
 
 Usage:
@@ -76,7 +78,12 @@ class Config:
     policy: Literal["deterministic", "gaussian"] = "deterministic"
     """continuous-action head: deterministic pi(s) with the l2 loss, or Gaussian pi(a|s) with the NLL"""
     top_fraction: float = 1.0
-    """filtered BC: keep only this fraction of episodes, the best by return (0.1 = CORL's BC-10%)"""
+    """filtered BC: keep only this fraction of episodes, the best by return (0.1: BC-10%)"""
+    top_discount: float = 1.0
+    """gamma of the return that ranks episodes for --top-fraction: 1 ranks by the undiscounted return (the
+    lecture's filtered BC, the Decision Transformer paper's %BC); CORL's BC-10% ranks by the 0.99-discounted one"""
+    top_count: Literal["round", "floor"] = "round"
+    """how many of n episodes --top-fraction f keeps: round(f n) (nearest), or floor(f n) as CORL (at least 1)"""
     hidden_dims: tuple[int, ...] = (256, 256)
     """hidden layer sizes of the policy MLP"""
     lr: float = 3e-4
@@ -176,7 +183,8 @@ def train(config: Config) -> dict:
     dataset = load_dataset(config.env, download=config.download)
     if config.top_fraction < 1.0:
         full = len(dataset.episodes)
-        dataset = dataset.top_episodes(config.top_fraction)  # lecture: "Filtered Behavior Cloning"
+        # lecture: "Filtered Behavior Cloning"
+        dataset = dataset.top_episodes(config.top_fraction, config.top_discount, config.top_count)
         print(f"filtered BC: kept the best {len(dataset.episodes)} of {full} episodes by return",
               file=sys.stderr)
     data = dataset.transitions()

@@ -49,7 +49,7 @@ class Config:
     max_steps: int | None = None
     """gradient steps (None: from DATASET_SETTINGS)"""
     batch_size: int = 256
-    """minibatch size (the papers' 256)"""
+    """minibatch size (256 as CORL and the other files; the authors' BCQ code uses 100)"""
     eval_every: int = 5_000
     """evaluate every this many steps (0: only at the end)"""
     eval_episodes: int = 10
@@ -109,6 +109,7 @@ class Config:
 # --env name or its Minari id. The paper trains 300k (Mujoco buffers) and the reference code 1M steps.
 DATASET_SETTINGS: list[tuple[str, dict]] = [
     ("local/pendulum/*", {"max_steps": 20_000}),
+    ("test/*", {"max_steps": 5_000}),
     ("*", {"max_steps": 1_000_000}),
 ]
 

@@ -50,7 +50,7 @@ class Config:
     max_steps: int | None = None
     """gradient steps (None: from DATASET_SETTINGS)"""
     batch_size: int = 256
-    """minibatch size (the papers' 256)"""
+    """minibatch size (the library's 256; the reference uses 64)"""
     eval_every: int = 5_000
     """evaluate every this many steps (0: only at the end)"""
     eval_episodes: int = 10
@@ -96,6 +96,7 @@ class Config:
 # --env name or its Minari id. The reference code trains 1M steps on Atari buffers.
 DATASET_SETTINGS: list[tuple[str, dict]] = [
     ("local/cartpole/*", {"max_steps": 20_000}),
+    ("test/*", {"max_steps": 5_000}),
     ("*", {"max_steps": 1_000_000}),
 ]
 

@@ -77,7 +77,7 @@ class Config:
     max_steps: int | None = None
     """gradient steps (None: from DATASET_SETTINGS)"""
     batch_size: int = 256
-    """minibatch size (the papers' 256)"""
+    """minibatch size (256 as CORL and d3rlpy; BEAR's own code samples 100)"""
     eval_every: int = 5_000
     """evaluate every this many steps (0: only at the end)"""
     eval_episodes: int = 10
@@ -126,9 +126,10 @@ class Config:
     actor_lr: float = 1e-4
     """Adam learning rate of the actor pi_phi (d3rlpy's 1e-4; the reference uses Adam's default 1e-3)"""
     critic_lr: float = 3e-4
-    """Adam learning rate of the Q-ensemble"""
+    """Adam learning rate of the Q-ensemble (d3rlpy's 3e-4; the reference uses Adam's default 1e-3)"""
     vae_lr: float = 3e-4
-    """Adam learning rate of the behaviour model (conditional VAE)"""
+    """Adam learning rate of the behaviour model, a conditional VAE (d3rlpy's imitator lr 3e-4; the reference
+    uses Adam's default 1e-3)"""
     lagrange_lr: float = 1e-3
     """Adam learning rate of log alpha, the Lagrange multiplier's log (the reference's 1e-3)"""
     initial_log_alpha: float = 0.0

@@ -14,10 +14,13 @@ Usage:
 
 The discrete-action version (a double-DQN critic) is algorithms/cql_discrete.py.
 Per-dataset settings (alpha, the Lagrange threshold tau, the policy learning rate, BC warm-up steps, the reward
-transform, training length) live in `DATASET_SETTINGS` below; flags override them. Locomotion uses the paper's
-and the reference code's alpha = 5 with raw rewards and policy lr 1e-4 (CORL's alpha = 10 comes together with
-its reward rescaling and policy lr 3e-5; taking its alpha alone would be neither setting). Antmaze uses the
-Lagrange variant with tau = 5, alpha = 5, 40k BC warm-up steps and policy lr 1e-4 (the reference README).
+transform, training length) live in `DATASET_SETTINGS` below; flags override them. Locomotion follows the
+reference code (github.com/aviralkumar2907/CQL, d4rl/examples/cql_mujoco_new.py): alpha 5 (its comment: "5.0 or
+10.0 if not using lagrange"), raw rewards, policy lr 1e-4, and a BC warm-up of 40k steps (its default
+`policy_eval_start` 40000, "40000 or 10000 work similarly"). CORL's locomotion configs differ: alpha 10, policy lr
+3e-5, no BC warm-up, raw rewards (every locomotion config but hopper-medium-v2, which rescales by the return
+range) and orthogonal initialisation (`--orthogonal-init`). Antmaze uses the Lagrange variant with tau 5,
+alpha 5, 40k BC warm-up steps and policy lr 1e-4 (the reference README).
 """
 
 from __future__ import annotations
@@ -97,7 +100,7 @@ class Config:
     --lagrange with a non-positive tau uses 10.0, the reference code's default)"""
     bc_steps: int | None = None
     """BC warm-up: for the first this many steps the actor maximises log pi(a_data|s) instead of Q
-    (None: from DATASET_SETTINGS; the paper uses 40k on antmaze, 0 elsewhere)"""
+    (None: from DATASET_SETTINGS; the reference code's 40k, 0 on the small local sets)"""
     policy_lr: float | None = None
     """Adam learning rate of the actor and of the entropy temperature (None: from DATASET_SETTINGS, 1e-4)"""
     critic_lr: float = 3e-4
@@ -116,27 +119,34 @@ class Config:
     """reward shaping before training (None: from DATASET_SETTINGS; minus-one on antmaze, none elsewhere)"""
     normalize_obs: bool = True
     """standardise observations with the dataset's mean and std (eps 1e-3)"""
+    orthogonal_init: bool = False
+    """CORL's initialisation: orthogonal hidden weights (gain sqrt 2), zero biases, output layers orthogonal
+    with gain 1e-2 (False: PyTorch's default uniform initialisation)"""
 
 
 # Per-dataset settings: a field left at None takes the value of the first row whose pattern matches the
-# --env name or its Minari id. The paper and reference code (github.com/aviralkumar2907/CQL, README):
-# locomotion alpha 5 (or 10), policy lr 1e-4, no Lagrange, no BC warm-up; antmaze the Lagrange variant with
-# tau 5 and alpha 5, 40k BC warm-up steps, policy lr 1e-4. The reference antmaze code centres the sparse reward
-# as (r - 0.5) * 4 and CORL uses 5 r - 1; this library offers IQL's r - 1 ("minus-one"), the same idea (every
-# non-goal step costs, the goal is worth 1 more). CORL's antmaze setting for comparison: Lagrange with a gap
-# of 0.8 subtracted before multiplying by alpha = 5 (equivalent tau 4), policy lr 1e-4, no BC warm-up.
-_LOCOMOTION = {"cql_alpha": 5.0, "lagrange_threshold": -1.0, "bc_steps": 0, "policy_lr": 1e-4,
+# --env name or its Minari id. The reference code (github.com/aviralkumar2907/CQL): locomotion alpha 5 (or 10),
+# policy lr 1e-4, no Lagrange, BC warm-up for the first 40k of 1M steps (policy_eval_start 40000); antmaze the
+# Lagrange variant with tau 5 and alpha 5, 40k BC warm-up steps, policy lr 1e-4. The reference antmaze code
+# centres the sparse reward as (r - 0.5) * 4 and CORL uses 10 r - 5; this library offers IQL's r - 1
+# ("minus-one"), the same idea (every non-goal step costs, the goal is worth 1 more). CORL's antmaze setting for
+# comparison: Lagrange with a gap of 0.8 subtracted before multiplying by alpha = 5 (equivalent tau 4), policy lr
+# 1e-4, no BC warm-up, max-Q backups, 5 hidden layers. The small local and test sets train for far fewer steps,
+# so they skip the warm-up (40k steps would be most or all of their budget).
+_LOCOMOTION = {"cql_alpha": 5.0, "lagrange_threshold": -1.0, "bc_steps": 40_000, "policy_lr": 1e-4,
                "reward_transform": "none"}
+_SMALL = {**_LOCOMOTION, "bc_steps": 0}
 _ANTMAZE = {"cql_alpha": 5.0, "lagrange_threshold": 5.0, "bc_steps": 40_000, "policy_lr": 1e-4,
             "reward_transform": "minus-one", "max_steps": 1_000_000}
 DATASET_SETTINGS: list[tuple[str, dict]] = [
-    ("local/pendulum/*", {**_LOCOMOTION, "max_steps": 50_000}),
+    ("local/pendulum/*", {**_SMALL, "max_steps": 50_000}),
+    ("test/*", {**_SMALL, "max_steps": 5_000}),
     ("antmaze-*", _ANTMAZE),
     ("D4RL/antmaze/*", _ANTMAZE),
     ("*", {**_LOCOMOTION, "max_steps": 1_000_000}),
 ]
 
-LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0  # the reference code's clamp of the Gaussian's log-std
+LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # the reference code's clamp of the log-std (rlkit policies.py; CORL: -20)
 LAGRANGE_THRESHOLD_DEFAULT = 10.0  # tau of `--lagrange` when the dataset gives none (reference code default)
 LAGRANGE_ALPHA_MAX = 1e6  # the reference code clamps alpha' to [0, 1e6]
 ATANH_EPS = 1e-6  # dataset actions at the bound would give atanh = inf in the BC warm-up log-likelihood
@@ -193,6 +203,23 @@ class TanhGaussianActor(nn.Module):
     def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean, log_std = self.net(obs).chunk(2, dim=-1)
         return mean, log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
+
+
+def orthogonal_init_(module: nn.Module) -> None:
+    """CORL's initialisation of one network: hidden weights orthogonal with gain sqrt(2), the output layer's
+    with gain 1e-2, biases zero (`VectorizedLinear` members one by one, as if each were an nn.Linear)."""
+    layers = [m for m in module.modules() if isinstance(m, (nn.Linear, VectorizedLinear))]
+    for i, layer in enumerate(layers):
+        gain = 1e-2 if i == len(layers) - 1 else math.sqrt(2.0)
+        with torch.no_grad():
+            if isinstance(layer, nn.Linear):
+                nn.init.orthogonal_(layer.weight, gain=gain)
+            else:  # weight (K, in, out), used as x @ W: initialise each member's (out, in) matrix
+                for member in layer.weight:
+                    matrix = torch.empty(member.shape[1], member.shape[0])
+                    nn.init.orthogonal_(matrix, gain=gain)
+                    member.copy_(matrix.T)
+            layer.bias.zero_()
 
 
 def _log_one_minus_tanh_sq(u: torch.Tensor) -> torch.Tensor:
@@ -273,6 +300,9 @@ class Agent:
         self.act_dim = spec.act_dim
         self.actor = TanhGaussianActor(spec.obs_dim, spec.act_dim, config.hidden_dims).to(device)
         self.critic = CriticEnsemble(spec.obs_dim, spec.act_dim, config.hidden_dims).to(device)
+        if config.orthogonal_init:
+            orthogonal_init_(self.actor)
+            orthogonal_init_(self.critic)
         self.target_critic = copy.deepcopy(self.critic).requires_grad_(False)
         # log alpha_ent of the automatic entropy tuning, and log alpha' of the Lagrange variant (both start at 0)
         self.log_entropy_alpha = nn.Parameter(torch.zeros((), device=device))

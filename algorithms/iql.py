@@ -17,7 +17,8 @@ Polyak averaging. All three losses are computed from the networks as they were b
 does; the official JAX code feeds the freshly updated V into the actor and critic steps, one step of lag).
 
 Per-dataset settings (as the paper and its official configs set them) live in `DATASET_SETTINGS` below:
-locomotion expectile tau 0.7, beta 3, rewards r * 1000 / (max_return - min_return); antmaze tau 0.9,
+locomotion expectile tau 0.7, beta 3, rewards r * 1000 / (max_return - min_return) (halfcheetah, hopper and
+walker2d only, as the official code and CORL; other datasets keep raw rewards); antmaze tau 0.9,
 beta 10, rewards r - 1; Adroit and Kitchen tau 0.7, beta 0.5, dropout 0.1 on the actor, raw rewards;
 1M steps for the D4RL-scale sets, far fewer for the small local ones. Flags override every one of them.
 Never set tau 0.5 with beta near 1 by accident: V becomes the mean of Q over dataset actions (SARSA) and
@@ -127,9 +128,15 @@ DATASET_SETTINGS: list[tuple[str, dict]] = [
     *[(pattern, ADROIT_KITCHEN) for pattern in (
         "pen-*", "door-*", "hammer-*", "relocate-*", "kitchen-*",
         "D4RL/pen/*", "D4RL/door/*", "D4RL/hammer/*", "D4RL/relocate/*", "D4RL/kitchen/*")],
+    # the official code and CORL rescale rewards by the return range for these three families only
+    *[(pattern, {**LOCOMOTION, "max_steps": 1_000_000}) for family in ("halfcheetah", "hopper", "walker2d")
+      for pattern in (f"{family}-*", f"mujoco/{family}/*", f"local/{family}*/*")],
+    # the small local sets: the locomotion settings (return-range rewards: Pendulum's -16..0 per-step costs
+    # scaled to returns spanning 1000, as a locomotion set's), far fewer steps
     ("local/pendulum/*", {**LOCOMOTION, "max_steps": 20_000}),
     ("test/*", {**LOCOMOTION, "max_steps": 5_000}),
-    ("*", {**LOCOMOTION, "max_steps": 1_000_000}),
+    # anything else (pointmaze, Minari's ant and humanoid, ...): the locomotion tau and beta on raw rewards
+    ("*", {**LOCOMOTION, "reward_transform": "none", "max_steps": 1_000_000}),
 ]
 
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # the official code's clip of the Gaussian's log-std

@@ -415,12 +415,22 @@ class OfflineDataset:
             return 1000.0 / spread, 0.0
         fail(f"unknown reward transform '{reward_transform}' (none, return-range, minus-one)")
 
-    def top_episodes(self, fraction: float) -> "OfflineDataset":
-        """A copy holding only the best `fraction` of episodes by return (filtered BC; at least one)."""
+    def top_episodes(self, fraction: float, discount: float = 1.0,
+                     count: Literal["round", "floor"] = "round") -> "OfflineDataset":
+        """A copy holding only the best `fraction` of episodes (filtered BC; at least one episode).
+
+        Episodes are ranked by their return sum_t discount^t r_t (discount 1: the undiscounted return) and
+        `round(fraction * n)` of them are kept (`count="floor"`: `int(fraction * n)`, as CORL's BC-x%).
+        """
         if not 0.0 < fraction <= 1.0:
             fail(f"--top-fraction must be in (0, 1], got {fraction}")
-        order = np.argsort([-e.total_return for e in self.episodes], kind="stable")
-        keep = max(1, int(round(fraction * len(self.episodes))))
+        if not 0.0 < discount <= 1.0:
+            fail(f"the ranking discount must be in (0, 1], got {discount}")
+        returns = [e.total_return if discount == 1.0 else float(e.returns_to_go(discount)[0])
+                   for e in self.episodes]
+        order = np.argsort([-r for r in returns], kind="stable")
+        raw = fraction * len(self.episodes)
+        keep = max(1, int(round(raw)) if count == "round" else int(raw))
         chosen = [self.episodes[i] for i in sorted(order[:keep])]
         return OfflineDataset(**{**self.__dict__, "episodes": chosen})
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import assert_states_equal, load_algorithm, run_config, train_straight_and_resumed
 
+from common.runs import apply_dataset_settings
 from common.datasets import DataSpec, ObsNormalizer, TensorSampler, load_dataset
 from common.errors import UserError
 
@@ -144,13 +145,29 @@ def test_lagrange_multiplier_moves_towards_the_constraint(threshold, direction):
     assert cql.resolve_lagrange(tiny_config(lagrange_threshold=-1.0))[0] is False
 
 
-def test_antmaze_settings_are_the_papers():
-    config = cql.apply_dataset_settings(cql.Config(env="antmaze-medium-play-v2"), cql.DATASET_SETTINGS)
+def test_dataset_settings_are_the_reference_codes():
+    config = apply_dataset_settings(cql.Config(env="antmaze-medium-play-v2"), cql.DATASET_SETTINGS)
     assert cql.resolve_lagrange(config) == (True, 5.0)
     assert (config.cql_alpha, config.bc_steps, config.policy_lr, config.reward_transform) == \
         (5.0, 40_000, 1e-4, "minus-one")
-    config = cql.apply_dataset_settings(cql.Config(env="hopper-medium-v2"), cql.DATASET_SETTINGS)
-    assert (cql.resolve_lagrange(config)[0], config.cql_alpha, config.bc_steps) == (False, 5.0, 0)
+    # locomotion as the reference code's mujoco script: alpha 5, no Lagrange, policy_eval_start 40000
+    config = apply_dataset_settings(cql.Config(env="hopper-medium-v2"), cql.DATASET_SETTINGS)
+    assert (cql.resolve_lagrange(config)[0], config.cql_alpha, config.bc_steps) == (False, 5.0, 40_000)
+    # the small local and test sets skip the warm-up
+    for env in ("local/pendulum/medium-replay-v0", "test/pendulum/mixed-v0"):
+        config = apply_dataset_settings(cql.Config(env=env), cql.DATASET_SETTINGS)
+        assert config.bc_steps == 0, env
+
+
+def test_orthogonal_init_gives_orthogonal_members():
+    agent = cql.Agent(tiny_config(orthogonal_init=True, hidden_dims=(16, 16)), DataSpec(4, 2, 1.0, False),
+                      torch.device("cpu"))
+    first = agent.critic.net[0].weight  # (K, in, out) with in = 6 < out = 16: orthonormal rows, times gain^2 = 2
+    for member in first:
+        assert torch.allclose(member @ member.T, 2.0 * torch.eye(member.shape[0]), atol=1e-5)
+    assert torch.count_nonzero(agent.critic.net[0].bias) == 0
+    last = agent.actor.net[-1].weight
+    assert last.abs().max() < 0.05  # output layer gain 1e-2
 
 
 def test_discrete_actions_are_refused():

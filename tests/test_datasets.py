@@ -207,6 +207,18 @@ def test_top_episodes_keeps_the_best_by_return(synthetic_id):
         data.top_episodes(0.0)
 
 
+def test_top_episodes_discounted_ranking_and_floor_count(synthetic_id):
+    data = load_dataset(synthetic_id[0])
+    n = len(data.episodes)
+    gamma = 0.5
+    by_discounted = sorted(range(n), key=lambda i: -sum(gamma ** t * r for t, r in enumerate(data.episodes[i].rewards)))
+    fraction = 1.6 / n  # round keeps 2, floor keeps 1
+    top = data.top_episodes(fraction, discount=gamma, count="floor")
+    assert [e for e in top.episodes] == [data.episodes[by_discounted[0]]]
+    top = data.top_episodes(fraction, discount=gamma, count="round")
+    assert top.episodes == [data.episodes[i] for i in sorted(by_discounted[:2])]
+
+
 # --- writing -----------------------------------------------------------------------------------------
 
 

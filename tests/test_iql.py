@@ -193,6 +193,13 @@ def test_discrete_actions_are_refused():
     ("pen-human-v1", 0.7, 0.5, "none", 0.1),
     ("kitchen-mixed-v0", 0.7, 0.5, "none", 0.1),
     ("local/pendulum/medium-replay-v0", 0.7, 3.0, "return-range", 0.0),
+    ("walker2d-medium-v2", 0.7, 3.0, "return-range", 0.0),
+    ("mujoco/hopper/expert-v0", 0.7, 3.0, "return-range", 0.0),
+    ("local/hopper-150k/medium-replay-v0", 0.7, 3.0, "return-range", 0.0),
+    # the return-range rescaling is for halfcheetah, hopper and walker2d only (official code, CORL)
+    ("maze2d-umaze-v1", 0.7, 3.0, "none", 0.0),
+    ("mujoco/ant/expert-v0", 0.7, 3.0, "none", 0.0),
+    ("mujoco/humanoid/medium-v0", 0.7, 3.0, "none", 0.0),
 ])
 def test_dataset_settings_are_the_papers(env, expectile, beta, reward, dropout):
     from common.runs import apply_dataset_settings
