@@ -480,15 +480,49 @@ def _remote_reachable(timeout: float = 3.0) -> tuple[bool, str]:
         return False, f"no network ({type(err).__name__})"
 
 
+LOCAL_QUALITIES = ("random", "medium", "medium-replay", "expert", "medium-expert")  # what the builder writes
+
+
+def _local_parts(minari_id: str) -> tuple[str, str] | None:
+    """(name, quality) of a local id `local/<name>/<quality>-vN`, or None for other ids."""
+    parts = minari_id.split("/")
+    if len(parts) != 3 or parts[0].lower() != "local":
+        return None
+    return parts[1], re.sub(r"-v\d+$", "", parts[2])
+
+
 def _missing_message(minari_id: str, why: str) -> str:
-    if minari_id.startswith("local/"):
-        parts = minari_id.split("/")
-        preset = parts[1] if len(parts) > 2 else "<preset>"
+    """Why `minari_id` is not there and what to do: a close name (case, typos), or how to build/download."""
+    stored = local_dataset_ids()
+    same_but_case = [i for i in stored + known_names() if i.lower() == minari_id.lower() and i != minari_id]
+    if same_but_case:
+        return f"dataset '{minari_id}' does not exist; did you mean '{same_but_case[0]}'? (ids are case-sensitive)"
+    local = _local_parts(minari_id)
+    if local is not None:
+        name, quality = local
+        if quality not in LOCAL_QUALITIES:
+            close = difflib.get_close_matches(quality.lower(), LOCAL_QUALITIES, n=1, cutoff=0.5)
+            fix = f"; did you mean 'local/{name}/{close[0]}-v0'?" if close else ""
+            return (f"'{minari_id}' names no local quality '{quality}' (the builder writes "
+                    f"{', '.join(LOCAL_QUALITIES)}){fix}")
+        built_names = sorted({i.split("/")[1] for i in stored if i.startswith("local/")})
+        for close_name in difflib.get_close_matches(name, built_names, n=3, cutoff=0.75):
+            candidate = f"local/{close_name}/{quality}-v0"
+            if candidate in stored:
+                return f"local dataset '{minari_id}' is not built under {minari_root()}; did you mean '{candidate}'?"
+        built = sorted({i.split("/")[1] for i in stored if i.startswith(f"local/{name}/")})
+        if built:
+            return (f"local dataset '{minari_id}' is not built under {minari_root()}, but other qualities of "
+                    f"'{name}' are: build it with `python -m common.build <env or preset> --name {name} "
+                    f"--qualities {quality} --skip-existing`, the same command that built the others")
         return (f"local dataset '{minari_id}' is not built under {minari_root()}; build it with "
-                f"`{LOCAL_PRESET_HINT.format(preset=preset)}` (or `make datasets`)")
+                f"`{LOCAL_PRESET_HINT.format(preset=name)}` for a preset, or `python -m common.build <env id> "
+                f"--name {name}` (or `make datasets` for the default suites)")
+    close = suggest(minari_id)
+    hint = f" Known names close to it: {', '.join(close)}." if close else ""
     return (f"dataset '{minari_id}' is not in the local Minari root ({minari_root()}) and cannot be "
-            f"downloaded: {why}. Download it on a connected machine with `minari download {minari_id}` and "
-            f"copy it there, or build a local D4RL-recipe dataset (`python -m common.build --help`)")
+            f"downloaded: {why}.{hint} Download it on a connected machine with `minari download {minari_id}` "
+            f"and copy it there, or build a local D4RL-recipe dataset (`python -m common.build --help`)")
 
 
 EMBEDDED_PRESET = "pendulum"  # the embedded default suite: built on first use, offline, in a few minutes
@@ -515,7 +549,10 @@ def _open_minari(minari_id: str, download: bool):
                                                               "medium-expert"):
         _build_embedded_default(minari_id)
     if not path.is_dir():
-        if minari_id.startswith("local/") or not download:
+        if minari_id.lower().startswith(("local/", "test/")) or \
+                any(i.lower() == minari_id.lower() for i in local_dataset_ids()):
+            fail(_missing_message(minari_id, "the local/ and test/ namespaces exist only where they were built"))
+        if not download:
             fail(_missing_message(minari_id, "downloads are off (--no-download)"))
         ok, why = _remote_reachable()
         if not ok:
@@ -532,6 +569,23 @@ def _open_minari(minari_id: str, download: bool):
         return minari.load_dataset(minari_id)
     except Exception as err:
         fail(f"could not read dataset '{minari_id}' at {path}: {type(err).__name__}: {err}")
+
+
+def check_finite(dataset_id: str, episode_id: Any, arrays: dict[str, np.ndarray]) -> None:
+    """`UserError` naming the key, episode and step of the first NaN or infinite value in `arrays`.
+
+    Row i of `observations` is the observation at step i (N+1 rows); of `actions` and `rewards`, step i.
+    """
+    for key, array in arrays.items():
+        if array.dtype.kind != "f":
+            continue
+        flat = array.reshape(len(array), -1)
+        bad_rows = ~np.isfinite(flat).all(axis=1)
+        if bad_rows.any():
+            step = int(np.argmax(bad_rows))
+            fail(f"dataset '{dataset_id}' episode {episode_id} step {step}: {key} holds "
+                 f"{'NaN' if np.isnan(flat[step]).any() else 'an infinite value'}; training on it would diverge "
+                 f"(clean or rebuild the dataset)")
 
 
 def load_dataset(name: str, download: bool = True) -> OfflineDataset:
@@ -560,8 +614,9 @@ def load_dataset(name: str, download: bool = True) -> OfflineDataset:
             actions = np.asarray(raw.actions, dtype=np.int64).reshape(n) - int(act_space.start)
         else:
             actions = np.asarray(raw.actions, dtype=np.float32).reshape(n, -1)
-        episodes.append(Episode(obs, actions, np.asarray(raw.rewards, dtype=np.float32).reshape(n),
-                                np.asarray(raw.terminations, dtype=bool).reshape(n),
+        rewards = np.asarray(raw.rewards, dtype=np.float32).reshape(n)
+        check_finite(resolved.minari_id, raw.id, {"observations": obs, "actions": actions, "rewards": rewards})
+        episodes.append(Episode(obs, actions, rewards, np.asarray(raw.terminations, dtype=bool).reshape(n),
                                 np.asarray(raw.truncations, dtype=bool).reshape(n)))
     if not episodes:
         fail(f"dataset '{resolved.minari_id}' holds no episodes")
@@ -590,6 +645,30 @@ def load_dataset(name: str, download: bool = True) -> OfflineDataset:
 # --------------------------------------------------------------------------------------------------
 # Writing (used by the local builder and the tests)
 # --------------------------------------------------------------------------------------------------
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def remove_stale_staging(root: Path) -> list[Path]:
+    """Remove `.staging-<pid>` and `.trash-<pid>` folders under the Minari root left by killed writers
+    (their process is gone; at D4RL size they hold gigabytes). Returns what was removed."""
+    removed = []
+    if not root.is_dir():
+        return removed
+    for folder in root.iterdir():
+        match = re.fullmatch(r"\.(?:staging|trash)-(\d+)", folder.name)
+        if match and folder.is_dir() and int(match.group(1)) != os.getpid() and not _pid_alive(int(match.group(1))):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
 
 
 def save_episodes(dataset_id: str, episodes: Sequence[dict], env_spec: Any, *,
@@ -632,6 +711,7 @@ def save_episodes(dataset_id: str, episodes: Sequence[dict], env_spec: Any, *,
     final = root / dataset_id
     if final.exists() and not overwrite:
         fail(f"dataset '{dataset_id}' already exists at {final}; pass --overwrite to replace it")
+    remove_stale_staging(root)
     staging_root = root / f".staging-{os.getpid()}"
     shutil.rmtree(staging_root, ignore_errors=True)
     previous = os.environ.get("MINARI_DATASETS_PATH")

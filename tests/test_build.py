@@ -20,7 +20,8 @@ import torch
 from common.build import recipe as bd
 from common.build.behavior_dqn import Config as DQNConfig, DQNAgent
 from common.build.behavior_sac import Actor, Config as SACConfig, NumpyActor, SACAgent
-from common.datasets import load_dataset, save_episodes
+from common.datasets import load_dataset, local_dataset_ids, save_episodes
+from common.errors import UserError
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -277,6 +278,30 @@ def test_too_small_budget_says_so(capsys, tmp_path):
     message = error_of(["pendulum", "--agent-steps", "100", "--warmup-steps", "100", "--build-dir", str(tmp_path)],
                        capsys)
     assert "--warmup-steps" in message and "never learn" in message
+
+
+def test_tiny_budget_is_refused_not_written(capsys, tmp_path, minari_root):
+    # the probe's command: 300 agent steps leave the "expert" no better than random (it wrote a medium ratio
+    # of -2.59 and a random set normalising to 2736 before); now exit 2, one line, no dataset
+    before = set(local_dataset_ids())
+    message = error_of(["Pendulum-v1", "--agent-steps", "300", "--dataset-size", "500", "--warmup-steps", "100",
+                        "--build-dir", str(tmp_path)], capsys)
+    assert "does not clearly beat the random policy" in message and "raise --agent-steps" in message
+    assert set(local_dataset_ids()) == before
+
+
+def test_expert_must_beat_random_by_the_return_noise():
+    rng = np.random.default_rng(0)
+    random_returns = rng.normal(-1200.0, 200.0, 20)
+    # a gap of 50 against a standard error of ~63: noise, refused
+    with pytest.raises(UserError, match="does not clearly beat"):
+        bd.check_expert_beats_random(random_returns, random_returns + 50.0 + rng.normal(0, 200.0, 20),
+                                     -1200.0, -1100.0, 1000)
+    # a gap of 1000: accepted
+    bd.check_expert_beats_random(random_returns, rng.normal(-200.0, 50.0, 20), -1200.0, -150.0, 1000)
+    # the deterministic expert must beat the deterministic random policy too
+    with pytest.raises(UserError):
+        bd.check_expert_beats_random(random_returns, rng.normal(-200.0, 50.0, 20), -1200.0, -1300.0, 1000)
 
 
 def test_unsupported_spaces_are_refused(capsys):

@@ -62,11 +62,15 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from common.datasets import LOCAL_QUALITIES as QUALITIES  # random, medium, medium-replay, expert, medium-expert
 from common.datasets import minari_root, save_episodes
 from common.errors import UserError, fail
 
-QUALITIES = ("random", "medium", "medium-replay", "expert", "medium-expert")
+QUALITIES = tuple(QUALITIES)
 MEDIUM_FRACTION = 1 / 3  # D4RL: medium is "about 1/3 of the expert's" return, measured from random
+MEDIUM_RATIO_BAND = (0.15, 0.6)  # a re-measured medium ratio outside this band is refused (D4RL's is ~1/3)
+EXPERT_MARGIN_SE = 3.0  # the expert must beat random by this many standard errors of the return gap...
+EXPERT_MARGIN_REL = 0.05  # ...and by this fraction of |random return| (a scale-free floor for noiseless envs)
 # Rollout seeds (env resets and policy sampling): a fixed offset from --seed per policy.
 ROLLOUT_SEED_OFFSET = {"random": 1, "medium": 2, "expert": 3}
 REFERENCE_SEED_OFFSET = 4  # sampling seed of the behaviour policies' reference evaluations
@@ -237,6 +241,28 @@ def returns_of(episodes: Sequence[dict]) -> np.ndarray:
     return np.array([float(np.sum(e["rewards"], dtype=np.float64)) for e in episodes])
 
 
+def check_expert_beats_random(random_returns: np.ndarray, expert_returns: np.ndarray, det_random: float,
+                              det_expert: float, agent_steps: int) -> None:
+    """Refuse (`UserError`, nothing written) unless the expert beats the random policy clearly.
+
+    Clearly: the behaviour returns' mean gap exceeds EXPERT_MARGIN_SE standard errors of that gap (the
+    return noise over the reference episodes) and EXPERT_MARGIN_REL of the random return's magnitude, and
+    the deterministic expert beats the deterministic random policy. Otherwise the reference scores would
+    be noise and normalised scores meaningless (a random dataset scoring thousands).
+    """
+    gap = float(expert_returns.mean() - random_returns.mean())
+    n_r, n_e = len(random_returns), len(expert_returns)
+    se = float(np.sqrt(random_returns.var(ddof=1) / n_r + expert_returns.var(ddof=1) / n_e)) if min(n_r, n_e) > 1 \
+        else 0.0
+    needed = max(EXPERT_MARGIN_SE * se, EXPERT_MARGIN_REL * abs(float(random_returns.mean())), 1e-6)
+    if det_expert <= det_random or gap <= needed:
+        fail(f"after {agent_steps} agent steps the expert (behaviour return {expert_returns.mean():.1f}, "
+             f"deterministic {det_expert:.1f}) does not clearly beat the random policy ({random_returns.mean():.1f}, "
+             f"{det_random:.1f}): gap {gap:.1f}, needed {needed:.1f} ({EXPERT_MARGIN_SE:g} standard errors of the "
+             f"return noise, and {EXPERT_MARGIN_REL:.0%} of the random return): budget too small; raise "
+             f"--agent-steps (nothing was written)")
+
+
 def select_medium(checkpoints: Sequence, ref_min: float, ref_max: float) -> tuple[int | None, float]:
     """Index of the medium checkpoint and the target return R_random + (R_expert - R_random) / 3.
 
@@ -372,17 +398,15 @@ def build(args: argparse.Namespace) -> dict:
 
     det_random, det_expert = det_return(random_ckpt), det_return(expert_ckpt)
     # Reference scores: the random and expert behaviour policies as they generate the data (stochastic).
-    ref_min = float(np.mean(agent.evaluate(random_ckpt.policy, args.ref_episodes, stochastic=True,
-                                           seed=args.seed + REFERENCE_SEED_OFFSET)))
-    ref_max = float(np.mean(agent.evaluate(expert_ckpt.policy, args.ref_episodes, stochastic=True,
-                                           seed=args.seed + REFERENCE_SEED_OFFSET)))
+    random_returns = np.asarray(agent.evaluate(random_ckpt.policy, args.ref_episodes, stochastic=True,
+                                               seed=args.seed + REFERENCE_SEED_OFFSET), dtype=np.float64)
+    expert_returns = np.asarray(agent.evaluate(expert_ckpt.policy, args.ref_episodes, stochastic=True,
+                                               seed=args.seed + REFERENCE_SEED_OFFSET), dtype=np.float64)
+    ref_min, ref_max = float(random_returns.mean()), float(expert_returns.mean())
     print(f"over {args.ref_episodes} evaluation episodes: random {det_random:.1f} (deterministic) "
           f"{ref_min:.1f} (behaviour), expert {det_expert:.1f} (deterministic) {ref_max:.1f} (behaviour)",
           file=sys.stderr, flush=True)
-    if det_expert <= det_random or ref_max <= ref_min:
-        fail(f"the expert (final policy, return {det_expert:.1f} deterministic, {ref_max:.1f} behaviour) is no "
-             f"better than the random policy ({det_random:.1f}, {ref_min:.1f}) after {cfg.max_steps} agent "
-             f"steps: budget too small for a medium policy to exist; raise --agent-steps")
+    check_expert_beats_random(random_returns, expert_returns, det_random, det_expert, cfg.max_steps)
 
     # 3. Medium: the checkpoint nearest one third of the way from random to expert.
     chosen = {"random": random_ckpt, "expert": expert_ckpt}
@@ -401,9 +425,11 @@ def build(args: argparse.Namespace) -> dict:
               f"target {target:.1f}); over {args.ref_episodes} episodes it returns {det_medium:.1f}: ratio "
               f"(medium - random) / (expert - random) = {medium_ratio:.3f} (D4RL: about 1/3)",
               file=sys.stderr, flush=True)
-        if not 0.15 <= medium_ratio <= 0.6:
-            print(f"warning: medium ratio {medium_ratio:.2f} is far from 1/3 (checkpoints too coarse?); "
-                  f"lower --checkpoint-every for a closer medium", file=sys.stderr, flush=True)
+        if not MEDIUM_RATIO_BAND[0] <= medium_ratio <= MEDIUM_RATIO_BAND[1]:
+            fail(f"the medium checkpoint (step {chosen['medium'].step}) re-measured at ratio {medium_ratio:.2f}, "
+                 f"outside [{MEDIUM_RATIO_BAND[0]}, {MEDIUM_RATIO_BAND[1]}] around D4RL's 1/3: its return is too "
+                 f"noisy or the checkpoints too coarse; raise --agent-steps or lower --checkpoint-every "
+                 f"(nothing was written)")
 
     # 4. Rollouts of the stochastic behaviour policies (cached in the build folder).
     env = module.make_env(env_id, args.max_episode_steps)
