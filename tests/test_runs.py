@@ -273,3 +273,21 @@ def test_mistyped_ids_get_close_names(pendulum_expert_id, name, suggestion):
     with pytest.raises(UserError, match=suggestion.replace("/", "/")) as info:
         load_dataset(name, download=True)
     assert "network" not in str(info.value)
+
+
+# --- 10. a trained policy loads from anywhere the README says ------------------------------------
+
+
+def test_load_policy_works_outside_the_repository(finished_run, tmp_path):
+    import os
+    import subprocess
+
+    from conftest import ROOT
+
+    code = ("from common.checkpoint import load_policy; import numpy as np; "
+            f"policy = load_policy({str(finished_run)!r}); print(policy(np.zeros(3, np.float32)).shape)")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "(1,)"
