@@ -817,6 +817,8 @@ def _main(argv: list[str] | None = None) -> int:
                   f"{data.act_dim}, reference scores: "
                   f"{(data.ref_min_score, data.ref_max_score) if data.ref_source else 'none'} "
                   f"({data.ref_source or 'raw returns only'})")
+            if data.metadata.get("sha256"):
+                print(f"sha256 {data.metadata['sha256']}")
             return 0
         if args.d4rl:
             for name, entry in sorted(D4RL_TO_MINARI.items()):
