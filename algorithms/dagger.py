@@ -1,0 +1,793 @@
+"""DAgger and HG-DAgger: imitation learning that asks the expert for labels at the states the learner visits.
+
+Lecture sections: "What can go wrong in imitation learning?" (1. Compounding errors: the learner's states
+p_pi(s) drift from the expert's p_expert(s), "covariate shift"), "Addressing Compounding Errors with DAgger"
+(1. roll out pi_theta, 2. query the expert's a* at the visited states, 3. aggregate D <- D u {(s', a*)},
+4. update min_theta L(pi_theta, D): "dataset aggregation"), the same title's second slide, "human gated
+DAgger" (`--gated`: the learner drives, the expert takes control when the learner errs, and only the expert's
+segments are aggregated), and the bounds C + H^2 eps (behaviour cloning, Theorem 2.1) against C + H eps
+(DAgger, Theorem 2.2), which `python -m common.reporting.compounding` measures.
+Papers: Ross, Gordon & Bagnell 2011 (DAgger, the beta-mixture pi_i = beta_i pi* + (1 - beta_i) pi_hat_i);
+Kelly et al. 2019 (HG-DAgger).
+
+Usage:
+    python algorithms/dagger.py                                      # pendulum: expert = the local build's SAC
+    python algorithms/dagger.py --env local/pendulum/expert-v0 --expert runs/datasets/pendulum-seed0 --gated
+    python algorithms/dagger.py --env Pendulum-v1 --expert common.reporting.compounding:scripted_pendulum_expert
+
+The environment: `--env` is a dataset (D4RL name, Minari id, local build), whose stored evaluation env is
+the one the learner interacts with (its reference scores normalise the returns; its episodes can seed
+round 0 with `--init-data`), or a registered Gymnasium env id such as `Pendulum-v1` (raw returns only).
+`--max-episode-steps H` sets the time limit H of collection and evaluation episodes.
+
+The expert (`--expert`, the oracle pi* queried at visited states) is one of:
+  * a run directory or checkpoint.pt of this library (e.g. a BC or IQL run): `common.checkpoint.load_policy`;
+  * a local dataset build folder (`runs/datasets/<name>-seed<seed>`, or its `agent/agent_state.pt`): the
+    builder's final SAC / Double DQN policy, i.e. the policy behind the build's "expert" quality, acting
+    deterministically; left out, it is the build folder of the local build `--env` names;
+  * `package.module:factory`: a zero-argument factory, importable from the current directory or PYTHONPATH,
+    returning a callable from one flat observation (obs_dim,) to one action (act_dim,) or one integer.
+
+Each round i (every `steps_per_round` gradient steps; `max_steps / steps_per_round` rounds):
+  round 0: the expert drives (beta_0 = 1): behaviour cloning data (or `--init-data`: the dataset's episodes);
+  DAgger, round i >= 1: each step executes the expert's action with probability beta_i, else the learner's;
+    every visited state is labelled with a* and aggregated;
+  HG-DAgger (`--gated`), round i >= 1: the learner drives; a simulated gate hands control to the expert when
+    the normalised action discrepancy d(a, a*) = ||(a - a*) / (high - low)||_2 / sqrt(|A|) exceeds
+    `threshold` and back once d < release_ratio * threshold (hysteresis); only the expert's steps are
+    aggregated; the intervention rate per round is logged.
+then `steps_per_round` BC steps on all of D (the policy is warm-started from the previous round, as in the
+imitation library; Ross et al. retrain from scratch). The cost axis is the number of expert labels in D
+(`dagger/expert_labels`); a simulated gate also queries the expert at every step (`dagger/expert_queries`),
+which a human gate would not need to label.
+
+Per-dataset settings (rounds via max_steps, episodes and steps per round, the beta schedule) follow the
+imitation library's tuned DAgger settings for MuJoCo where they exist; they live in `DATASET_SETTINGS`.
+The update is BC's (`bc.py`) and compiles; collection steps envs and the expert on the host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import fnmatch
+import importlib
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common.checkpoint import load_checkpoint, load_policy  # noqa: E402
+from common.datasets import (D4RL_TO_MINARI, DataSpec, OfflineDataset, TensorSampler, flat_dim,  # noqa: E402
+                             flatten_observation, load_dataset)
+from common.errors import UserError, fail, run_cli  # noqa: E402
+from common.evaluation import evaluate, make_eval_envs  # noqa: E402
+from common.runs import (Run, merge_resumed, resolve_config, saved_config, setup,  # noqa: E402
+                         validate_config)
+
+
+@dataclass
+class Config:
+    # --- shared by every algorithm (same names, order and meaning in every file) ---
+    env: str = "local/pendulum/expert-v0"
+    """dataset whose evaluation env the learner interacts with (D4RL name, Minari id or local build such as
+    local/pendulum/expert-v0), or a registered Gymnasium env id (Pendulum-v1)"""
+    seed: int = 0
+    """seed for network initialisation, minibatch sampling and evaluation episodes"""
+    device: str = "auto"
+    """auto (CUDA when available, else CPU), cpu, cuda or cuda:N"""
+    threads: int = 1
+    """torch CPU threads (1 is fastest for small MLPs and never stalls when another process holds a core)"""
+    max_steps: int | None = None
+    """gradient steps (None: from DATASET_SETTINGS)"""
+    batch_size: int = 256
+    """minibatch size (the papers' 256)"""
+    eval_every: int = 1_000
+    """evaluate every this many steps (0: only at the end)"""
+    eval_episodes: int = 10
+    """evaluation episodes, stepped together in a vector env"""
+    log_every: int = 1_000
+    """write metrics every this many steps"""
+    checkpoint_every: int = 10_000
+    """write a checkpoint every this many steps (and at the end)"""
+    checkpoint_dir: str | None = None
+    """where checkpoint.pt goes (None: the run directory)"""
+    resume: str | None = None
+    """continue from this run directory (or checkpoint file) with the same --env and --seed"""
+    track: bool = False
+    """log to Weights & Biases (respects WANDB_MODE, e.g. offline)"""
+    wandb_project: str = "offline-rl"
+    """Weights & Biases project"""
+    runs_dir: str = "runs"
+    """runs go to <runs_dir>/<algo>/<dataset>/<seed>-<time>/"""
+    download: bool = True
+    """download Minari datasets that are not stored locally (when online)"""
+    compile: bool = False
+    """torch.compile the update (faster after a warm-up compilation)"""
+    # --- DAgger ---
+    expert: str | None = None
+    """pi_expert, queried for a* at visited states: a run directory or checkpoint.pt of this library; a local
+    build folder runs/datasets/<name>-seed<seed> (or its agent/agent_state.pt: the build's final SAC/DQN
+    policy); or package.module:factory, a zero-argument factory returning a callable from one flat
+    observation to one action. None: the build folder of the local build --env names"""
+    gated: bool = False
+    """HG-DAgger: the learner drives, a simulated gate gives control to the expert when d(a, a*) > threshold;
+    only the expert's segments are aggregated (no beta mixing)"""
+    episodes_per_round: int | None = None
+    """episodes rolled out per round, s'_1..s'_T of the slide (None: from DATASET_SETTINGS)"""
+    steps_per_round: int | None = None
+    """BC gradient steps per round on all of D, min_theta L(pi_theta, D) (None: from DATASET_SETTINGS);
+    rounds = max_steps / steps_per_round"""
+    beta_schedule: Literal["linear", "exponential"] | None = None
+    """beta_i, the probability of executing the expert's action in round i (beta_0 = 1): linear
+    min(1, max(0, (R - i) / R)) with R = beta_rampdown_rounds, or exponential p^i with p = beta_decay
+    (None: from DATASET_SETTINGS)"""
+    beta_rampdown_rounds: int | None = None
+    """R of the linear schedule (imitation's default 15; 1 gives Ross et al.'s beta_i = 1[i = 0])"""
+    beta_decay: float | None = None
+    """p of the exponential schedule (imitation's MuJoCo setting 0.7; 1.0: beta = 1 in every round, i.e.
+    behaviour cloning on expert rollouts with the same label budget)"""
+    threshold: float = 0.2
+    """tau of the gate (--gated): the expert takes control when d(a, a*) > tau, d in [0, 1] the action
+    discrepancy normalised by the action range and sqrt(|A|) (discrete actions: d = 1[a != a*])"""
+    release_ratio: float = 0.25
+    """hysteresis of the gate: control returns to the learner once d(a, a*) < release_ratio * tau
+    (LazyDAgger's tau_auto 0.25); between the two the gate keeps its current state"""
+    init_data: Literal["none", "dataset", "relabelled"] = "none"
+    """round 0's data: expert rollouts (none), the --env dataset's (s, a) as stored (dataset), or its states
+    labelled by the expert, (s, a*) (relabelled); dataset labels count as expert labels"""
+    max_episode_steps: int | None = None
+    """time limit H of collection and evaluation episodes (None: the env's own)"""
+    policy: Literal["deterministic", "gaussian"] = "deterministic"
+    """continuous-action head (as bc.py): deterministic pi(s) with the l2 loss, or Gaussian with the NLL"""
+    hidden_dims: tuple[int, ...] = (256, 256)
+    """hidden layer sizes of the policy MLP"""
+    lr: float = 1e-3
+    """Adam learning rate (the imitation library's BC: 1e-3)"""
+    normalize_obs: bool = True
+    """standardise observations with the mean and std of round 0's data (eps 1e-3), then kept fixed"""
+
+
+def _schedule(rounds: int, steps: int, episodes: int, schedule: str, ramp: int = 15, decay: float = 0.7) -> dict:
+    return {"max_steps": rounds * steps, "steps_per_round": steps, "episodes_per_round": episodes,
+            "beta_schedule": schedule, "beta_rampdown_rounds": ramp, "beta_decay": decay}
+
+
+# Per-dataset settings: a field left at None takes the value of the first row whose pattern matches the
+# --env name (dataset or Gymnasium id) or its Minari id. MuJoCo rows: the imitation library's tuned DAgger
+# settings for seals (Hopper, HalfCheetah, Walker: Exp(0.7) with 10/5/5 episodes per round; Ant, Swimmer:
+# Linear(15)), 20 rounds of 5000 steps. Pendulum / CartPole (200 / 500-step episodes): 10 rounds of 1000
+# steps, 5 episodes per round, beta linear over R=3 rounds (learner-driven from round 3).
+SMALL = _schedule(10, 1_000, 5, "linear", ramp=3)
+HOPPER = _schedule(20, 5_000, 10, "exponential", decay=0.7)
+CHEETAH_WALKER = _schedule(20, 5_000, 5, "exponential", decay=0.7)
+ANT_SWIMMER = _schedule(20, 5_000, 10, "linear", ramp=15)
+DATASET_SETTINGS: list[tuple[str, dict]] = [
+    ("local/pendulum/*", SMALL), ("Pendulum-v*", SMALL),
+    ("local/cartpole/*", SMALL), ("CartPole-v*", SMALL),
+    ("test/*", SMALL),
+    ("hopper-*", HOPPER), ("mujoco/hopper/*", HOPPER), ("local/hopper*/*", HOPPER), ("Hopper-v*", HOPPER),
+    ("halfcheetah-*", CHEETAH_WALKER), ("mujoco/halfcheetah/*", CHEETAH_WALKER),
+    ("local/halfcheetah*/*", CHEETAH_WALKER), ("HalfCheetah-v*", CHEETAH_WALKER),
+    ("walker2d-*", CHEETAH_WALKER), ("mujoco/walker2d/*", CHEETAH_WALKER),
+    ("local/walker2d*/*", CHEETAH_WALKER), ("Walker2d-v*", CHEETAH_WALKER),
+    ("ant-*", ANT_SWIMMER), ("mujoco/ant/*", ANT_SWIMMER), ("Ant-v*", ANT_SWIMMER),
+    ("mujoco/swimmer/*", ANT_SWIMMER), ("Swimmer-v*", ANT_SWIMMER),
+    ("*", _schedule(20, 5_000, 5, "linear", ramp=15)),  # the imitation library's defaults: Linear(15)
+]
+
+LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # keeps the Gaussian head's variance in a sane range (as bc.py)
+# Collection episode k of a run (counted over all rounds) resets its env with seed COLLECT_SEED_OFFSET +
+# seed + k: disjoint from the evaluation seeds 100_000 + seed + i (common.evaluation.EVAL_SEED_OFFSET).
+COLLECT_SEED_OFFSET = 1_000_000
+NORMALIZER_EPS = 1e-3  # as common.datasets.ObsNormalizer
+
+
+# --------------------------------------------------------------------------------------------------
+# The environment: a dataset's evaluation env or a Gymnasium id
+# --------------------------------------------------------------------------------------------------
+
+
+def is_gym_id(name: str) -> bool:
+    """Whether --env names a registered Gymnasium env (and not a D4RL name or a dataset id)."""
+    return name in gym.registry and name not in D4RL_TO_MINARI
+
+
+def resolve_dagger_config(config: Config) -> Config:
+    """`common.runs.resolve_config`, also for a Gymnasium env id.
+
+    resolve_config looks --env up as a dataset name (for its DATASET_SETTINGS row); a Gymnasium id is none,
+    so for one its steps are taken here: resumed settings, validation, the settings row matched on the id.
+    """
+    if not is_gym_id(config.env):
+        if "/" not in config.env and config.env not in D4RL_TO_MINARI and re.search(r"-v\d+$", config.env):
+            close = ", ".join(difflib.get_close_matches(config.env, list(gym.registry), 3))
+            fail(f"--env '{config.env}' is neither a registered Gymnasium env id nor a dataset name"
+                 + (f"; did you mean: {close}?" if close else ""))
+        return resolve_config(config, DATASET_SETTINGS)
+    if config.resume and not getattr(config, "_resume_merged", False):
+        config = merge_resumed(config, *saved_config(config.resume))
+    validate_config(config)
+    row = next(settings for pattern, settings in DATASET_SETTINGS if fnmatch.fnmatch(config.env, pattern))
+    filled = {k: v for k, v in row.items() if getattr(config, k) is None}
+    if filled:
+        print("per-dataset settings: " + ", ".join(f"{k}={v}" for k, v in filled.items()), file=sys.stderr)
+    config = dataclasses.replace(config, **filled)
+    validate_config(config)
+    return config
+
+
+def interactive_env(config: Config) -> OfflineDataset:
+    """The env the learner interacts with, as an `OfflineDataset` (evaluation and Run need its spaces, env
+    spec and reference scores). A dataset keeps its episodes (for --init-data); a Gymnasium id has none and
+    no reference scores. A new time limit H drops the dataset's reference scores (made for its own H)."""
+    if is_gym_id(config.env):
+        spec = gym.spec(config.env)
+        try:
+            probe = gym.make(spec)
+        except Exception as err:  # a missing extra (box2d, mujoco), bad kwargs...
+            fail(f"cannot create env '{config.env}' for interactive collection: {type(err).__name__}: "
+                 f"{str(err).splitlines()[0] if str(err) else ''}")
+        dataset = OfflineDataset(name=config.env, minari_id=config.env, episodes=[],
+                                 observation_space=probe.observation_space, action_space=probe.action_space,
+                                 eval_env_spec=spec)
+        probe.close()
+    else:
+        dataset = load_dataset(config.env, download=config.download)
+        dataset.make_env().close()  # one clear line when the stored env cannot be made
+    if not isinstance(dataset.action_space, (gym.spaces.Box, gym.spaces.Discrete)):
+        fail(f"env of '{config.env}' has action space {dataset.action_space}; DAgger needs Box or Discrete")
+    flat_dim(dataset.observation_space)  # one clear line for an unsupported observation space
+    spec = dataset.eval_env_spec
+    if config.max_episode_steps is not None:
+        if config.max_episode_steps < 1:
+            fail(f"--max-episode-steps must be at least 1, got {config.max_episode_steps}")
+        if spec.max_episode_steps != config.max_episode_steps and dataset.ref_source is not None:
+            print(f"note: time limit H={config.max_episode_steps} instead of {spec.max_episode_steps}: the "
+                  f"dataset's reference scores no longer apply; raw returns only", file=sys.stderr)
+            dataset = dataclasses.replace(dataset, ref_min_score=None, ref_max_score=None, ref_source=None)
+        spec = dataclasses.replace(spec, max_episode_steps=config.max_episode_steps)
+    elif spec.max_episode_steps is None:
+        fail(f"env '{spec.id}' has no time limit: give one with --max-episode-steps so episodes end")
+    return dataclasses.replace(dataset, eval_env_spec=spec)
+
+
+# --------------------------------------------------------------------------------------------------
+# The expert pi*: three forms, one callable
+# --------------------------------------------------------------------------------------------------
+
+
+class Expert:
+    """pi*(s) for a batch of flat observations; continuous actions clipped to the bounds, discrete ones as
+    indices 0..n-1 (env action minus `start`). `act_one` maps one flat observation to one env action."""
+
+    def __init__(self, act_one: Callable[[np.ndarray], object], description: str, space: gym.Space):
+        self.act_one, self.description, self.space = act_one, description, space
+        self.discrete = isinstance(space, gym.spaces.Discrete)
+
+    def __call__(self, obs: np.ndarray) -> np.ndarray:
+        """a* for `obs` (n, obs_dim): (n, act_dim) float32, or (n,) int64 indices."""
+        actions = [self.act_one(o) for o in np.asarray(obs, dtype=np.float32)]
+        if self.discrete:
+            return np.array([int(np.asarray(a).reshape(-1)[0]) for a in actions], np.int64) - int(self.space.start)
+        out = np.stack([np.asarray(a, np.float32).reshape(self.space.shape) for a in actions])
+        return np.clip(out.reshape(len(out), -1), self.space.low.reshape(-1), self.space.high.reshape(-1))
+
+    def check(self, dataset: OfflineDataset) -> None:
+        """Act once on the env's first observation: one clear line if the expert does not fit the env."""
+        env = dataset.make_env()
+        obs, _ = env.reset(seed=0)
+        env.close()
+        flat = flatten_observation(obs, dataset.observation_space)
+        try:
+            raw = np.asarray(self.act_one(flat))
+        except UserError:
+            raise
+        except Exception as err:
+            fail(f"--expert {self.description} cannot act on this env's observations (shape {flat.shape}): "
+                 f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+        if self.discrete:
+            ok = raw.size == 1 and np.issubdtype(raw.dtype, np.integer) and \
+                self.space.start <= int(raw.reshape(-1)[0]) < self.space.start + self.space.n
+            need = f"one integer action in [{self.space.start}, {self.space.start + self.space.n})"
+        else:
+            ok = raw.size == int(np.prod(self.space.shape)) and np.issubdtype(raw.dtype, np.floating) \
+                and bool(np.all(np.isfinite(raw)))
+            need = f"a finite float action of shape {self.space.shape}"
+        if not ok:
+            fail(f"--expert {self.description} returned {raw.dtype} of shape {raw.shape} ({raw.reshape(-1)[:4]}); "
+                 f"the env of '{dataset.name}' needs {need}: its action space does not match")
+
+
+def load_expert(spec: str | None, dataset: OfflineDataset) -> Expert:
+    """The expert `--expert` names (see Config.expert); one clear line when it cannot be loaded or does not
+    match the env's spaces."""
+    space = dataset.action_space
+    if spec is None:
+        path = default_build_folder(dataset)
+        expert = Expert(build_policy(path, dataset), f"{path} (the build of {dataset.minari_id})", space)
+    elif re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", spec) and not Path(spec).exists():
+        expert = Expert(factory_policy(spec), spec, space)
+    elif not Path(spec).exists():
+        fail(f"--expert {spec}: no such file or folder, and not package.module:factory")
+    elif is_build_folder(Path(spec)):
+        expert = Expert(build_policy(Path(spec), dataset), spec, space)
+    else:
+        expert = Expert(library_policy(spec, dataset), spec, space)
+    expert.check(dataset)
+    return expert
+
+
+def default_build_folder(dataset: OfflineDataset) -> Path:
+    """runs/datasets/<name>-seed<seed>, the builder's default build folder of a local build `local/<name>/...`."""
+    match = re.fullmatch(r"local/([\w-]+)/[\w-]+-v\d+", dataset.minari_id)
+    seed = dataset.metadata.get("seed")
+    if match is None or seed is None:
+        fail(f"--expert is needed: '{dataset.name}' is not a local build whose build folder keeps the expert "
+             f"(give a run directory, a build folder or package.module:factory)")
+    name = f"{match.group(1)}-seed{seed}"
+    for root in (Path.cwd(), Path(__file__).resolve().parent.parent):
+        if is_build_folder(root / "runs" / "datasets" / name):
+            return root / "runs" / "datasets" / name
+    fail(f"--expert is needed: the build folder runs/datasets/{name} of '{dataset.minari_id}' is not here "
+         f"(rebuild with `python -m common.build {match.group(1)}`, or give --expert)")
+
+
+def is_build_folder(path: Path) -> bool:
+    return path.name == "agent_state.pt" or (path / "agent" / "agent_state.pt").is_file() \
+        or (path / "agent_state.pt").is_file()
+
+
+def build_policy(path: Path, dataset: OfflineDataset) -> Callable[[np.ndarray], object]:
+    """The final policy a local build keeps (common/build: `<build>/agent/agent_state.pt`, whose last
+    checkpoint is the "expert" quality's policy), acting deterministically: SAC's center + scale * tanh(mu(s))
+    or Double DQN's argmax_a Q(s, a). The forward passes are repeated here in NumPy (as the builder's own)."""
+    file = path if path.is_file() else (path / "agent" / "agent_state.pt" if (path / "agent").is_dir()
+                                        else path / "agent_state.pt")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+        policy = {k: v.float().numpy() for k, v in state["checkpoints"][-1]["policy"].items()}
+        env_id = state["recipe"]["env"]
+    except Exception as err:
+        fail(f"--expert {path}: cannot read the build's agent state {file}: {type(err).__name__}: {err}")
+    if env_id != dataset.eval_env_spec.id:
+        print(f"note: the expert of {path} was trained on {env_id}, the env here is {dataset.eval_env_spec.id}",
+              file=sys.stderr)
+    obs_dim = flat_dim(dataset.observation_space)
+    if "mean.weight" in policy:  # SAC actor (common/build/behavior_sac.py: Actor)
+        layers = [(policy["trunk.0.weight"], policy["trunk.0.bias"]), (policy["trunk.2.weight"], policy["trunk.2.bias"])]
+        mean, scale, center = (policy["mean.weight"], policy["mean.bias"]), policy["scale"], policy["center"]
+        if isinstance(dataset.action_space, gym.spaces.Discrete) or layers[0][0].shape[1] != obs_dim \
+                or mean[0].shape[0] != int(np.prod(dataset.action_space.shape)):
+            fail(f"--expert {path}: its SAC policy maps {layers[0][0].shape[1]}-d observations to "
+                 f"{mean[0].shape[0]}-d actions; the env of '{dataset.name}' has {obs_dim}-d observations and "
+                 f"action space {dataset.action_space}")
+
+        def act(obs: np.ndarray) -> np.ndarray:
+            h = obs
+            for w, b in layers:
+                h = np.maximum(w @ h + b, 0.0)
+            return center + scale * np.tanh(mean[0] @ h + mean[1])
+    elif "0.weight" in policy:  # Double DQN Q-network (common/build/behavior_dqn.py: q_network)
+        layers = [(policy[f"{i}.weight"], policy[f"{i}.bias"]) for i in (0, 2, 4)]
+        if not isinstance(dataset.action_space, gym.spaces.Discrete) or layers[0][0].shape[1] != obs_dim \
+                or layers[-1][0].shape[0] != dataset.action_space.n:
+            fail(f"--expert {path}: its Q-network maps {layers[0][0].shape[1]}-d observations to "
+                 f"{layers[-1][0].shape[0]} discrete actions; the env of '{dataset.name}' has {obs_dim}-d "
+                 f"observations and action space {dataset.action_space}")
+        start = int(dataset.action_space.start)
+
+        def act(obs: np.ndarray) -> int:
+            h = obs
+            for i, (w, b) in enumerate(layers):
+                h = w @ h + b if i == len(layers) - 1 else np.maximum(w @ h + b, 0.0)
+            return int(np.argmax(h)) + start
+    else:
+        fail(f"--expert {path}: the build's policy is neither the builder's SAC actor nor its Q-network")
+    return act
+
+
+def library_policy(path: str, dataset: OfflineDataset) -> Callable[[np.ndarray], object]:
+    """A run directory or checkpoint of this library (`common.checkpoint.load_policy`), spaces checked."""
+    ckpt = load_checkpoint(path)
+    saved = DataSpec(**ckpt["spec"])
+    if (saved.obs_dim, saved.act_dim, saved.discrete) != (dataset.spec.obs_dim, dataset.spec.act_dim,
+                                                          dataset.spec.discrete):
+        kind = lambda s: f"{s.obs_dim}-d observations, {s.act_dim} {'discrete' if s.discrete else '-d'} actions"
+        fail(f"--expert {path}: its policy ({ckpt.get('algo')} on {ckpt.get('config', {}).get('env')}) has "
+             f"{kind(saved)}; the env of '{dataset.name}' has {kind(dataset.spec)}")
+    policy = load_policy(path)
+    start = int(dataset.action_space.start) if saved.discrete else 0
+    if saved.discrete:
+        return lambda obs: int(np.asarray(policy(obs)).reshape(-1)[0]) + start
+    return policy
+
+
+def factory_policy(spec: str) -> Callable[[np.ndarray], object]:
+    """`package.module:factory`: import the module, call factory() and return the callable it gives."""
+    module_name, attr = spec.split(":")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:
+        fail(f"--expert {spec}: cannot import {module_name}: {type(err).__name__}: {err}")
+    if not callable(getattr(module, attr, None)):
+        fail(f"--expert {spec}: {module_name} has no callable {attr}")
+    try:
+        policy = getattr(module, attr)()
+    except Exception as err:
+        fail(f"--expert {spec}: {attr}() failed (it must take no arguments and return a callable "
+             f"observation -> action): {type(err).__name__}: {err}")
+    if not callable(policy):
+        fail(f"--expert {spec}: {attr}() returned {type(policy).__name__}, not a callable observation -> action")
+    return policy
+
+
+# --------------------------------------------------------------------------------------------------
+# beta schedule, action discrepancy, the gate
+# --------------------------------------------------------------------------------------------------
+
+
+def beta(config: Config, round_index: int) -> float:
+    """beta_i: probability that a step executes the expert's action in round i (beta_0 = 1)."""
+    if config.beta_schedule == "linear":  # imitation's LinearBetaSchedule(R)
+        return min(1.0, max(0.0, (config.beta_rampdown_rounds - round_index) / config.beta_rampdown_rounds))
+    return float(config.beta_decay ** round_index)  # imitation's ExponentialBetaSchedule(p); Ross et al.
+
+
+def action_discrepancy(a: np.ndarray, a_star: np.ndarray, space: gym.Space) -> np.ndarray:
+    """d(a, a*) in [0, 1] per row: ||(a - a*) / (high - low)||_2 / sqrt(|A|) for Box actions (n, act_dim);
+    1[a != a*] for discrete actions (n,)."""
+    if isinstance(space, gym.spaces.Discrete):
+        return (np.asarray(a) != np.asarray(a_star)).astype(np.float64)
+    width = (space.high - space.low).reshape(-1).astype(np.float64)
+    diff = (np.asarray(a, np.float64) - np.asarray(a_star, np.float64)) / width
+    return np.sqrt((diff ** 2).sum(-1) / diff.shape[-1])
+
+
+class InterventionGate:
+    """The simulated human of HG-DAgger, one per env: the expert takes control when d(a, a*) > threshold and
+    hands it back once d(a, a*) < release_ratio * threshold; in between nothing changes (hysteresis, so the
+    gate does not flicker around the threshold). `step(d)` returns which envs the expert drives now."""
+
+    def __init__(self, num_envs: int, threshold: float, release_ratio: float):
+        self.threshold, self.release = threshold, release_ratio * threshold
+        self.expert_in_control = np.zeros(num_envs, dtype=bool)
+
+    def step(self, discrepancy: np.ndarray) -> np.ndarray:
+        take = ~self.expert_in_control & (discrepancy > self.threshold)
+        hand_back = self.expert_in_control & (discrepancy < self.release)
+        self.expert_in_control = (self.expert_in_control | take) & ~hand_back
+        return self.expert_in_control.copy()
+
+
+# --------------------------------------------------------------------------------------------------
+# D: the aggregated dataset, its sampler and the round bookkeeping (saved with checkpoints)
+# --------------------------------------------------------------------------------------------------
+
+
+class AggregatedData:
+    """D of the slide: every (s', a*) gathered so far, with a device sampler over it, the rounds done and
+    their statistics. Its `state_dict` holds all of it (the arrays too), so a killed run resumes exactly."""
+
+    def __init__(self, spec: DataSpec, device: torch.device, seed: int):
+        self.device = device
+        self.obs = np.zeros((0, spec.obs_dim), np.float32)
+        self.actions = np.zeros(0, np.int64) if spec.discrete else np.zeros((0, spec.act_dim), np.float32)
+        self.generator_state = torch.Generator(device=device).manual_seed(seed).get_state()
+        self.sampler: TensorSampler | None = None
+        self.rounds: list[dict] = []  # per round: beta, labels, queries, rollout return, errors, interventions
+        self.queries = 0
+
+    def __len__(self) -> int:
+        return len(self.obs)
+
+    def aggregate(self, obs: np.ndarray, actions: np.ndarray) -> None:
+        """D <- D u {(s', a*)}; the sampler's random stream continues across rounds."""
+        self.obs = np.concatenate([self.obs, obs.astype(np.float32)])
+        self.actions = np.concatenate([self.actions, actions.astype(self.actions.dtype)])
+        self._new_sampler()
+
+    def _new_sampler(self) -> None:
+        if self.sampler is not None:
+            self.generator_state = self.sampler.generator.get_state()
+        self.sampler = TensorSampler({"obs": self.obs, "actions": self.actions}, self.device, 0)
+        self.sampler.generator.set_state(self.generator_state)
+
+    def sample(self, batch_size: int) -> dict[str, torch.Tensor]:
+        return self.sampler.sample(batch_size)
+
+    def state_dict(self) -> dict:
+        generator = self.sampler.generator.get_state() if self.sampler is not None else self.generator_state
+        return {"obs": self.obs.copy(), "actions": self.actions.copy(), "generator": generator,
+                "rounds": [dict(r) for r in self.rounds], "queries": self.queries}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.obs, self.actions = state["obs"], state["actions"]
+        self.rounds, self.queries = [dict(r) for r in state["rounds"]], state["queries"]
+        self.generator_state, self.sampler = state["generator"], None
+        if len(self.obs):
+            self._new_sampler()
+
+
+# --------------------------------------------------------------------------------------------------
+# The learner: BC's policy (repeated from bc.py) with the observation normaliser inside
+# --------------------------------------------------------------------------------------------------
+
+
+def mlp(in_dim: int, hidden_dims: tuple[int, ...], out_dim: int) -> nn.Sequential:
+    layers, last = [], in_dim
+    for width in hidden_dims:
+        layers += [nn.Linear(last, width), nn.ReLU()]
+        last = width
+    layers.append(nn.Linear(last, out_dim))
+    return nn.Sequential(*layers)
+
+
+class Agent:
+    """pi_theta, its optimiser and BC's update; observations are normalised inside (statistics of round 0's
+    data, `set_normalizer`), so `act` takes raw flat observations."""
+
+    def __init__(self, config: Config, spec: DataSpec, device: torch.device):
+        self.config, self.spec, self.device = config, spec, device
+        self.discrete = spec.discrete
+        self.gaussian = config.policy == "gaussian" and not spec.discrete
+        self.policy = mlp(spec.obs_dim, config.hidden_dims, spec.act_dim).to(device)
+        self.log_std = nn.Parameter(torch.zeros(spec.act_dim, device=device))  # Gaussian head only
+        self.obs_mean = torch.zeros(spec.obs_dim, device=device)
+        self.obs_std = torch.ones(spec.obs_dim, device=device)
+        params = list(self.policy.parameters()) + ([self.log_std] if self.gaussian else [])
+        self.optimizer = torch.optim.Adam(params, lr=config.lr, **_fast_adam(device))
+        self.max_action = spec.max_action
+        self._update = torch.compile(self._update_impl) if config.compile else self._update_impl
+
+    def set_normalizer(self, obs: np.ndarray) -> None:
+        """Standardise with the mean and std of `obs` (N, obs_dim) from now on (in place: compiled graphs stay)."""
+        obs = torch.as_tensor(obs, device=self.device)
+        self.obs_mean.copy_(obs.mean(0))
+        self.obs_std.copy_(obs.std(0, unbiased=False) + NORMALIZER_EPS)
+
+    def mean_action(self, obs: torch.Tensor) -> torch.Tensor:
+        """pi(s) = max_action * tanh(MLP((s - mean) / std))."""
+        return self.max_action * torch.tanh(self.policy((obs - self.obs_mean) / self.obs_std))
+
+    def update(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self._update(batch["obs"], batch["actions"])
+
+    def _update_impl(self, obs: torch.Tensor, actions: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.discrete:
+            # min_theta -E_(s',a*)~D [ log pi_theta(a*|s') ]   (lecture: "Addressing Compounding Errors with DAgger", step 4)
+            loss = F.cross_entropy(self.policy((obs - self.obs_mean) / self.obs_std), actions)
+        elif self.gaussian:
+            mean = self.mean_action(obs)
+            log_std = self.log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
+            # log pi_theta(a*|s') = sum_i [ -(a*_i - mu_i)^2 / (2 sigma_i^2) - log sigma_i - log(2 pi) / 2 ]
+            log_prob = (-0.5 * ((actions - mean) / log_std.exp()) ** 2 - log_std
+                        - 0.5 * math.log(2 * math.pi)).sum(-1)
+            # min_theta -E_(s',a*)~D [ log pi_theta(a*|s') ]   (lecture: "Addressing Compounding Errors with DAgger")
+            loss = -log_prob.mean()
+        else:
+            # min_theta L(pi_theta, D) = E_(s',a*)~D || pi_theta(s') - a* ||^2   (lecture: "Addressing Compounding Errors with DAgger")
+            loss = F.mse_loss(self.mean_action(obs), actions)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return {"train/policy_loss": loss.detach()}
+
+    @torch.no_grad()
+    def act(self, obs: torch.Tensor) -> torch.Tensor:
+        """Deterministic action for raw flat observations: the argmax (discrete) or the mean pi(s)."""
+        if self.discrete:
+            return self.policy((obs - self.obs_mean) / self.obs_std).argmax(-1)
+        return self.mean_action(obs)
+
+    def state_dict(self) -> dict:
+        return {"policy": self.policy.state_dict(), "log_std": self.log_std.detach().clone(),
+                "obs_mean": self.obs_mean.clone(), "obs_std": self.obs_std.clone(),
+                "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.policy.load_state_dict(state["policy"])
+        with torch.no_grad():
+            self.log_std.copy_(state["log_std"])
+        self.obs_mean.copy_(state["obs_mean"])
+        self.obs_std.copy_(state["obs_std"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+def _fast_adam(device: torch.device) -> dict:
+    """Fused Adam (one kernel for all parameters) where this torch build has it, else foreach."""
+    return {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}
+
+
+def learner_actions(agent: Agent, obs: np.ndarray, space: gym.Space) -> np.ndarray:
+    """pi_theta(s') for flat observations (n, obs_dim) as numpy: clipped (n, act_dim), or (n,) indices."""
+    action = agent.act(torch.as_tensor(obs, device=agent.device)).cpu().numpy()
+    if isinstance(space, gym.spaces.Discrete):
+        return action.astype(np.int64)
+    return np.clip(action.reshape(len(obs), -1), space.low.reshape(-1), space.high.reshape(-1))
+
+
+# --------------------------------------------------------------------------------------------------
+# One round of interaction
+# --------------------------------------------------------------------------------------------------
+
+
+def collect_round(envs: gym.vector.VectorEnv, dataset: OfflineDataset, agent: Agent, expert: Expert,
+                  seeds: list[int], beta_i: float, gate: InterventionGate | None,
+                  rng: np.random.Generator) -> dict:
+    """Run one episode in each env and return the labelled states to aggregate and the round's statistics.
+
+    Each step: pi_theta proposes a, the expert gives a* = pi*(s'); the expert's action is executed with
+    probability beta_i (DAgger) or while the gate gives it control (HG-DAgger). DAgger keeps (s', a*) for
+    every visited state; HG-DAgger only for the steps the expert drove. Returns `obs` (N, obs_dim) and
+    `actions` (N, act_dim) or (N,) in episode order, `steps` (states visited), `return_mean` (of the
+    executed policy), `onpolicy_error` (mean d(a, a*) over visited states) and `intervention_rate`.
+    """
+    space = dataset.action_space
+    n = envs.num_envs
+    obs, _ = envs.reset(seed=seeds)
+    done = np.zeros(n, dtype=bool)
+    returns = np.zeros(n)
+    states, labels, keep, errors, expert_drove = [], [], [], [], []
+    while not done.all():
+        flat = flatten_observation(obs, dataset.observation_space)
+        proposed = learner_actions(agent, flat, space)  # 1. roll out pi_theta: a_hat_t
+        a_star = expert(flat)  # 2. query the expert at the visited state: a*_t = pi*(s'_t)
+        discrepancy = action_discrepancy(proposed, a_star, space)
+        expert_acts = gate.step(discrepancy) if gate is not None else rng.random(n) < beta_i
+        executed = np.where(expert_acts.reshape(-1, *[1] * (a_star.ndim - 1)), a_star, proposed)
+        states.append(flat)
+        labels.append(a_star)
+        keep.append(~done & (expert_acts if gate is not None else True))
+        errors.append(np.where(done, np.nan, discrepancy))
+        expert_drove.append(np.where(done, np.nan, expert_acts))
+        env_action = executed + int(space.start) if isinstance(space, gym.spaces.Discrete) else \
+            executed.reshape(n, *space.shape)
+        obs, reward, terminated, truncated, _ = envs.step(env_action)
+        returns += np.where(done, 0.0, reward)
+        done |= np.asarray(terminated) | np.asarray(truncated)
+    # episode order: env 0's steps, then env 1's... (time-major arrays transposed)
+    keep_em = np.stack(keep).T
+    states_em = np.stack(states).transpose(1, 0, 2)[keep_em]
+    labels_all = np.stack(labels)
+    labels_em = labels_all.transpose(1, 0, *range(2, labels_all.ndim))[keep_em]
+    errors, expert_drove = np.stack(errors), np.stack(expert_drove)
+    return {"obs": states_em, "actions": labels_em, "steps": int(np.isfinite(errors).sum()),
+            "return_mean": float(returns.mean()), "onpolicy_error": float(np.nanmean(errors)),
+            "intervention_rate": float(np.nanmean(expert_drove))}
+
+
+@torch.no_grad()
+def evaluate_against_expert(agent: Agent, expert: Expert, dataset: OfflineDataset, episodes: int, seed: int,
+                            device: torch.device, envs: gym.vector.VectorEnv | None = None) -> dict:
+    """`common.evaluation.evaluate` of the learner alone, plus its on-policy action error against the
+    expert at the states it visits: `onpolicy_error` (mean d(a, a*) per step) and `onpolicy_cost` (the sum
+    over each episode, averaged: the cost l(pi) of Theorems 2.1 / 2.2 with d as the per-step loss)."""
+    record = []
+
+    def policy(obs: torch.Tensor) -> torch.Tensor:
+        flat = obs.cpu().numpy()
+        record.append(action_discrepancy(learner_actions(agent, flat, dataset.action_space), expert(flat),
+                                         dataset.action_space))
+        return agent.act(obs)
+
+    result = evaluate(policy, dataset, None, episodes, seed, device, envs)
+    d = np.stack(record)  # (T, episodes); rows past an episode's end belong to the next one: masked
+    live = np.arange(len(d))[:, None] < result["lengths"][None, :]
+    result["onpolicy_error"] = float(d[live].mean())
+    result["onpolicy_cost"] = float((d * live).sum(0).mean())
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------
+
+
+def check_dagger_config(config: Config, dataset: OfflineDataset) -> None:
+    """One clear line for DAgger's own bad settings (before any run folder is made)."""
+    if config.episodes_per_round < 1 or config.steps_per_round < 1:
+        fail(f"--episodes-per-round and --steps-per-round must be at least 1, got {config.episodes_per_round} "
+             f"and {config.steps_per_round}")
+    if not 0.0 < config.threshold < 1.0:
+        fail(f"--threshold must lie in (0, 1) (d(a, a*) is normalised to [0, 1]), got {config.threshold}")
+    if not 0.0 < config.release_ratio <= 1.0:
+        fail(f"--release-ratio must lie in (0, 1], got {config.release_ratio}")
+    if config.beta_rampdown_rounds < 1:
+        fail(f"--beta-rampdown-rounds must be at least 1, got {config.beta_rampdown_rounds}")
+    if not 0.0 <= config.beta_decay <= 1.0:
+        fail(f"--beta-decay must lie in [0, 1], got {config.beta_decay}")
+    if config.init_data != "none" and not dataset.episodes:
+        fail(f"--init-data {config.init_data} needs --env to name a dataset; '{config.env}' is a Gymnasium id")
+
+
+def round_zero_from_dataset(config: Config, dataset: OfflineDataset, expert: Expert) -> dict:
+    """--init-data: the dataset's states with their stored actions, or labelled by the expert."""
+    data = dataset.transitions()
+    actions = expert(data["obs"]) if config.init_data == "relabelled" else data["actions"]
+    returns = [e.total_return for e in dataset.episodes]
+    return {"obs": data["obs"], "actions": actions, "steps": len(data["obs"]),
+            "return_mean": float(np.mean(returns)), "onpolicy_error": None, "intervention_rate": 1.0}
+
+
+def train(config: Config) -> dict:
+    config = resolve_dagger_config(config)  # resumed settings, checks, per-dataset defaults
+    device = setup(config.seed, config.device, config.threads)
+    dataset = interactive_env(config)
+    check_dagger_config(config, dataset)
+    expert = load_expert(config.expert, dataset)
+    print(f"expert: {expert.description}", file=sys.stderr)
+
+    data = AggregatedData(dataset.spec, device, config.seed)
+    agent = Agent(config, dataset.spec, device)
+    run = Run("dagger", config, dataset, device)
+    start = run.resume(agent, data)
+    envs = make_eval_envs(dataset, config.eval_episodes)
+    collect_envs = make_eval_envs(dataset, config.episodes_per_round)
+    for step in run.steps(start):
+        if (step - 1) % config.steps_per_round == 0:  # a new round: collect, aggregate
+            i = (step - 1) // config.steps_per_round
+            with run.timed():
+                if i == 0 and config.init_data != "none":
+                    out, beta_i = round_zero_from_dataset(config, dataset, expert), 1.0
+                else:
+                    beta_i = 1.0 if i == 0 else (0.0 if config.gated else beta(config, i))
+                    gate = InterventionGate(config.episodes_per_round, config.threshold, config.release_ratio) \
+                        if config.gated and i > 0 else None
+                    first = COLLECT_SEED_OFFSET + config.seed + i * config.episodes_per_round
+                    seeds = list(range(first, first + config.episodes_per_round))
+                    out = collect_round(collect_envs, dataset, agent, expert, seeds, beta_i, gate,
+                                        np.random.default_rng([config.seed, i]))
+                data.aggregate(out["obs"], out["actions"])  # 3. D <- D u {(s', a*)}
+                data.queries += out["steps"] if config.init_data != "dataset" or i > 0 else 0
+                if i == 0 and config.normalize_obs:
+                    agent.set_normalizer(data.obs)
+                stats = {"round": i, "beta": beta_i, "new_labels": len(out["obs"]), "expert_labels": len(data),
+                         "expert_queries": data.queries, "rollout_return": out["return_mean"],
+                         "onpolicy_error": out["onpolicy_error"] if i > 0 or config.init_data == "none" else None,
+                         "intervention_rate": out["intervention_rate"] if config.gated else None}
+                data.rounds.append(stats)
+                run.log(step, {f"dagger/{k}": v for k, v in stats.items() if v is not None})
+                print(f"round {i}: beta {beta_i:.2f}, +{stats['new_labels']} labels ({len(data)} in D), rollout "
+                      f"return {out['return_mean']:.1f}"
+                      + (f", on-policy error {stats['onpolicy_error']:.3f}" if stats["onpolicy_error"] is not None
+                         else "")
+                      + (f", interventions {100 * out['intervention_rate']:.1f}%" if config.gated and i > 0
+                         else ""), file=sys.stderr, flush=True)
+        logs = agent.update(data.sample(config.batch_size))  # 4. min_theta L(pi_theta, D)
+        if run.should_log(step):
+            run.log(step, logs)
+        if run.should_eval(step):
+            with run.timed():
+                result = evaluate_against_expert(agent, expert, dataset, config.eval_episodes, config.seed,
+                                                 device, envs)
+                run.log_eval(step, result)
+                run.log(step, {"eval/onpolicy_error": result["onpolicy_error"]})
+        if run.should_checkpoint(step):
+            with run.timed():
+                run.save_checkpoint(step, agent, data)
+    result = evaluate_against_expert(agent, expert, dataset, config.eval_episodes, config.seed, device, envs)
+    run.log_eval(config.max_steps, result)
+    run.log(config.max_steps, {"eval/onpolicy_error": result["onpolicy_error"]})
+    envs.close()
+    collect_envs.close()
+    return run.finish(result, extra={
+        "expert": expert.description, "gated": config.gated, "rounds": len(data.rounds),
+        "expert_labels": len(data), "expert_queries": data.queries, "onpolicy_error": result["onpolicy_error"],
+        "onpolicy_cost": result["onpolicy_cost"], "round_history": data.rounds})
+
+
+if __name__ == "__main__":
+    run_cli(train, Config)
