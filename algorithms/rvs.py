@@ -58,7 +58,8 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common.datasets import DataSpec, OfflineDataset, TensorSampler, discounted_returns_to_go, flat_dim, load_dataset  # noqa: E402,E501
+from common.datasets import (DataSpec, OfflineDataset, TensorSampler, discounted_returns_to_go, flat_dim,  # noqa: E402
+                             load_dataset)
 from common.errors import fail, run_cli  # noqa: E402
 from common.evaluation import evaluate, evaluate_stateful, make_eval_envs  # noqa: E402
 from common.runs import Run, apply_dataset_settings, resolve_config, setup  # noqa: E402
