@@ -674,7 +674,8 @@ def evaluate_against_expert(agent: Agent, expert: Expert, dataset: OfflineDatase
                             device: torch.device, envs: gym.vector.VectorEnv | None = None) -> dict:
     """`common.evaluation.evaluate` of the learner alone, plus its on-policy action error against the
     expert at the states it visits: `onpolicy_error` (mean d(a, a*) per step) and `onpolicy_cost` (the sum
-    over each episode, averaged: the cost l(pi) of Theorems 2.1 / 2.2 with d as the per-step loss)."""
+    over each episode, averaged: the cost l(pi) of Theorems 2.1 / 2.2 with d as the per-step loss), and
+    `error_by_step` (T,), the mean d(a_t, a*_t) at each step t over the episodes still running."""
     record = []
 
     def policy(obs: torch.Tensor) -> torch.Tensor:
@@ -688,6 +689,7 @@ def evaluate_against_expert(agent: Agent, expert: Expert, dataset: OfflineDatase
     live = np.arange(len(d))[:, None] < result["lengths"][None, :]
     result["onpolicy_error"] = float(d[live].mean())
     result["onpolicy_cost"] = float((d * live).sum(0).mean())
+    result["error_by_step"] = (d * live).sum(1) / np.maximum(live.sum(1), 1)  # (T,): mean over live episodes
     return result
 
 

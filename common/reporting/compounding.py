@@ -40,7 +40,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from common.checkpoint import _import_algorithm  # noqa: E402
+from common.checkpoint import _import_algorithm, load_agent  # noqa: E402
 from common.errors import UserError, fail  # noqa: E402
 from common.evaluation import evaluate  # noqa: E402
 from common.runs import git_commit  # noqa: E402
@@ -77,14 +77,38 @@ def growth_exponent(horizons, costs) -> float:
     return float(np.polyfit(np.log(h), np.log(c), 1)[0])
 
 
+def horizon_env(dagger, horizon: int):
+    return dagger.interactive_env(dagger.Config(env=ENV, max_episode_steps=horizon))
+
+
 def expert_return(dagger, horizon: int, episodes: int, seed: int) -> float:
     """The expert's mean return on the evaluation episodes the learners are scored on (same seeds, same H)."""
-    dataset = dagger.interactive_env(dagger.Config(env=ENV, max_episode_steps=horizon))
     policy = lambda obs: torch.as_tensor(pendulum_expert(obs.cpu().numpy()))
-    return evaluate(policy, dataset, None, episodes, seed)["return_mean"]
+    return evaluate(policy, horizon_env(dagger, horizon), None, episodes, seed)["return_mean"]
+
+
+@torch.no_grad()
+def error_on_expert_states(dagger, agent, horizon: int, episodes: int, seed: int) -> float:
+    """eps of the theorems: the learner's mean d(a, a*) on the states the expert visits (the expert drives
+    the evaluation episodes; the learner only proposes)."""
+    env = horizon_env(dagger, horizon)
+    errors = []
+
+    def policy(obs: torch.Tensor) -> torch.Tensor:
+        flat = obs.cpu().numpy()
+        a_star = pendulum_expert(flat)
+        errors.append(dagger.action_discrepancy(dagger.learner_actions(agent, flat, env.action_space), a_star,
+                                                env.action_space))
+        return torch.as_tensor(a_star)
+
+    lengths = evaluate(policy, env, None, episodes, seed)["lengths"]
+    d = np.stack(errors)
+    return float(d[np.arange(len(d))[:, None] < lengths[None, :]].mean())
 
 
 def run_one(dagger, method: str, horizon: int, seed: int, args) -> dict:
+    """Train one method at one H; return its summary with `eps_expert_states` added (and, at the longest H,
+    `error_by_step`: the final policy's mean d(a_t, a*_t) at each step of its own evaluation episodes)."""
     config = dagger.Config(env=ENV, expert=EXPERT, seed=seed, device="cpu", threads=args.threads,
                            max_steps=args.rounds * args.steps_per_round, steps_per_round=args.steps_per_round,
                            episodes_per_round=args.episodes_per_round, max_episode_steps=horizon,
@@ -92,11 +116,18 @@ def run_one(dagger, method: str, horizon: int, seed: int, args) -> dict:
                            log_every=args.steps_per_round, checkpoint_every=0, runs_dir=args.runs_dir,
                            download=False, **METHODS[method])
     with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
-        return dagger.train(config)
+        summary = dagger.train(config)
+    agent, _ = load_agent(summary["run_dir"])
+    summary["eps_expert_states"] = error_on_expert_states(dagger, agent, horizon, args.eval_episodes, seed)
+    if horizon == max(args.horizons):
+        expert = dagger.Expert(pendulum_expert, "scripted", horizon_env(dagger, horizon).action_space)
+        summary["error_by_step"] = dagger.evaluate_against_expert(
+            agent, expert, horizon_env(dagger, horizon), args.eval_episodes, seed, "cpu")["error_by_step"]
+    return summary
 
 
-def mean_std(values) -> str:
-    return f"{np.mean(values):.2f} ± {np.std(values):.2f}"
+def mean_std(values, digits: int = 2) -> str:
+    return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}"
 
 
 def experiment(args) -> dict:
@@ -111,7 +142,8 @@ def experiment(args) -> dict:
                 t = time.perf_counter()
                 summary = run_one(dagger, method, h, seed, args)
                 runs[method][h].append(summary)
-                print(f"H={h:<4} seed {seed} {method:<6} labels {summary['expert_labels']:>6}  on-policy cost "
+                print(f"H={h:<4} seed {seed} {method:<6} labels {summary['expert_labels']:>6}  eps (expert states) "
+                      f"{summary['eps_expert_states']:.4f}  on-policy error {summary['onpolicy_error']:.4f}  cost "
                       f"{summary['onpolicy_cost']:8.2f}  return {summary['return_mean']:8.1f} (expert "
                       f"{expert[h][-1]:8.1f})  {time.perf_counter() - t:5.1f} s", file=sys.stderr, flush=True)
     for h in args.horizons:  # the comparison is at equal labels: make sure it is
@@ -122,49 +154,60 @@ def experiment(args) -> dict:
 
 
 def fit(args, out: dict) -> dict:
-    """Per method: per-H costs (seeds), and the exponents of the on-policy cost and of the return regret."""
+    """Per method: per-H values (rows: H, columns: seeds) and the fitted exponents."""
     fits = {}
+    per_h = lambda method, key: np.array([[s[key] for s in out["runs"][method][h]] for h in args.horizons])
     for method in METHODS:
-        cost = np.array([[s["onpolicy_cost"] for s in out["runs"][method][h]] for h in args.horizons])  # (H, seeds)
-        ret = np.array([[s["return_mean"] for s in out["runs"][method][h]] for h in args.horizons])
-        regret = np.array([out["expert"][h] for h in args.horizons]) - ret  # same episodes, same seeds
+        cost = per_h(method, "onpolicy_cost")
+        regret = np.array([out["expert"][h] for h in args.horizons]) - per_h(method, "return_mean")
         fits[method] = {
-            "cost": cost, "return": ret, "regret": regret,
+            "cost": cost, "return": per_h(method, "return_mean"), "regret": regret,
+            "eps": per_h(method, "eps_expert_states"), "error": per_h(method, "onpolicy_error"),
             "cost_exponent_seeds": [growth_exponent(args.horizons, cost[:, j]) for j in range(cost.shape[1])],
             "cost_exponent_means": growth_exponent(args.horizons, cost.mean(1)),
             "regret_exponent_means": growth_exponent(args.horizons, regret.mean(1)),
             "labels": [out["runs"][method][h][0]["expert_labels"] for h in args.horizons],
+            "error_by_step": np.mean([s["error_by_step"] for s in out["runs"][method][max(args.horizons)]], 0),
         }
     return fits
 
 
 def markdown(args, out: dict, fits: dict, command: str, elapsed: float) -> str:
     seeds = ", ".join(str(s) for s in args.seeds)
+    commit = git_commit()
+    bc, dg = fits["BC"], fits["DAgger"]
     lines = [
         "# Compounding errors: behaviour cloning against DAgger at equal expert labels",
         "",
         f"Command: `{command}`  ",
-        f"Commit: {git_commit()[:12] + ('-dirty' if git_commit().endswith('-dirty') else '')}; "
-        f"{time.strftime('%Y-%m-%d')}; {elapsed / 60:.1f} min on {args.threads} torch thread(s).",
+        f"Commit: {commit[:12] + ('-dirty' if commit.endswith('-dirty') else '')}; {time.strftime('%Y-%m-%d')}; "
+        f"{elapsed / 60:.1f} min wall on {args.threads} torch thread(s).",
         "",
-        f"{ENV} with a scripted expert (energy pumping, then PD control); time limit H varied. Each method gets "
-        f"{args.rounds} rounds x {args.episodes_per_round} episodes of H expert-labelled steps, "
+        f"{ENV} with a scripted expert (energy pumping, then PD control), time limit H varied. Each method gets "
+        f"{args.rounds} rounds x {args.episodes_per_round} episodes of H expert-labelled steps and "
         f"{args.rounds} x {args.steps_per_round} gradient steps of an MLP {tuple(args.hidden_dims)} with the l2 "
         f"loss (`algorithms/dagger.py`). BC: beta = 1 in every round (expert rollouts only). DAgger: "
         f"beta_i = 1[i = 0] (the learner drives from round 1, the expert labels the states it visits). "
-        f"Scored on {args.eval_episodes} evaluation episodes of length H per seed (seeds {seeds}): on-policy "
-        f"cost = sum over the episode of d(a, a*) = |a - a*| / 4 (the action range), and the return; "
-        f"regret = expert return - learner return on the same episodes. Mean ± std over seeds.",
+        f"Scored on {args.eval_episodes} evaluation episodes of length H per seed (seeds {seeds}), mean ± std "
+        f"over seeds. d(a, a*) = |a - a*| / 4 (the action range); eps = mean d on the expert's own states "
+        f"(the theorems' training error); on-policy error = mean d on the learner's states; cost = sum of d "
+        f"over the learner's episode (l(pi) of the theorems); regret = expert return - learner return on the "
+        f"same episodes.",
         "",
-        "| H | expert labels | BC on-policy cost | DAgger on-policy cost | BC return | DAgger return | expert return |",
-        "|---|---|---|---|---|---|---|",
+        "| H | labels | BC eps | BC on-policy error | BC cost | DAgger eps | DAgger on-policy error | DAgger cost |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for k, h in enumerate(args.horizons):
-        lines.append(f"| {h} | {fits['BC']['labels'][k]} | {mean_std(fits['BC']['cost'][k])} | "
-                     f"{mean_std(fits['DAgger']['cost'][k])} | {mean_std(fits['BC']['return'][k])} | "
-                     f"{mean_std(fits['DAgger']['return'][k])} | {np.mean(out['expert'][h]):.1f} |")
-    lines += ["", "Fitted growth exponents (slope of log cost against log H; theory's worst case: BC 2, DAgger 1):",
-              "", "| method | on-policy cost, per seed (mean ± std) | on-policy cost, seed means | return regret, seed means |",
+        lines.append(f"| {h} | {bc['labels'][k]} | {mean_std(bc['eps'][k], 4)} | {mean_std(bc['error'][k], 4)} | "
+                     f"{mean_std(bc['cost'][k])} | {mean_std(dg['eps'][k], 4)} | {mean_std(dg['error'][k], 4)} | "
+                     f"{mean_std(dg['cost'][k])} |")
+    lines += ["", "| H | BC return | DAgger return | expert return |", "|---|---|---|---|"]
+    for k, h in enumerate(args.horizons):
+        lines.append(f"| {h} | {mean_std(bc['return'][k], 1)} | {mean_std(dg['return'][k], 1)} | "
+                     f"{np.mean(out['expert'][h]):.1f} |")
+    lines += ["", "Fitted growth exponents, the slope of log(cost) against log(H) (the theorems' worst cases: BC 2, "
+              "DAgger 1):", "",
+              "| method | on-policy cost, per seed (mean ± std) | on-policy cost, seed means | return regret, seed means |",
               "|---|---|---|---|"]
     for method in METHODS:
         f = fits[method]
@@ -179,31 +222,44 @@ def figure(args, out: dict, fits: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     h = np.asarray(args.horizons, np.float64)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4.2))
     for method, color in (("BC", "tab:red"), ("DAgger", "tab:blue")):
         f = fits[method]
-        mean, std = f["cost"].mean(1), f["cost"].std(1)
-        left.errorbar(h, mean, yerr=std, fmt="o", color=color, capsize=3,
-                      label=f"{method}: slope {f['cost_exponent_means']:.2f}")
+        mean = f["cost"].mean(1)
+        for j in range(f["cost"].shape[1]):
+            left.plot(h, f["cost"][:, j], ".", color=color, alpha=0.35)
+        left.plot(h, mean, "o", color=color, label=f"{method}: fitted slope {f['cost_exponent_means']:.2f}")
         if np.isfinite(f["cost_exponent_means"]):
             slope, intercept = np.polyfit(np.log(h), np.log(mean), 1)
-            left.plot(h, np.exp(intercept) * h ** slope, "-", color=color, alpha=0.6)
-        right.errorbar(h, f["return"].mean(1), yerr=f["return"].std(1), fmt="o-", color=color, capsize=3,
-                       label=method)
-    anchor = fits["DAgger"]["cost"].mean(1)[0]
+            left.plot(h, np.exp(intercept) * h ** slope, "-", color=color, alpha=0.7)
+        middle.errorbar(h, f["return"].mean(1), yerr=f["return"].std(1), fmt="o-", color=color, capsize=3,
+                        label=method)
+        curve = f["error_by_step"]
+        window = max(1, len(curve) // 40)
+        smooth = np.convolve(curve, np.ones(window) / window, mode="valid")
+        right.plot(np.arange(len(smooth)) + window / 2, smooth, color=color, label=method)
+    anchor = fits["BC"]["cost"].mean(1)[0]
     for power, style in ((1, ":"), (2, "--")):
         left.plot(h, anchor * (h / h[0]) ** power, style, color="gray", label=f"H^{power} (reference)")
     left.set(xscale="log", yscale="log", xlabel="horizon H", ylabel="on-policy cost  sum_t d(a_t, a*_t)",
              title="cost of the final policy vs H (log-log)")
-    right.plot(h, [np.mean(out["expert"][x]) for x in args.horizons], "s--", color="black", label="expert")
-    right.set(xscale="log", xlabel="horizon H", ylabel="return over H steps", title="return vs H")
-    for ax in (left, right):
+    middle.plot(h, [np.mean(out["expert"][x]) for x in args.horizons], "s--", color="black", label="expert")
+    middle.set(xscale="log", xlabel="horizon H", ylabel="return over H steps", title="return vs H")
+    for ax in (left, middle):
+        ax.set_xticks(h)
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    right.set(xlabel="step t", ylabel="mean d(a_t, a*_t)",
+              title=f"per-step on-policy error at H={max(args.horizons)}")
+    for ax in (left, middle, right):
         ax.legend(fontsize=8)
-        ax.grid(alpha=0.3, which="both")
-    fig.suptitle(f"{ENV}, equal expert labels ({args.rounds} x {args.episodes_per_round} episodes of H steps), "
-                 f"seeds {', '.join(str(s) for s in args.seeds)}", fontsize=9)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{ENV}, MLP {tuple(args.hidden_dims)}, equal expert labels ({args.rounds} x "
+                 f"{args.episodes_per_round} episodes of H steps), seeds {', '.join(str(s) for s in args.seeds)}",
+                 fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -219,8 +275,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=5, help="rounds per run (default 5)")
     parser.add_argument("--episodes-per-round", type=int, default=2, help="episodes per round (default 2)")
     parser.add_argument("--steps-per-round", type=int, default=400, help="gradient steps per round (default 400)")
-    parser.add_argument("--hidden-dims", type=int, nargs="+", default=[256, 256], help="policy MLP (default 256 256)")
-    parser.add_argument("--eval-episodes", type=int, default=10, help="evaluation episodes per run (default 10)")
+    parser.add_argument("--hidden-dims", type=int, nargs="+", default=[64, 64],
+                        help="policy MLP (default 64 64: a small learner, so that eps is not negligible)")
+    parser.add_argument("--eval-episodes", type=int, default=20, help="evaluation episodes per run (default 20)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--runs-dir", default="runs/compounding", help="where the runs go (default runs/compounding)")
     parser.add_argument("--output", default="results/compounding-error.md", help="markdown table")
