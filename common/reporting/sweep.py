@@ -41,8 +41,10 @@ import difflib
 import hashlib
 import json
 import os
+import shutil
 import socket
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -62,7 +64,7 @@ SET_BY_SWEEP = {"--env": "--envs", "--seed": "--seeds", "--threads": "--threads"
 # these are the same trial (a finished run made outside the sweep is adopted).
 WHERE_FIELDS = {"runs_dir", "threads", "resume", "checkpoint_dir", "track", "wandb_project", "download",
                 "compile", "device"}
-CONNECT_TIMEOUT_S = 10.0  # joining a cluster: Ray itself retries for a minute and more on a dead address
+CONNECT_TIMEOUT_S = 10.0  # joining a cluster (--connect-timeout): Ray itself retries a dead address for minutes
 PROGRESS_EVERY_S = 20.0  # at most one progress line per trial this often (evaluations always print)
 
 
@@ -240,8 +242,6 @@ def plan(trials: list[Trial], manifest: Manifest, runs_dir: Path, configs: dict[
     killed hard may not have heard of it). An unfinished run directory with no checkpoint yet has nothing to
     resume: it is removed and the trial starts again (else `make results` would flag it forever).
     """
-    import shutil
-
     out: dict[Trial, str | None] = {}
     for trial in trials:
         entry = manifest.entry(trial)
@@ -282,7 +282,8 @@ def quiet_ray_environment() -> None:
     """Before Ray is imported: no usage reporting, no Tune tables and loggers, no per-trial folders as cwd."""
     for key, value in {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AIR_NEW_OUTPUT": "0", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
                        "RAY_CHDIR_TO_TRIAL_DIR": "0", "RAY_DEDUP_LOGS": "0",
-                       "RAY_AIR_RICH_LAYOUT": "0", "RAY_TRAIN_V2_ENABLED": "0"}.items():
+                       "RAY_AIR_RICH_LAYOUT": "0", "RAY_TRAIN_V2_ENABLED": "0",
+                       "RAY_BACKEND_LOG_LEVEL": "error"}.items():  # C++ core warnings (retries) off the console
         os.environ.setdefault(key, value)
 
 
@@ -301,10 +302,10 @@ def probe_address(address: str, timeout: float = 3.0) -> None:
              f"running there, and is the port open?)")
 
 
-def connect(address: str | None, cores: int) -> str:
+def connect(address: str | None, cores: int, timeout: float = CONNECT_TIMEOUT_S) -> str:
     """Start Ray inside this process (address None) or join the cluster at `address`; returns a description.
 
-    Joining is bounded by CONNECT_TIMEOUT_S: Ray's own client retries a dead address for a minute or more.
+    Joining is bounded by `timeout` seconds: Ray's own client retries a dead address for a minute or more.
     """
     import logging
 
@@ -326,21 +327,40 @@ def connect(address: str | None, cores: int) -> str:
         except Exception as err:  # ConnectionError, RuntimeError, ...: all mean "not joined"
             outcome["error"] = err
 
+    # Ray's C++ client prints a warning a second while it retries: keep the console to our one line, and
+    # read the warnings for the one cause worth naming (a cluster with token authentication).
+    console = os.dup(2)
+    captured = tempfile.TemporaryFile()
+    os.dup2(captured.fileno(), 2)
     thread = threading.Thread(target=join, daemon=True)
     thread.start()
-    thread.join(CONNECT_TIMEOUT_S)
+    thread.join(timeout)
     if "ok" not in outcome:
-        why = (f"{type(outcome['error']).__name__}: {str(outcome['error']).splitlines()[0]}" if "error" in outcome
-               else f"no answer within {CONNECT_TIMEOUT_S:.0f} s")
-        raise _Unreachable(f"cannot join a Ray cluster at {address}: {why} (start one with `ray start --head`, "
-                           f"or drop --address/RAY_ADDRESS to run locally)")
+        captured.seek(0)
+        hint = " (start one with `ray start --head`, or drop --address/RAY_ADDRESS to run locally)"
+        if b"Authentication token" in captured.read():
+            why, hint = ("the cluster uses token authentication: set RAY_AUTH_MODE=token and give this machine the "
+                         "head's token (~/.ray/auth_token or RAY_AUTH_TOKEN; docs.ray.io ray-security/token-auth)", "")
+        elif "error" in outcome:
+            why = f"{type(outcome['error']).__name__}: {str(outcome['error']).splitlines()[0]}"
+        else:
+            why = f"no answer within {timeout:g} s"
+        raise _Unreachable(f"cannot join a Ray cluster at {address}: {why}{hint}", console)
+    os.dup2(console, 2)
+    os.close(console)
+    captured.close()
     res = ray.cluster_resources()
     return f"Ray cluster at {address}: {res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs, " \
-           f"{len([n for n in ray.nodes() if n.get('Alive')])} nodes"
+           f"{len([n for n in ray.nodes() if n.get('Alive')])} node(s)"
 
 
 class _Unreachable(UserError):
-    """A cluster that does not answer: Ray's connection thread may still be blocked, so exit hard."""
+    """A cluster that does not answer: Ray's connection thread may still be blocked (and writing to stderr,
+    which points to /dev/null meanwhile), so the message goes to the console's descriptor and we exit hard."""
+
+    def __init__(self, message: str, console: int):
+        super().__init__(message)
+        self.console = console
 
 
 def _one_line(err: BaseException) -> str:
@@ -517,6 +537,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS") or None,
                         help="join a running Ray cluster (HOST:PORT, ray://HOST:PORT or auto; default $RAY_ADDRESS); "
                              "without it Ray runs inside this process")
+    parser.add_argument("--connect-timeout", type=float, default=CONNECT_TIMEOUT_S, help="seconds to wait for "
+                        "the cluster at --address before giving up (default %(default)g)")
     parser.add_argument("--runs-dir", default="runs", help="where run directories go (default runs/); on a "
                         "cluster: storage every node sees")
     parser.add_argument("--name", default="sweep", help="the sweep's folder <runs-dir>/sweeps/<name>/ (manifest, "
@@ -535,7 +557,7 @@ def available_cores() -> int:
 def sweep(argv: list[str]) -> int:
     args, flags = parse_args(argv)
     t0 = time.perf_counter()
-    # 1. Everything that can be wrong is checked before anything starts.
+    # 1. Everything that can be wrong is checked before anything is written or any trial starts.
     if args.threads < 1:
         fail(f"--threads must be at least 1, got {args.threads}")
     if args.gpus_per_trial < 0:
@@ -560,25 +582,34 @@ def sweep(argv: list[str]) -> int:
     modules = {algo: _import_algorithm(algo) for algo in dict.fromkeys(args.algos)}
     configs = {t: resolved_config(modules[t.algo], t.argv(runs_dir, args.threads, device)) for t in trials}
     check_datasets(list(dict.fromkeys(args.envs)), download=not args.no_download)
+    quiet_ray_environment()
+    import ray
 
-    folder = runs_dir / "sweeps" / args.name
-    folder.mkdir(parents=True, exist_ok=True)
-    with sweep_lock(folder):
-        manifest = Manifest(folder)
-        todo = plan(trials, manifest, runs_dir, configs, folder)
-        manifest.save()
-        pending = [t for t in trials if todo[t] != "done"]
-        print(f"sweep '{args.name}': {len(trials)} trials ({len(trials) - len(pending)} already finished, "
-              f"{sum(1 for t in pending if todo[t])} to resume, {sum(1 for t in pending if not todo[t])} to start); "
-              f"folder {folder}", flush=True)
-        interrupted = False
-        if pending:
-            interrupted = _fit(args, pending, todo, manifest, folder, runs_dir, cores, cpus_per_trial, device, t0,
-                               len(trials))
-        wall = time.perf_counter() - t0
-        lines = final_table(trials, manifest, wall)
-        (folder / "summary.md").write_text("\n".join(lines) + "\n")
-        print("\n".join(lines), flush=True)
+    try:
+        # A cluster is joined (or refused) before anything is written; a local Ray only starts when needed.
+        where = connect(args.address, cores, args.connect_timeout) if args.address else None
+        check_resources(args, cpus_per_trial)
+        folder = runs_dir / "sweeps" / args.name
+        folder.mkdir(parents=True, exist_ok=True)
+        with sweep_lock(folder):
+            manifest = Manifest(folder)
+            todo = plan(trials, manifest, runs_dir, configs, folder)
+            manifest.save()
+            pending = [t for t in trials if todo[t] != "done"]
+            print(f"sweep '{args.name}': {len(trials)} trials ({len(trials) - len(pending)} already finished, "
+                  f"{sum(1 for t in pending if todo[t])} to resume, {sum(1 for t in pending if not todo[t])} to "
+                  f"start); folder {folder}", flush=True)
+            interrupted = False
+            if pending:
+                where = where or connect(None, cores)
+                interrupted = _fit(args, pending, todo, manifest, folder, runs_dir, where, cpus_per_trial, device, t0)
+            wall = time.perf_counter() - t0
+            lines = final_table(trials, manifest, wall)
+            (folder / "summary.md").write_text("\n".join(lines) + "\n")
+            print("\n".join(lines), flush=True)
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
     failed = [t for t in trials if manifest.trials[t.key]["status"] == "failed"]
     unfinished = [t for t in trials if manifest.trials[t.key]["status"] not in ("finished", "failed")]
     if unfinished:
@@ -588,63 +619,71 @@ def sweep(argv: list[str]) -> int:
     return 1 if failed else 0
 
 
-def _fit(args, pending, todo, manifest, folder, runs_dir, cores, cpus_per_trial, device, t0, total) -> bool:
-    """Run the pending trials on Ray; returns whether the run was interrupted (Ctrl-C)."""
-    quiet_ray_environment()
+def check_resources(args: argparse.Namespace, cpus_per_trial: float) -> None:
+    """A trial must fit on the cluster joined (locally the CPU count was checked before)."""
+    import ray
+
+    if not ray.is_initialized():
+        if args.gpus_per_trial > 0:
+            import torch
+
+            if torch.cuda.device_count() < args.gpus_per_trial:
+                fail(f"--gpus-per-trial {args.gpus_per_trial:g}, but this machine has {torch.cuda.device_count()} "
+                     f"CUDA GPUs")
+        return
+    resources = ray.cluster_resources()
+    if resources.get("GPU", 0) < args.gpus_per_trial:
+        fail(f"--gpus-per-trial {args.gpus_per_trial:g}, but the Ray cluster has {resources.get('GPU', 0):g} GPUs")
+    if resources.get("CPU", 0) < cpus_per_trial:
+        fail(f"each trial asks for {cpus_per_trial:g} CPUs, more than the cluster's {resources.get('CPU', 0):g}")
+
+
+def _fit(args, pending, todo, manifest, folder, runs_dir, where, cpus_per_trial, device, t0) -> bool:
+    """Run the pending trials on Ray (already started or joined); returns whether it was interrupted (Ctrl-C)."""
     import logging
 
-    import ray
     from ray import tune
 
-    where = connect(args.address, cores)
     logging.getLogger("ray").setLevel(logging.CRITICAL)  # trial errors are reported by SweepProgress, once
+    env_vars = {k: os.environ[k] for k in ("MINARI_DATASETS_PATH", "HF_HUB_OFFLINE", "WANDB_MODE")
+                if k in os.environ}
+    params = [{"key": t.key, "algo": t.algo, "argv": t.argv(runs_dir, args.threads, device),
+               "resume": todo[t], "log": str(folder / "logs" / f"{t.name}.log"), "env_vars": env_vars,
+               "run_dir_file": str(run_dir_file(folder, t))}
+              for t in pending]
+    for t in pending:
+        manifest.trials[t.key]["status"] = "queued"
+    manifest.save()
+    concurrent = args.max_concurrent or 0
+    print(f"running {len(pending)} trials on {where}; each {cpus_per_trial:g} CPU"
+          f"{f', {args.gpus_per_trial:g} GPU' if args.gpus_per_trial else ''}, {args.threads} torch thread(s)"
+          f"{f', at most {concurrent} at once' if concurrent else ''}; flags to every trial: "
+          f"{' '.join(pending[0].flags) or '(none)'}", flush=True)
+    progress = _progress_callback(manifest, {t.key: t for t in pending}, len(pending), t0)
+    tuner = tune.Tuner(
+        tune.with_resources(run_trial, {"cpu": cpus_per_trial, "gpu": args.gpus_per_trial}),
+        param_space={"trial": tune.grid_search(params)},
+        # reuse_actors: a worker process serves trial after trial, so torch and the datasets library are imported
+        # once per process, not once per trial (each trial seeds and sets its threads itself, in `setup`)
+        tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=concurrent, reuse_actors=True),
+        run_config=tune.RunConfig(name=time.strftime("fit-%Y%m%d-%H%M%S"), storage_path=str(folder / "ray"),
+                                  verbose=0, failure_config=tune.FailureConfig(max_failures=0),
+                                  callbacks=[progress]))
+    interrupted = False
     try:
-        if args.gpus_per_trial > 0 and ray.cluster_resources().get("GPU", 0) < args.gpus_per_trial:
-            fail(f"--gpus-per-trial {args.gpus_per_trial:g}, but the Ray cluster has "
-                 f"{ray.cluster_resources().get('GPU', 0):g} GPUs")
-        if args.address is not None and ray.cluster_resources().get("CPU", 0) < cpus_per_trial:
-            fail(f"each trial asks for {cpus_per_trial:g} CPUs, more than the cluster's "
-                 f"{ray.cluster_resources().get('CPU', 0):g}")
-        env_vars = {k: os.environ[k] for k in ("MINARI_DATASETS_PATH", "HF_HUB_OFFLINE", "WANDB_MODE")
-                    if k in os.environ}
-        params = [{"key": t.key, "algo": t.algo, "argv": t.argv(runs_dir, args.threads, device),
-                   "resume": todo[t], "log": str(folder / "logs" / f"{t.name}.log"), "env_vars": env_vars,
-                   "run_dir_file": str(run_dir_file(folder, t))}
-                  for t in pending]
-        for t in pending:
-            manifest.trials[t.key]["status"] = "queued"
-        manifest.save()
-        concurrent = args.max_concurrent or 0
-        print(f"running {len(pending)} trials on {where}; each {cpus_per_trial:g} CPU"
-              f"{f', {args.gpus_per_trial:g} GPU' if args.gpus_per_trial else ''}, {args.threads} torch thread(s)"
-              f"{f', at most {concurrent} at once' if concurrent else ''}; flags to every trial: "
-              f"{' '.join(pending[0].flags) or '(none)'}", flush=True)
-        storage = folder / "ray"
-        progress = _progress_callback(manifest, {t.key: t for t in pending}, len(pending), t0)
-        tuner = tune.Tuner(
-            tune.with_resources(run_trial, {"cpu": cpus_per_trial, "gpu": args.gpus_per_trial}),
-            param_space={"trial": tune.grid_search(params)},
-            tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=concurrent),
-            run_config=tune.RunConfig(name=time.strftime("fit-%Y%m%d-%H%M%S"), storage_path=str(storage),
-                                      verbose=0, failure_config=tune.FailureConfig(max_failures=0),
-                                      callbacks=[progress]))
-        interrupted = False
-        try:
-            tuner.fit()
-        except KeyboardInterrupt:
-            interrupted = True
-        if any(manifest.trials[t.key]["status"] in ("queued", "running") for t in pending):
-            interrupted = True
-        if interrupted:
-            progress.interrupted()
-        for t in pending:
-            entry = manifest.trials[t.key]
-            if entry["status"] in ("queued", "running"):
-                entry["status"] = "interrupted"
-        manifest.save()
-        return interrupted
-    finally:
-        ray.shutdown()
+        tuner.fit()
+    except KeyboardInterrupt:
+        interrupted = True
+    if any(manifest.trials[t.key]["status"] in ("queued", "running") for t in pending):
+        interrupted = True
+        progress.interrupted()
+    for t in pending:
+        entry = manifest.trials[t.key]
+        if entry["status"] in ("queued", "running"):
+            entry["status"] = "interrupted"
+    manifest.save()
+    shutil.rmtree(folder / "ray", ignore_errors=True)  # Tune's own records: the manifest and logs say it all
+    return interrupted
 
 
 def final_table(trials: list[Trial], manifest: Manifest, wall: float) -> list[str]:
@@ -677,7 +716,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return sweep(sys.argv[1:] if argv is None else argv)
     except _Unreachable as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os.write(err.console, f"error: {err}\n".encode())
         os._exit(EXIT_USER_ERROR)  # Ray's connection thread may be blocked inside C++: do not wait for it
     except UserError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
