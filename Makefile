@@ -7,7 +7,7 @@ SEEDS ?= 0
 QUALITIES ?= random medium medium-replay expert medium-expert
 THREADS ?= 1
 
-.PHONY: install run test bench datasets datasets-default scores clean-runs
+.PHONY: install run test bench datasets datasets-default scores clean-runs figures
 
 # pip is only called when requirements.txt changed since the last successful install
 install: .installed
@@ -42,6 +42,10 @@ scores: datasets-default
 	    --threads $(THREADS) --eval-every 0 --runs-dir runs/scores || exit 1; done; done
 	$(PY) -m common.reporting.results --runs-dir runs/scores --output results/scores.md \
 	  --command "make scores ALGO=$(ALGO) STEPS=$(STEPS) SEEDS='$(SEEDS)'"
+
+# The lecture's claims as figures: results/figures/*.png and results/figures/README.md (a few minutes, 1 core)
+figures: install
+	$(PY) -m common.figures
 
 clean-runs:
 	rm -rf runs
