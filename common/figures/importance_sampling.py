@@ -13,14 +13,15 @@ ordinary (trajectory-wise) IS  (1/n) sum_i rho_{0:H-1}^i G^i
 per-decision IS                (1/n) sum_i sum_t rho_{0:t}^i r_t^i
 weighted IS                    sum_i rho_{0:H-1}^i G^i / sum_i rho_{0:H-1}^i
 weighted per-decision IS       sum_t sum_i rho_{0:t}^i r_t^i / sum_i rho_{0:t}^i
-(algorithms/ope.py's `importance_sampling_estimates` computes the same four). Their bias and standard
-deviation come from `REPEATS` independent datasets.
+computed by algorithms/ope.py's `importance_sampling_estimates` (the off-policy evaluation tool's own code).
+Their bias and standard deviation come from `REPEATS` independent datasets.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from common.checkpoint import _import_algorithm
 from common.figures.tabular import TabularMDP, finite_horizon_values, sample_episodes
 
 N_STATES = 6
@@ -31,7 +32,7 @@ TARGETS = tuple(np.round(np.linspace(P_BEHAVIOUR, 0.95, 14), 3))  # pi(right | s
 EPISODES = 100  # episodes per dataset
 REPEATS = 400  # datasets per estimate of bias and variance
 SEED = 0
-ESTIMATORS = ("ordinary", "per-decision", "weighted", "weighted per-decision")
+ESTIMATORS = ("ordinary IS", "per-decision IS", "weighted IS", "weighted per-decision IS")
 
 
 def chain_mdp() -> TabularMDP:
@@ -55,22 +56,6 @@ def true_value(mdp: TabularMDP, p_right: float) -> float:
     return float(finite_horizon_values(mdp, policy(p_right), HORIZON) @ mdp.start)
 
 
-def is_estimates(log_ratios: np.ndarray, rewards: np.ndarray, gamma: float = 1.0) -> dict[str, np.ndarray]:
-    """The four IS estimates for each dataset: `log_ratios` and `rewards` (..., n episodes, H steps) hold
-    log pi(a_t|s_t) - log pi_beta(a_t|s_t) and r_t; returns arrays of shape (...)."""
-    discount = gamma ** np.arange(rewards.shape[-1])
-    rho_t = np.exp(np.cumsum(log_ratios, axis=-1))  # rho_{0:t}
-    rho = rho_t[..., -1]  # rho_{0:H-1}
-    returns = (rewards * discount).sum(-1)
-    n = rewards.shape[-2]
-    return {
-        "ordinary": (rho * returns).sum(-1) / n,
-        "per-decision": (rho_t * rewards * discount).sum((-1, -2)) / n,
-        "weighted": (rho * returns).sum(-1) / rho.sum(-1),
-        "weighted per-decision": ((rho_t * rewards).sum(-2) / rho_t.sum(-2) * discount).sum(-1),
-    }
-
-
 def sweep(targets=TARGETS, episodes: int = EPISODES, repeats: int = REPEATS, seed: int = SEED) -> dict:
     """Bias, standard deviation and standard error of the bias of each estimator, for each target."""
     mdp = chain_mdp()
@@ -84,7 +69,7 @@ def sweep(targets=TARGETS, episodes: int = EPISODES, repeats: int = REPEATS, see
     out["max_ratio"] = []
     for p, truth in zip(targets, out["true"]):
         log_ratio = np.where(actions == 1, np.log(p / P_BEHAVIOUR), np.log((1 - p) / (1 - P_BEHAVIOUR)))
-        estimates = is_estimates(log_ratio, rewards)
+        estimates = _import_algorithm("ope").importance_sampling_estimates(log_ratio, rewards, 1.0)
         for name in ESTIMATORS:
             e = estimates[name]
             out[name]["bias"].append(float(e.mean() - truth))
@@ -102,8 +87,7 @@ def make(path) -> dict:
 
     res = sweep()
     p = res["targets"]
-    colors = {"ordinary": "#cc0000", "per-decision": "#e69138", "weighted": "#3d85c6",
-              "weighted per-decision": "#38761d"}
+    colors = dict(zip(ESTIMATORS, ("#cc0000", "#e69138", "#3d85c6", "#38761d")))
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
     for name in ESTIMATORS:
         axes[0].errorbar(p, res[name]["bias"] / res["true"], yerr=2 * res[name]["bias_se"] / res["true"], fmt="o-",
@@ -137,5 +121,5 @@ def make(path) -> dict:
     return {"target pi(right)": float(p[last]), "true value": float(res["true"][last]),
             **{f"{name}: bias, std": (round(float(res[name]["bias"][last]), 3), round(float(res[name]["std"][last]), 3))
                for name in ESTIMATORS},
-            "ordinary IS std on-policy -> farthest": (float(res["ordinary"]["std"][0]),
-                                                     float(res["ordinary"]["std"][last]))}
+            "ordinary IS std on-policy -> farthest": (float(res["ordinary IS"]["std"][0]),
+                                                     float(res["ordinary IS"]["std"][last]))}
