@@ -6,8 +6,15 @@ STEPS ?= 10000
 SEEDS ?= 0
 QUALITIES ?= random medium medium-replay expert medium-expert
 THREADS ?= 1
+# make sweep / make results: a grid of algorithms x datasets x seeds, and the run directories it reads
+ALGOS ?= bc iql
+ENVS ?= local/pendulum/medium-replay-v0 local/pendulum/medium-expert-v0
+SWEEP_SEEDS ?= 0 1 2
+NAME ?= sweep
+RUNS ?= runs
+FLAGS ?=
 
-.PHONY: install run test bench datasets datasets-default scores clean-runs figures
+.PHONY: install run test bench datasets datasets-default scores clean-runs figures sweep results
 
 # pip is only called when requirements.txt changed since the last successful install
 install: .installed
@@ -35,13 +42,27 @@ test: install
 bench: install
 	$(PY) -m common.reporting.bench --threads $(THREADS)
 
-# One algorithm on every quality of the pendulum suite, then results/scores.md from the runs
+# One algorithm on every quality of the pendulum suite (a sweep), its table in runs/scores/scores.md;
+# results/ itself is rebuilt from all runs by `make results`
 scores: datasets-default
-	for q in $(QUALITIES); do for s in $(SEEDS); do \
-	  $(PY) algorithms/$(ALGO).py --env local/pendulum/$$q-v0 --max-steps $(STEPS) --seed $$s \
-	    --threads $(THREADS) --eval-every 0 --runs-dir runs/scores || exit 1; done; done
-	$(PY) -m common.reporting.results --runs-dir runs/scores --output results/scores.md \
+	$(PY) -m common.reporting.sweep --algos $(ALGO) --envs $(foreach q,$(QUALITIES),local/pendulum/$(q)-v0) \
+	  --seeds $(SEEDS) --threads $(THREADS) --runs-dir runs/scores --name scores-$(ALGO) \
+	  -- --max-steps $(STEPS) --eval-every 0
+	$(PY) -m common.reporting.results --runs-dir runs/scores --algos $(ALGO) --output runs/scores/scores.md \
 	  --command "make scores ALGO=$(ALGO) STEPS=$(STEPS) SEEDS='$(SEEDS)'"
+
+# Algorithms x datasets x seeds on Ray: one trial per core here, or a cluster with RAY_ADDRESS=HOST:PORT.
+# Resumable: rerun the same command after an interruption. FLAGS go to every trial ("--max-steps 5000").
+sweep: install
+	$(PY) -m common.reporting.sweep --algos $(ALGOS) --envs $(ENVS) --seeds $(SWEEP_SEEDS) \
+	  --threads $(THREADS) --runs-dir $(RUNS) --name $(NAME) $(if $(strip $(FLAGS)),-- $(FLAGS))
+
+# results/scores.md and results/scores-hopper.md (tables, figures in results/scores*/) from the runs in $(RUNS)
+results: install
+	$(PY) -m common.reporting.results --runs-dir $(RUNS) --output results/scores.md \
+	  --datasets 'local/pendulum/*' 'local/cartpole/*' --title "Pendulum and cartpole suites"
+	$(PY) -m common.reporting.results --runs-dir $(RUNS) --output results/scores-hopper.md \
+	  --datasets 'local/hopper-150k/*' --title "Reduced hopper suite (local/hopper-150k)" --skip-empty
 
 # The lecture's claims as figures: results/figures/*.png and results/figures/README.md (a few minutes, 1 core)
 figures: install

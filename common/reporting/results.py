@@ -596,6 +596,9 @@ def report(args: argparse.Namespace) -> int:
     runs, skipped = collect_runs(runs_dirs, args.datasets, args.algos)
     if not any(r.finished for r in runs):
         where = ", ".join(args.runs_dir) + (f" matching {' '.join(args.datasets)}" if args.datasets else "")
+        if args.skip_empty:
+            print(f"no finished runs under {where}: {args.output} left as it is", file=sys.stderr)
+            return 0
         fail(f"no finished runs (summary.json) under {where}")
     groups = group_runs(runs)
     infos = {env: dataset_info(env) for env in sorted({g.env for g in groups})}
@@ -691,6 +694,8 @@ def main(argv: list[str] | None = None) -> int:
                         "IQM costs about 0.4 ms a resample and algorithm on one core)")
     parser.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the bootstrap (reproducible intervals)")
     parser.add_argument("--no-figures", action="store_true", help="tables only")
+    parser.add_argument("--skip-empty", action="store_true", help="no finished run matches: leave --output as it "
+                        "is and exit 0 (make results over suites not run yet)")
     args = parser.parse_args(argv)
     try:
         return report(args)
