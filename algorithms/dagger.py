@@ -142,7 +142,8 @@ class Config:
     discrepancy normalised by the action range and sqrt(|A|) (discrete actions: d = 1[a != a*])"""
     release_ratio: float = 0.25
     """hysteresis of the gate: control returns to the learner once d(a, a*) < release_ratio * tau
-    (LazyDAgger's tau_auto 0.25); between the two the gate keeps its current state"""
+    (LazyDAgger's tau_auto 0.25); between the two the gate keeps its current state (discrete actions: the
+    expert takes over at the first disagreement and hands back at the first agreement)"""
     init_data: Literal["none", "dataset", "relabelled"] = "none"
     """round 0's data: expert rollouts (none), the --env dataset's (s, a) as stored (dataset), or its states
     labelled by the expert, (s, a*) (relabelled); dataset labels count as expert labels"""
