@@ -195,3 +195,34 @@ def assert_states_equal(a: dict, b: dict, nets) -> None:
         assert a[net].keys() == b[net].keys(), (net, sorted(a[net].keys() ^ b[net].keys()))
         for key in a[net]:
             assert torch.equal(a[net][key], b[net][key]), f"{net}.{key} differs between the two runs"
+
+
+def env_step_samples(env_id: str, count: int, seed: int, **env_kwargs) -> tuple[dict[str, np.ndarray], object]:
+    """`count` steps of the env itself from varied states, for checking a termination rule against the env:
+    returns ({obs, actions, next_obs, terminated, state}, the env's spec with its kwargs), where `state` is the
+    simulator's state_vector() after the step (NaN for envs without one). Every other step starts
+    from a state set by hand (MuJoCo envs: positions and velocities perturbed, now and then one joint far
+    out), so that many steps leave the healthy ranges; the others continue random-action play."""
+    env = gym.make(env_id, **env_kwargs)
+    env.action_space.seed(seed)
+    rng = np.random.default_rng(seed)
+    base = env.unwrapped
+    rows = {"obs": [], "actions": [], "next_obs": [], "terminated": [], "state": []}
+    obs, _ = env.reset(seed=seed)
+    for i in range(count):
+        if i % 2 == 1 and hasattr(base, "set_state"):
+            qpos = base.init_qpos + rng.normal(0.0, 0.4, base.model.nq)
+            if rng.uniform() < 0.1:
+                qpos[rng.integers(2, base.model.nq)] = rng.choice([-1.0, 1.0]) * rng.uniform(95.0, 110.0)
+            base.set_state(qpos, rng.normal(0.0, 2.0, base.model.nv))
+            obs = base._get_obs()
+        action = env.action_space.sample()
+        next_obs, _, terminated, truncated, _ = env.step(action)
+        state = base.state_vector() if hasattr(base, "state_vector") else np.full(1, np.nan)
+        for key, value in (("obs", obs), ("actions", action), ("next_obs", next_obs), ("terminated", terminated),
+                           ("state", state)):
+            rows[key].append(value)
+        obs = env.reset(seed=seed + i + 1)[0] if terminated or truncated else next_obs
+    spec = env.spec
+    env.close()
+    return {k: np.asarray(v, dtype=bool if k == "terminated" else np.float32) for k, v in rows.items()}, spec
