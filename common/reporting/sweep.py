@@ -282,8 +282,7 @@ def quiet_ray_environment() -> None:
     """Before Ray is imported: no usage reporting, no Tune tables and loggers, no per-trial folders as cwd."""
     for key, value in {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AIR_NEW_OUTPUT": "0", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
                        "RAY_CHDIR_TO_TRIAL_DIR": "0", "RAY_DEDUP_LOGS": "0",
-                       "RAY_AIR_RICH_LAYOUT": "0", "RAY_TRAIN_V2_ENABLED": "0",
-                       "RAY_BACKEND_LOG_LEVEL": "error"}.items():  # C++ core warnings (retries) off the console
+                       "RAY_AIR_RICH_LAYOUT": "0", "RAY_TRAIN_V2_ENABLED": "0"}.items():
         os.environ.setdefault(key, value)
 
 
@@ -315,7 +314,7 @@ def connect(address: str | None, cores: int, timeout: float = CONNECT_TIMEOUT_S)
                   runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(
                       [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}})
     if address is None:
-        ray.init(num_cpus=cores, **common)
+        ray.init(address="local", num_cpus=cores, **common)  # "local": never join a `ray start` found here
         return f"local Ray in this process, {cores} CPUs"
     probe_address(address)
     outcome: dict[str, Any] = {}
