@@ -84,6 +84,7 @@ class Preset:
     checkpoint_every: int
     warmup_steps: int
     about: str
+    scripted: bool = False  # a scripted expert instead of a trained agent: common/build/scripted.py
 
 
 PRESETS: dict[str, Preset] = {
@@ -97,6 +98,9 @@ PRESETS: dict[str, Preset] = {
     "hopper": Preset("Hopper-v5", 1_000_000, 1_000_000, 10_000, 10_000, "D4RL sizes, ~3 h"),
     "halfcheetah": Preset("HalfCheetah-v5", 1_000_000, 1_000_000, 10_000, 10_000, "D4RL sizes, ~3 h"),
     "walker2d": Preset("Walker2d-v5", 1_000_000, 1_000_000, 10_000, 10_000, "D4RL sizes, ~3 h"),
+    # The lecture's two-mode demonstrations (common/envs/fork.py): a scripted expert passes the obstacle on the
+    # left or the right, 50/50; no agent is trained (no medium-replay). ~220 expert episodes.
+    "fork": Preset("PointFork-v0", 0, 5_000, 0, 0, "scripted two-mode expert, seconds", scripted=True),
 }
 # Budgets for an env id that is not a preset (override with the flags).
 CUSTOM_DEFAULTS = Preset("", 100_000, 100_000, 0, 5_000, "")  # checkpoint_every 0: agent_steps // 50
@@ -375,6 +379,10 @@ def build(args: argparse.Namespace) -> dict:
         listed = ", ".join(ids[q] for q in existing)
         fail(f"{listed} already exist{'s' if len(existing) == 1 else ''} under {minari_root()}; pass --overwrite "
              f"to replace, --skip-existing to keep, or --name to build under another name")
+
+    if preset.scripted:  # no behaviour agent to train: common/build/scripted.py rolls the scripted expert out
+        from common.build import scripted
+        return scripted.build(args, name, env_id, qualities, ids, dataset_size, t_start)
 
     build_dir = Path(args.build_dir) if args.build_dir else Path("runs") / "datasets" / f"{name}-seed{args.seed}"
     if args.fresh:  # remove only what this builder wrote there
