@@ -43,10 +43,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-# Config fields that say where or how a run was made, not what it computes (as in sweep.py): runs that
-# differ only in these (and the seed) belong to one row.
-WHERE_FIELDS = {"runs_dir", "threads", "resume", "checkpoint_dir", "track", "wandb_project", "download",
-                "compile", "device"}
+# Runs that differ only in the seed and in where or how they ran (WHERE_FIELDS) belong to one row.
+from common.reporting.sweep import WHERE_FIELDS  # noqa: E402
 NOT_RUN_FOLDERS = {"sweeps", "datasets"}  # under --runs-dir: the sweep tool's and the dataset builder's
 SCORE_KEY, RETURN_KEY = "eval/normalized_score_mean", "eval/return_mean"
 AGGREGATE_METRICS = ("IQM", "mean")
