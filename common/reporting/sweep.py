@@ -98,9 +98,10 @@ class Trial:
         tail = f"-{hashlib.sha1(' '.join(self.flags).encode()).hexdigest()[:6]}" if self.flags else ""
         return f"{self.algo}-{self.env.replace('/', '-')}-seed{self.seed}{tail}"
 
-    def argv(self, runs_dir: Path, threads: int, device: str | None) -> list[str]:
+    def argv(self, runs_dir: Path, threads: int, device: str | None, download: bool = True) -> list[str]:
         """The algorithm's command-line arguments for this trial."""
         extra = ["--device", device] if device and not any(f.split("=")[0] == "--device" for f in self.flags) else []
+        extra += [] if download else ["--no-download"]
         return ["--env", self.env, "--seed", str(self.seed), "--threads", str(threads),
                 "--runs-dir", str(runs_dir), *extra, *self.flags]
 
@@ -579,7 +580,8 @@ def sweep(argv: list[str]) -> int:
     trials = [Trial(a, e, s, tuple(flags)) for a in dict.fromkeys(args.algos) for e in dict.fromkeys(args.envs)
               for s in dict.fromkeys(args.seeds)]
     modules = {algo: _import_algorithm(algo) for algo in dict.fromkeys(args.algos)}
-    configs = {t: resolved_config(modules[t.algo], t.argv(runs_dir, args.threads, device)) for t in trials}
+    configs = {t: resolved_config(modules[t.algo], t.argv(runs_dir, args.threads, device, not args.no_download))
+               for t in trials}
     check_datasets(list(dict.fromkeys(args.envs)), download=not args.no_download)
     quiet_ray_environment()
     import ray
@@ -646,7 +648,7 @@ def _fit(args, pending, todo, manifest, folder, runs_dir, where, cpus_per_trial,
     logging.getLogger("ray").setLevel(logging.CRITICAL)  # trial errors are reported by SweepProgress, once
     env_vars = {k: os.environ[k] for k in ("MINARI_DATASETS_PATH", "HF_HUB_OFFLINE", "WANDB_MODE")
                 if k in os.environ}
-    params = [{"key": t.key, "algo": t.algo, "argv": t.argv(runs_dir, args.threads, device),
+    params = [{"key": t.key, "algo": t.algo, "argv": t.argv(runs_dir, args.threads, device, not args.no_download),
                "resume": todo[t], "log": str(folder / "logs" / f"{t.name}.log"), "env_vars": env_vars,
                "run_dir_file": str(run_dir_file(folder, t))}
               for t in pending]
