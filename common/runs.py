@@ -668,6 +668,7 @@ class Run:
                    "normalized_score_mean": result["normalized_mean"],
                    "normalized_score_std": result["normalized_std"],
                    "reference_scores": self.dataset.ref_source, "eval_episodes": len(result["returns"]),
+                   "dataset_sha256": (self.dataset.metadata or {}).get("sha256"),
                    "git_commit": git_commit(), "run_dir": str(self.dir), **(extra or {})}
         (self.dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self.metrics_file.close()
