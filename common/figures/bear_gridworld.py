@@ -53,7 +53,8 @@ def distribution_matching_policy(size: int, alpha: float, iters: int = 20_000) -
     """The KL-penalised optimal policy pi(a|s) (N, 2), by soft value iteration to convergence."""
     next_cell, _, goal, pi_beta = grid(size)
     v = np.zeros(len(pi_beta))
-    log_beta = np.log(np.maximum(pi_beta, 1e-300))
+    with np.errstate(divide="ignore"):
+        log_beta = np.log(pi_beta)  # -inf outside pi_beta's support: KL forbids those actions
     for _ in range(iters):
         q = _backup(v, next_cell, goal)
         z = log_beta + q / alpha

@@ -1,0 +1,160 @@
+"""Off-policy evaluation: importance sampling recovers exact values within its intervals, FQE matches a known
+value on a linear-quadratic problem, the behaviour model, a trained run evaluated end to end, resume,
+determinism and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_states_equal, load_algorithm, run_config, train_straight_and_resumed
+
+from common.datasets import DataSpec
+from common.errors import UserError
+from common.figures import importance_sampling as chain
+from common.figures.tabular import finite_horizon_values, sample_episodes
+
+ope = load_algorithm("ope")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Importance sampling on a small MDP with exact values
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("p_target", [0.5, 0.7])
+def test_is_estimates_recover_the_exact_value_within_their_intervals(p_target):
+    mdp = chain.chain_mdp()
+    mdp.gamma = 0.95
+    truth = float(finite_horizon_values(mdp, chain.policy(p_target), chain.HORIZON) @ mdp.start)
+    data = sample_episodes(mdp, chain.policy(chain.P_BEHAVIOUR), 2000, chain.HORIZON, np.random.default_rng(1))
+    right = data["actions"] == 1
+    log_ratios = np.where(right, np.log(p_target / chain.P_BEHAVIOUR), np.log((1 - p_target) / (1 - chain.P_BEHAVIOUR)))
+    point = ope.importance_sampling_estimates(log_ratios, data["rewards"], 0.95)
+    interval = ope.bootstrap_interval(
+        lambda idx: np.stack(list(ope.importance_sampling_estimates(log_ratios[idx], data["rewards"][idx],
+                                                                    0.95).values()), -1),
+        len(log_ratios), 300, 0.99, np.random.default_rng(2), row_size=chain.HORIZON)
+    for k, name in enumerate(point):
+        assert interval[0, k] <= truth <= interval[1, k], (name, interval[:, k], truth)
+        assert interval[0, k] <= point[name] <= interval[1, k], name
+    for name in ("weighted IS", "weighted per-decision IS"):  # biased but steady: close at this size
+        assert abs(point[name] - truth) < 0.1 * truth, name
+
+
+def test_on_policy_every_estimator_is_the_mean_discounted_return_and_ragged_episodes_pad():
+    rewards = [np.array([1.0, 2.0, 3.0]), np.array([4.0]), np.array([0.5, 0.5])]
+    r = ope.pad_episodes(rewards)
+    assert r.shape == (3, 3) and r[1, 1:].tolist() == [0.0, 0.0]
+    gamma = 0.9
+    expected = np.mean([sum(gamma ** t * x for t, x in enumerate(ep)) for ep in rewards])
+    for name, value in ope.importance_sampling_estimates(np.zeros_like(r), r, gamma).items():
+        assert value == pytest.approx(expected), name
+
+
+def test_importance_sampling_matches_brute_force_and_survives_huge_ratios():
+    rng = np.random.default_rng(0)
+    lr, r = 0.3 * rng.standard_normal((5, 4)), rng.uniform(-1, 1, (5, 4))
+    gamma, rho_t = 0.9, np.exp(np.cumsum(lr, 1))
+    disc = gamma ** np.arange(4)
+    est = ope.importance_sampling_estimates(lr, r, gamma)
+    assert est["ordinary IS"] == pytest.approx(np.mean(rho_t[:, -1] * (r * disc).sum(1)))
+    assert est["per-decision IS"] == pytest.approx(np.mean((rho_t * r * disc).sum(1)))
+    assert est["weighted IS"] == pytest.approx((rho_t[:, -1] * (r * disc).sum(1)).sum() / rho_t[:, -1].sum())
+    assert est["weighted per-decision IS"] == pytest.approx(((rho_t * r).sum(0) / rho_t.sum(0) * disc).sum())
+    huge = ope.importance_sampling_estimates(lr + 400.0, r, gamma)  # ratios e^1600: far beyond float64
+    assert np.isfinite(huge["weighted IS"]) and huge["weighted IS"] == pytest.approx(est["weighted IS"])
+    assert ope.effective_sample_size(np.array([0.0, 0.0, -1e4])) == pytest.approx(2.0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# FQE and the behaviour model on a linear-quadratic problem with a closed-form value
+# ---------------------------------------------------------------------------------------------------
+
+K_TARGET, K_BEHAVIOUR, NOISE, GAMMA = 0.5, 0.2, 0.3, 0.9
+
+
+def _lq_batch_source(n: int = 20_000, seed: int = 0):
+    """s ~ U(-1, 1), a = -K_BEHAVIOUR s + NOISE eps, s' = s + a, r = -(s^2 + a^2), never terminal."""
+    g = torch.Generator().manual_seed(seed)
+    s = 2 * torch.rand(n, 1, generator=g) - 1
+    a = -K_BEHAVIOUR * s + NOISE * torch.randn(n, 1, generator=g)
+    return {"obs": s, "actions": a, "rewards": -(s.square() + a.square()).squeeze(-1), "next_obs": s + a,
+            "terminals": torch.zeros(n)}
+
+
+def test_fqe_matches_the_closed_form_value_of_a_linear_policy():
+    torch.manual_seed(0)
+    config = ope.Config(env="test/lq-v0", device="cpu", discount=GAMMA, hidden_dims=(64, 64), lr=1e-3, polyak=0.02,
+                        behavior_hidden_dims=(32, 32))
+    spec = DataSpec(obs_dim=1, act_dim=1, max_action=3.0, discrete=False)
+    agent = ope.Agent(config, spec, torch.device("cpu"), target_policy=lambda s: -K_TARGET * s)
+    data = _lq_batch_source()
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3000):
+        idx = torch.randint(0, len(data["obs"]), (256,), generator=g)
+        agent.update({k: v[idx] for k, v in data.items()})
+    # V(s) = -P s^2 for a = -k s, s' = (1 - k) s: P = (1 + k^2) / (1 - gamma (1 - k)^2)
+    p = (1 + K_TARGET ** 2) / (1 - GAMMA * (1 - K_TARGET) ** 2)
+    s0 = torch.linspace(-0.9, 0.9, 13)[:, None]
+    fqe = agent.q_value(s0, agent.act(s0))
+    true = -p * s0.squeeze(-1).square()
+    assert torch.max(torch.abs(fqe - true)) < 0.1 * p, (fqe, true)
+    # the behaviour model recovers pi_beta = N(-K_BEHAVIOUR s, NOISE^2)
+    mean, log_std = agent.behavior_distribution(s0)
+    assert torch.allclose(mean.squeeze(-1), -K_BEHAVIOUR * s0.squeeze(-1), atol=0.05)
+    assert torch.allclose(log_std.exp(), torch.full_like(log_std, NOISE), atol=0.05)
+
+
+# ---------------------------------------------------------------------------------------------------
+# A trained run evaluated end to end; resume, determinism; bad input
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pendulum_policy_run(pendulum_expert_id, tmp_path_factory):
+    bc = load_algorithm("bc")
+    summary = bc.train(run_config(bc.Config, pendulum_expert_id, tmp_path_factory.mktemp("policy"), max_steps=300))
+    return summary["run_dir"]
+
+
+def test_ope_evaluates_a_trained_run_beside_its_true_value(pendulum_expert_id, pendulum_policy_run, tmp_path,
+                                                          capsys):
+    summary = ope.train(run_config(ope.Config, pendulum_expert_id, tmp_path, policy=pendulum_policy_run,
+                                   max_steps=300, eval_episodes=3, bootstrap=200, log_every=100))
+    out = capsys.readouterr().out
+    for name in ("ordinary IS", "per-decision IS", "weighted IS", "weighted per-decision IS", "FQE"):
+        assert name in out and name in summary["estimates"]
+        row = summary["estimates"][name]
+        assert row["low"] <= row["estimate"] <= row["high"] or not np.isfinite(row["estimate"])
+    truth = summary["true_values"]
+    assert truth["deterministic"] < 0 and truth["return"] < truth["deterministic"]  # discounted vs raw
+    assert summary["discount"] == 0.97 and summary["policy"] == pendulum_policy_run
+    metrics = [json.loads(line) for line in open(f"{summary['run_dir']}/metrics.jsonl")]
+    assert any("train/fqe_estimate" in m for m in metrics)
+
+
+def test_ope_resume_equals_straight_run_and_is_deterministic(pendulum_expert_id, pendulum_policy_run, tmp_path):
+    straight, resumed, a, b = train_straight_and_resumed(ope, pendulum_expert_id, tmp_path, 60, 120,
+                                                         policy=pendulum_policy_run, eval_episodes=2, bootstrap=50,
+                                                         checkpoint_every=60, log_every=60)
+    assert_states_equal(a, b, ["critic", "target_critic", "behavior"])
+    assert straight["estimates"] == resumed["estimates"]
+
+
+def test_ope_bad_input_gives_one_clear_line(pendulum_expert_id, cartpole_mixed_id, tmp_path):
+    with pytest.raises(UserError, match="no checkpoint at"):
+        ope.train(run_config(ope.Config, pendulum_expert_id, tmp_path, policy=str(tmp_path / "missing"), max_steps=5))
+    bc = load_algorithm("bc")
+    cartpole_run = bc.train(run_config(bc.Config, cartpole_mixed_id, tmp_path / "cp", max_steps=20))["run_dir"]
+    with pytest.raises(UserError, match="trained on 'test/cartpole/mixed-v0'.*environment it was trained for"):
+        ope.train(run_config(ope.Config, pendulum_expert_id, tmp_path, policy=cartpole_run, max_steps=5))
+    with pytest.raises(UserError, match="discrete actions"):
+        ope.train(run_config(ope.Config, cartpole_mixed_id, tmp_path, policy=cartpole_run, max_steps=5))
+    with pytest.raises(UserError, match="no trained run for"):
+        ope.train(run_config(ope.Config, pendulum_expert_id, tmp_path / "empty", max_steps=5))
+    with pytest.raises(UserError, match="--target-std"):
+        ope.train(run_config(ope.Config, pendulum_expert_id, tmp_path, policy=cartpole_run, target_std=0.0))
+    assert not (tmp_path / "runs" / "ope").exists()  # nothing written before the input was checked
