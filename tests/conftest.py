@@ -139,6 +139,16 @@ def cartpole_mixed_id(minari_root) -> str:
     return dataset_id
 
 
+@pytest.fixture(scope="session")
+def fork_expert_id(minari_root) -> str:
+    """`local/fork/expert-v0` exactly as `python -m common.build fork` builds it: the two-mode expert of
+    PointFork-v0 (common/envs/fork.py), left or right 50/50, action noise 0.1; 5000 steps, about 220 episodes."""
+    from common.build import recipe
+
+    assert recipe.main(["fork", "--qualities", "expert", "--skip-existing"]) == 0
+    return "local/fork/expert-v0"
+
+
 def behaviour_return(dataset_id: str) -> float:
     """Mean episode return of a dataset: the behaviour policy's return."""
     from common.datasets import load_dataset
