@@ -343,8 +343,8 @@ def _fast_adam(device: torch.device) -> dict:
 
 
 def train(config: Config) -> dict:
+    check_config(config)  # this file's settings, before anything is printed, read or written
     config = resolve_config(config, DATASET_SETTINGS)  # resumed settings, checks, per-dataset defaults
-    check_config(config)
     device = setup(config.seed, config.device, config.threads)
     dataset = load_dataset(config.env, download=config.download)
     if dataset.discrete:

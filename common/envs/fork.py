@@ -8,21 +8,24 @@ expressive distribution class to fit p(a|s)".
     python -m common.envs.fork --run runs/bc/local-fork-expert-v0/0-...   # a trained policy's paths
     python -m common.build fork                         # the datasets local/fork/{random,medium,expert,...}-v0
 
-The task. A point starts near the origin, (x, y) with both coordinates uniform in [-0.05, 0.05], and must
-reach the goal disk (centre (0, 2), radius 0.15) within 50 steps without touching the obstacle disk
-(centre (0, 1), radius 0.4) that stands straight between them. Observation: the position (x, y). Action:
-a velocity in [-1, 1]^2; the point moves by 0.1 * action per step (walls at the arena's edges).
-Reward 1 on reaching the goal, else 0, so the return is the success indicator (and a dataset's normalised
-score is 100 x its success rate over the random one's). Touching the obstacle ends the episode (terminated,
-return 0). `info` holds `success`, `collision` and `side`: -1 (left) or +1 (right) once the point has come
-level with the obstacle's centre, by the sign of x there; 0 before.
+The task. A point starts on the axis, at (0, y) with y uniform in [-0.05, 0.05], and must reach the goal
+disk (centre (0, 1.7), radius 0.15) within 50 steps without touching the obstacle disk (centre (0, 0.7),
+radius 0.4) that stands straight between them. Observation: the position (x, y). Action: a velocity in
+[-1, 1]^2; the point moves by 0.1 * action per step (walls at the arena's edges). Reward 1 on reaching the
+goal, else 0, so the return is the success indicator (and a dataset's normalised score is 100 x its success
+rate over the random one's). Touching the obstacle ends the episode (terminated, return 0). `info` holds
+`success`, `collision` and `side`: -1 (left) or +1 (right) once the point has come level with the
+obstacle's centre, by the sign of x there; 0 before.
 
 The scripted expert (`ForkExpert`) draws a side at random, 50/50 per episode, and keeps it: it veers that
-way (action (side, 0.5)) until it is 0.55 beside the axis, goes straight up past the obstacle, then heads for
-the goal. Its first actions, from start states that tell nothing about the side, are (-1, 0.5) or (+1, 0.5)
-in equal shares: their mean (0, 0.5), which the l2 loss fits, heads straight into the obstacle. After that
-the two modes' states part, and between them lies a wedge of states neither mode visits, where an l2
-policy interpolates the two modes' actions and keeps going up (see `rollout_paths` for the figure).
+way at 45 degrees (action 0.8 (side, 1)) until it is 0.55 beside the axis, goes straight up (0, 0.8) past the
+obstacle, then heads for the goal at speed 0.8. Its first actions, from start states that tell nothing about
+the side, are (-0.8, 0.8) or (+0.8, 0.8) in equal shares: their mean (0, 0.8), which the l2 loss fits,
+drives straight into the obstacle 4 steps ahead. After the first step the two modes' states part, and
+between them lies a wedge of states neither mode visits, where an l2 policy interpolates the two modes'
+actions and keeps going up (see `rollout_paths` for a figure of the paths). The expert acts inside the
+action bounds, so the datasets' action noise is rarely clipped (clipping piles probability onto the bounds,
+on which a mixture's components would collapse).
 """
 
 from __future__ import annotations
@@ -91,8 +94,8 @@ def segment_hits_obstacle(start: np.ndarray, end: np.ndarray) -> bool:
 def expert_action(obs: np.ndarray, side: np.ndarray) -> np.ndarray:
     """The scripted expert's action at positions `obs` (..., 2) for sides `side` (...,) in {-1, +1}.
 
-    Veer towards `side` with (side, 0.5) until |x| >= EXPERT_CLEARANCE on that side (while below the pass
-    height), then straight up (0, 1) until EXPERT_PASS_UNTIL, then a unit step towards the goal.
+    Veer towards `side` with 0.8 (side, 1) until |x| >= EXPERT_CLEARANCE on that side (while below the pass
+    height), then straight up 0.8 (0, 1) until EXPERT_PASS_UNTIL, then at speed 0.8 towards the goal.
     """
     obs = np.asarray(obs, dtype=np.float64)
     side = np.asarray(side, dtype=np.float64)
@@ -235,5 +238,4 @@ def _main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]))
     sys.exit(_main())
