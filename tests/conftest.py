@@ -140,6 +140,26 @@ def cartpole_mixed_id(minari_root) -> str:
 
 
 @pytest.fixture(scope="session")
+def pendulum_no_reward_id(minari_root) -> str:
+    """`test/pendulum/no-reward-v0`: 3 uniform-random Pendulum episodes whose rewards are all 0 (bad input)."""
+    dataset_id = "test/pendulum/no-reward-v0"
+    episodes = rollout_episodes("Pendulum-v1", None, 3, seed=9)
+    for episode in episodes:
+        episode["rewards"] = np.zeros_like(episode["rewards"])
+    save_episodes(dataset_id, episodes, "Pendulum-v1")
+    return dataset_id
+
+
+@pytest.fixture(scope="session")
+def inverted_pendulum_random_id(minari_root) -> str:
+    """`test/inverted-pendulum/random-v0`: 150 uniform-random InvertedPendulum-v5 episodes (about 900 steps,
+    one in six ends in a termination: |angle| > 0.2)."""
+    dataset_id = "test/inverted-pendulum/random-v0"
+    save_episodes(dataset_id, rollout_episodes("InvertedPendulum-v5", None, 150, seed=11), "InvertedPendulum-v5")
+    return dataset_id
+
+
+@pytest.fixture(scope="session")
 def fork_expert_id(minari_root) -> str:
     """`local/fork/expert-v0` exactly as `python -m common.build fork` builds it: the two-mode expert of
     PointFork-v0 (common/envs/fork.py), left or right 50/50, action noise 0.1; 5000 steps, about 220 episodes."""

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import (ROOT, assert_states_equal, behaviour_return, checkpoint_agent, env_step_samples,
-                      load_algorithm, rollout_episodes, run_config, train_straight_and_resumed)
+                      load_algorithm, run_config, train_straight_and_resumed)
 
-from common.datasets import DataSpec, load_dataset, save_episodes
+from common.datasets import DataSpec, load_dataset
 from common.errors import UserError
 
 mopo = load_algorithm("mopo")
@@ -373,14 +373,10 @@ def test_same_seed_same_run_other_seed_other_run(pendulum_mixed_id, fitted_run, 
 # Bad input
 # ---------------------------------------------------------------------------------------------------------
 
-def test_a_dataset_without_rewards_or_next_observations_is_refused(minari_root, pendulum_mixed_id, tmp_path,
-                                                                   monkeypatch):
-    episodes = rollout_episodes("Pendulum-v1", None, 3, seed=9)
-    for episode in episodes:
-        episode["rewards"] = np.zeros_like(episode["rewards"])
-    save_episodes("test/pendulum/no-reward-v0", episodes, "Pendulum-v1")
+def test_a_dataset_without_rewards_or_next_observations_is_refused(pendulum_no_reward_id, pendulum_mixed_id,
+                                                                   tmp_path, monkeypatch):
     with pytest.raises(UserError, match="stores no rewards"):
-        mopo.train(run_config(mopo.Config, "test/pendulum/no-reward-v0", tmp_path, **TINY))
+        mopo.train(run_config(mopo.Config, pendulum_no_reward_id, tmp_path, **TINY))
 
     real_load = mopo.load_dataset
 
@@ -396,18 +392,16 @@ def test_a_dataset_without_rewards_or_next_observations_is_refused(minari_root, 
     assert not (tmp_path / "runs").exists()
 
 
-def test_an_env_without_a_rule_needs_the_learned_head(minari_root, tmp_path):
+def test_an_env_without_a_rule_needs_the_learned_head(inverted_pendulum_random_id, tmp_path):
     # InvertedPendulum-v5 terminates (|angle| > 0.2) but has no rule here: refused unless the head is learned
-    episodes = rollout_episodes("InvertedPendulum-v5", None, 150, seed=11)
-    save_episodes("test/inverted-pendulum/random-v0", episodes, "InvertedPendulum-v5")
     with pytest.raises(UserError, match="no termination rule for 'InvertedPendulum-v5'"):
-        mopo.train(run_config(mopo.Config, "test/inverted-pendulum/random-v0", tmp_path, **TINY))
-    summary = mopo.train(run_config(mopo.Config, "test/inverted-pendulum/random-v0", tmp_path, max_steps=50,
+        mopo.train(run_config(mopo.Config, inverted_pendulum_random_id, tmp_path, **TINY))
+    summary = mopo.train(run_config(mopo.Config, inverted_pendulum_random_id, tmp_path, max_steps=50,
                                     termination="learned", **{**TINY, "dynamics_max_epochs": 10,
                                                                "dynamics_min_epoch_steps": 200,
                                                                "dynamics_patience": 3}))
     # the learned head predicts the dataset's terminations
-    data = load_dataset("test/inverted-pendulum/random-v0").transitions()
+    data = load_dataset(inverted_pendulum_random_id).transitions()
     saved = torch.load(f"{summary['run_dir']}/dynamics.pt", weights_only=False)
     ensemble = mopo.make_dynamics(mopo.Config(**TINY, termination="learned"), DataSpec(4, 1, 3.0, False))
     ensemble.load_state_dict(saved["state_dict"])
