@@ -103,7 +103,12 @@ def make_agent(name: str, device: torch.device, compile_update: bool, tiny: bool
     config = dataclasses.replace(config, **{k: v for k, v in SKIP_WARMUP_PHASES.items() if k in fields})
     discrete = bool(getattr(module, "DISCRETE_ONLY", False))
     spec = DataSpec(OBS_DIM, N_DISCRETE_ACTIONS if discrete else ACT_DIM, 1.0, discrete)
-    return module.Agent(config, spec, device), config, spec
+    agent = module.Agent(config, spec, device)
+    if hasattr(agent, "prepare_bench"):
+        # an agent whose update reads more than the minibatch (a model-based agent: its model buffer) fills it
+        # from synthetic data first
+        agent.prepare_bench(synthetic_batch_source(spec, device))
+    return agent, config, spec
 
 
 def time_updates(agent, source: TensorSampler, batch_size: int, device: torch.device, seconds: float,
@@ -154,6 +159,39 @@ def bench_algorithm(name: str, device: torch.device, seconds: float, warmup: int
             "floor_updates_per_sec": floor, "pct_floor": 100.0 * best / floor if flops else float("nan"),
             "overhead_us": overhead * 1e6, "bound_updates_per_sec": bound, "pct_bound": 100.0 * best / bound,
             "batch_size": config.batch_size, "compiled": compile_update}
+
+
+def bench_phases(name: str, device: torch.device, seconds: float, compile_update: bool, rate: float) -> list[dict]:
+    """Rows for the operations an Agent names in `bench_phases(source) -> {phase: callable}` besides its update
+    (a model-based agent's rollout round): calls/s at the default sizes against their FLOP floor, best of three
+    windows of about `seconds` (at least one call each)."""
+    agent, config, spec = make_agent(name, device, compile_update)
+    if not hasattr(agent, "bench_phases"):
+        return []
+    rows = []
+    for phase, call in agent.bench_phases(synthetic_batch_source(spec, device)).items():
+        with FlopCounterMode(display=False) as counter:  # the first call: warm-up and FLOP count
+            call()
+        sync(device)
+        start = time.perf_counter()
+        call()
+        sync(device)
+        calls = max(1, int(seconds / (time.perf_counter() - start)))
+        best = 0.0
+        for _ in range(3):
+            start = time.perf_counter()
+            for _ in range(calls):
+                call()
+            sync(device)
+            best = max(best, calls / (time.perf_counter() - start))
+        flops, nan = counter.get_total_flops(), float("nan")
+        floor = rate / flops if flops else nan
+        rows.append({"algo": f"{name}: {phase}", "device": str(device), "updates_per_sec": best,
+                     "mflops_per_update": flops / 1e6, "floor_updates_per_sec": floor,
+                     "pct_floor": 100.0 * best / floor if flops else nan, "overhead_us": nan,
+                     "bound_updates_per_sec": nan, "pct_bound": nan, "batch_size": config.batch_size,
+                     "compiled": compile_update, "sample_us": nan, "pct_sampling": nan})
+    return rows
 
 
 def machine_description(device: torch.device) -> str:
@@ -212,6 +250,12 @@ def main(argv: list[str] | None = None) -> int:
                       f"{row['floor_updates_per_sec']:9.1f}/s  {row['pct_floor']:5.1f}% of floor  overhead "
                       f"{row['overhead_us']:6.0f} us  floor+overhead {row['bound_updates_per_sec']:8.1f}/s  "
                       f"{row['pct_bound']:5.1f}%", flush=True)
+                for phase_row in bench_phases(name, device, args.seconds, compiled, rate):  # e.g. a rollout round
+                    rows.append(phase_row)
+                    print(f"  {phase_row['algo']:25s} {phase_row['updates_per_sec']:9.3f} calls/s    "
+                          f"{phase_row['mflops_per_update']:10.1f} MFLOP/call  floor "
+                          f"{phase_row['floor_updates_per_sec']:9.3f}/s  {phase_row['pct_floor']:5.1f}% of floor",
+                          flush=True)
 
     commit = git_commit()
     lines = ["# Throughput benchmark", "",
@@ -226,7 +270,9 @@ def main(argv: list[str] | None = None) -> int:
              f"Overhead = time of the same update with every hidden layer {TINY_WIDTH} wide and batch "
              f"{TINY_BATCH} (dispatch, autograd, optimisers, sampling: what the framework costs per update with "
              "next to no arithmetic); floor+overhead = 1 / (overhead + FLOPs / matmul rate), the rate eager "
-             "PyTorch could reach if every matmul ran at the measured rate and every other kernel were free.", ""]
+             "PyTorch could reach if every matmul ran at the measured rate and every other kernel were free.  ",
+             "Rows `<algorithm>: <phase>` time another operation of that algorithm (a model-based method's rollout "
+             "round at its default size): their updates/s column is calls/s, their MFLOP per call.", ""]
     for device in devices:
         lines.append(f"- {device}: {machine_description(device)}, matmul {rates[str(device)] / 1e9:.1f} GFLOP/s")
     lines += ["", "| algorithm | device | compiled | updates/s | MFLOP/update | floor updates/s | % of floor | "
