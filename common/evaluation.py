@@ -73,6 +73,62 @@ def evaluate(policy: Callable[[torch.Tensor], torch.Tensor], dataset: OfflineDat
     }
 
 
+@torch.no_grad()
+def evaluate_stateful(policy: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], dataset: OfflineDataset,
+                      normalizer: ObsNormalizer | None, episodes: int, seed: int,
+                      device: torch.device | str = "cpu", envs: gym.vector.VectorEnv | None = None,
+                      groups: int = 1) -> list[dict]:
+    """Run `groups` x `episodes` episodes at once for a policy that keeps state and sees rewards.
+
+    `policy(obs, rewards)` is called once per step with the flattened, normalised observations
+    `(groups * episodes, obs_dim)` and the rewards of the previous step `(groups * episodes,)` (zeros at the
+    first step), float32 on `device`, and returns actions as `evaluate`'s policy does. A fresh policy object
+    per call (e.g. a return-conditioned one that decrements its target by each reward). Env
+    `g * episodes + i` runs evaluation episode i (seed `EVAL_SEED_OFFSET + seed + i`), so every group sees
+    the same episodes. Returns one dict per group, with `evaluate`'s keys.
+    """
+    own_envs = envs is None
+    n = groups * episodes
+    envs = envs or make_eval_envs(dataset, n)
+    if envs.num_envs != n:
+        raise ValueError(f"evaluate_stateful needs {n} envs ({groups} groups x {episodes}), got {envs.num_envs}")
+    obs, _ = envs.reset(seed=[EVAL_SEED_OFFSET + seed + i % episodes for i in range(n)])
+    returns = np.zeros(n, dtype=np.float64)
+    lengths = np.zeros(n, dtype=np.int64)
+    done = np.zeros(n, dtype=bool)
+    rewards = torch.zeros(n, device=device)
+    low = high = None
+    if isinstance(dataset.action_space, gym.spaces.Box):
+        low, high = dataset.action_space.low, dataset.action_space.high
+    while not done.all():
+        flat = flatten_observation(obs, dataset.observation_space)
+        if normalizer is not None:
+            flat = normalizer(flat)
+        action = policy(torch.as_tensor(flat, device=device), rewards).cpu().numpy()
+        if low is not None:
+            action = np.clip(action.reshape(n, *dataset.action_space.shape), low, high)
+        else:
+            action = action.reshape(n).astype(np.int64) + int(dataset.action_space.start)
+        obs, reward, terminated, truncated, _ = envs.step(action)
+        returns += np.where(done, 0.0, reward)
+        lengths += ~done
+        done |= np.asarray(terminated) | np.asarray(truncated)
+        rewards = torch.as_tensor(np.asarray(reward, dtype=np.float32), device=device)
+    if own_envs:
+        envs.close()
+    results = []
+    for g in range(groups):
+        part = slice(g * episodes, (g + 1) * episodes)
+        normalized = dataset.normalized_score(returns[part])
+        results.append({
+            "returns": returns[part], "lengths": lengths[part],
+            "return_mean": float(returns[part].mean()), "return_std": float(returns[part].std()),
+            "normalized_mean": None if normalized is None else float(normalized.mean()),
+            "normalized_std": None if normalized is None else float(normalized.std()),
+        })
+    return results
+
+
 def eval_log_entries(result: dict) -> dict[str, float]:
     """The common log keys for an evaluation result (`eval/return_mean`, `eval/normalized_score_mean`...)."""
     out = {"eval/return_mean": result["return_mean"], "eval/return_std": result["return_std"]}
