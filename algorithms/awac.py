@@ -181,9 +181,15 @@ class Agent:
         self.critic = CriticEnsemble(spec.obs_dim, spec.act_dim, config.critic_hidden_dims).to(device)
         self.target_critic = copy.deepcopy(self.critic).requires_grad_(False)
         self.actor_optimizer = torch.optim.Adam(list(self.actor.parameters()) + [self.log_std], lr=config.lr,
-                                                **_fast_adam(device))
-        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=config.lr, **_fast_adam(device))
-        self._update = torch.compile(self._update_impl) if config.compile else self._update_impl
+                                                **_fast_adam(device, config.compile))
+        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=config.lr,
+                                                 **_fast_adam(device, config.compile))
+        self.params = [*self.critic.parameters(), *self.actor.parameters(), self.log_std]  # what the loss trains
+        if config.compile:
+            torch._dynamo.config.trace_autograd_ops = True  # trace loss.backward() into the compiled step too
+        compile_mode = "reduce-overhead" if device.type == "cuda" else None  # on CUDA: replayed as CUDA graphs
+        self._update = (torch.compile(self._update_impl, mode=compile_mode, dynamic=False) if config.compile
+                        else self._update_impl)
 
     def mean_action(self, obs: torch.Tensor) -> torch.Tensor:
         """The Gaussian's mean max_action * tanh(MLP(s)), also the deterministic evaluation action."""
@@ -195,6 +201,9 @@ class Agent:
         return (mean + std * torch.randn_like(mean)).clamp(-self.max_action, self.max_action)
 
     def update(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # outside the compiled step (torch.compile skips zero_grad)
+        self.critic_optimizer.zero_grad(set_to_none=True)
+        self.actor_optimizer.zero_grad(set_to_none=True)
         return self._update(batch["obs"], batch["actions"], batch["rewards"], batch["next_obs"],
                             batch["terminals"])
 
@@ -228,17 +237,7 @@ class Agent:
                     - 0.5 * math.log(2 * math.pi)).sum(-1)
         actor_loss = -(weights * log_prob).mean()
 
-        # the two losses touch disjoint parameters (targets and weights are detached): one backward
-        self.critic_optimizer.zero_grad(set_to_none=True)
-        self.actor_optimizer.zero_grad(set_to_none=True)
-        (critic_loss + actor_loss).backward()
-        self.critic_optimizer.step()
-        self.actor_optimizer.step()
-        with torch.no_grad():
-            # Q_target <- (1 - polyak) Q_target + polyak Q
-            torch._foreach_lerp_(list(self.target_critic.parameters()), list(self.critic.parameters()),
-                                 cfg.polyak)
-        return {
+        logs = {  # read before the backward, which consumes the graph these values hang on
             "train/critic_loss": critic_loss.detach(),
             "train/actor_loss": actor_loss.detach(),
             "train/weight_mean": weights.mean(),
@@ -246,6 +245,17 @@ class Agent:
             "train/q_data": q_data.mean(),
             "train/q_policy": q_policy.mean(),
         }
+        # the two losses touch disjoint parameters (targets and weights are detached): one backward;
+        # inputs: the parameters trained, named (with --compile, torch 2.13's traced backward loses bare
+        # tensors such as log_std when the step is recompiled)
+        (critic_loss + actor_loss).backward(inputs=self.params)
+        self.critic_optimizer.step()
+        self.actor_optimizer.step()
+        with torch.no_grad():
+            # Q_target <- (1 - polyak) Q_target + polyak Q
+            torch._foreach_lerp_(list(self.target_critic.parameters()), list(self.critic.parameters()),
+                                 cfg.polyak)
+        return logs
 
     @torch.no_grad()
     def act(self, obs: torch.Tensor) -> torch.Tensor:
@@ -273,8 +283,12 @@ class Agent:
         self.critic_optimizer.load_state_dict(state["critic_optimizer"])
 
 
-def _fast_adam(device: torch.device) -> dict:
-    """Fused Adam (one kernel for all parameters) where this torch build has it, else foreach."""
+def _fast_adam(device: torch.device, compiled: bool) -> dict:
+    """Fused Adam (one kernel for all parameters) where this torch build has it, else foreach. Under --compile
+    the foreach Adam, which torch.compile traces into the step (it runs the fused one outside the graph), and
+    capturable: its step count stays a device tensor, as a CUDA graph needs."""
+    if compiled:
+        return {"foreach": True, "capturable": True}
     return {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}
 
 

@@ -180,9 +180,15 @@ class Agent:
         self.return_mean = torch.zeros((), device=device)
         self.return_std = torch.ones((), device=device)
         self.actor_optimizer = torch.optim.Adam(list(self.actor.parameters()) + [self.log_std], lr=config.lr,
-                                                **_fast_adam(device))
-        self.value_optimizer = torch.optim.Adam(self.value.parameters(), lr=config.lr, **_fast_adam(device))
-        self._update = torch.compile(self._update_impl) if config.compile else self._update_impl
+                                                **_fast_adam(device, config.compile))
+        self.value_optimizer = torch.optim.Adam(self.value.parameters(), lr=config.lr,
+                                                **_fast_adam(device, config.compile))
+        self.params = [*self.value.parameters(), *self.actor.parameters(), self.log_std]  # what the loss trains
+        if config.compile:
+            torch._dynamo.config.trace_autograd_ops = True  # trace loss.backward() into the compiled step too
+        compile_mode = "reduce-overhead" if device.type == "cuda" else None  # on CUDA: replayed as CUDA graphs
+        self._update = (torch.compile(self._update_impl, mode=compile_mode, dynamic=False) if config.compile
+                        else self._update_impl)
 
     def set_return_scale(self, returns: np.ndarray) -> None:
         """Standardise V's regression target with the dataset's return mean and std (train() calls it)."""
@@ -194,6 +200,9 @@ class Agent:
         return self.max_action * torch.tanh(self.actor(obs))
 
     def update(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # outside the compiled step (torch.compile skips zero_grad)
+        self.value_optimizer.zero_grad(set_to_none=True)
+        self.actor_optimizer.zero_grad(set_to_none=True)
         return self._update(batch["obs"], batch["actions"], batch["returns_to_go"],
                             batch.get("final_obs"), batch.get("tail_discount"))
 
@@ -221,19 +230,20 @@ class Agent:
                     - 0.5 * math.log(2 * math.pi)).sum(-1)
         actor_loss = -(weights * log_prob).mean()
 
-        # the two losses touch disjoint parameters (the advantage is detached): one backward serves both
-        self.value_optimizer.zero_grad(set_to_none=True)
-        self.actor_optimizer.zero_grad(set_to_none=True)
-        (value_loss + actor_loss).backward()
-        self.value_optimizer.step()
-        self.actor_optimizer.step()
-        return {
+        logs = {  # read before the backward, which consumes the graph these values hang on
             "train/value_loss": value_loss.detach(),
             "train/actor_loss": actor_loss.detach(),
             "train/weight_mean": weights.mean(),
             "train/weight_max": weights.max(),
             "train/weight_clipped_frac": (weights >= cfg.max_weight).float().mean(),
         }
+        # the two losses touch disjoint parameters (the advantage is detached): one backward serves both;
+        # inputs: the parameters trained, named (with --compile, torch 2.13's traced backward loses bare
+        # tensors such as log_std when the step is recompiled)
+        (value_loss + actor_loss).backward(inputs=self.params)
+        self.value_optimizer.step()
+        self.actor_optimizer.step()
+        return logs
 
     @torch.no_grad()
     def act(self, obs: torch.Tensor) -> torch.Tensor:
@@ -262,8 +272,12 @@ class Agent:
         self.value_optimizer.load_state_dict(state["value_optimizer"])
 
 
-def _fast_adam(device: torch.device) -> dict:
-    """Fused Adam (one kernel for all parameters) where this torch build has it, else foreach."""
+def _fast_adam(device: torch.device, compiled: bool) -> dict:
+    """Fused Adam (one kernel for all parameters) where this torch build has it, else foreach. Under --compile
+    the foreach Adam, which torch.compile traces into the step (it runs the fused one outside the graph), and
+    capturable: its step count stays a device tensor, as a CUDA graph needs."""
+    if compiled:
+        return {"foreach": True, "capturable": True}
     return {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}
 
 

@@ -15,6 +15,11 @@ Heads: `deterministic` (l2 loss on tanh-bounded actions), `gaussian` (negative l
 Gaussian with a tanh-bounded mean and a state-independent log-std), and for discrete actions a
 categorical head (cross-entropy), chosen automatically.
 Per-dataset settings (training length) live in `DATASET_SETTINGS` below; flags override them.
+
+--compile compiles the whole update (forward, backward, the Adam step; static shapes) and on CUDA replays it
+as CUDA graphs (mode reduce-overhead). torch.optim breaks the graph around every optimizer.step() on purpose,
+so the step runs as 2 graphs (forward+backward, Adam step) back to back; zero_grad runs just before, outside
+the compiled step (torch.compile does not trace it).
 """
 
 from __future__ import annotations
@@ -122,16 +127,21 @@ class Agent:
         self.policy = mlp(spec.obs_dim, config.hidden_dims, spec.act_dim).to(device)
         # state-independent log-std of the Gaussian head (unused by the other heads)
         self.log_std = nn.Parameter(torch.zeros(spec.act_dim, device=device))
-        params = list(self.policy.parameters()) + ([self.log_std] if self.gaussian else [])
-        self.optimizer = torch.optim.Adam(params, lr=config.lr, **_fast_adam(device))
+        self.params = list(self.policy.parameters()) + ([self.log_std] if self.gaussian else [])
+        self.optimizer = torch.optim.Adam(self.params, lr=config.lr, **_fast_adam(device, config.compile))
         self.max_action = spec.max_action
-        self._update = torch.compile(self._update_impl) if config.compile else self._update_impl
+        if config.compile:
+            torch._dynamo.config.trace_autograd_ops = True  # trace loss.backward() into the compiled step too
+        compile_mode = "reduce-overhead" if device.type == "cuda" else None  # on CUDA: replayed as CUDA graphs
+        self._update = (torch.compile(self._update_impl, mode=compile_mode, dynamic=False) if config.compile
+                        else self._update_impl)
 
     def mean_action(self, obs: torch.Tensor) -> torch.Tensor:
         """pi(s) = max_action * tanh(MLP(s)) (continuous heads: the Gaussian's mean is bounded too)."""
         return self.max_action * torch.tanh(self.policy(obs))
 
     def update(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        self.optimizer.zero_grad(set_to_none=True)  # outside the compiled step: torch.compile skips zero_grad
         return self._update(batch["obs"], batch["actions"])
 
     def _update_impl(self, obs: torch.Tensor, actions: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -149,10 +159,12 @@ class Agent:
         else:
             # min_theta E_(s,a)~D || pi_theta(s) - a ||^2   (l2 loss; lecture: "Behavior Cloning")
             loss = F.mse_loss(self.mean_action(obs), actions)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        logs = {"train/policy_loss": loss.detach()}  # taken before the backward, which consumes loss's graph
+        # inputs: the parameters the loss trains, named (with --compile, torch 2.13's traced backward loses bare
+        # tensors such as log_std when the step is recompiled)
+        loss.backward(inputs=self.params)
         self.optimizer.step()
-        return {"train/policy_loss": loss.detach()}
+        return logs
 
     @torch.no_grad()
     def act(self, obs: torch.Tensor) -> torch.Tensor:
@@ -172,8 +184,12 @@ class Agent:
         self.optimizer.load_state_dict(state["optimizer"])
 
 
-def _fast_adam(device: torch.device) -> dict:
-    """Fused Adam (one kernel for all parameters) where this torch build has it, else foreach."""
+def _fast_adam(device: torch.device, compiled: bool) -> dict:
+    """Fused Adam (one kernel for all parameters) where this torch build has it, else foreach. Under --compile
+    the foreach Adam, which torch.compile traces into the step (it runs the fused one outside the graph), and
+    capturable: its step count stays a device tensor, as a CUDA graph needs."""
+    if compiled:
+        return {"foreach": True, "capturable": True}
     return {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}
 
 

@@ -14,6 +14,12 @@ The paper uses one set of hyperparameters for every task (Phi = 0.05, lambda = 0
 tau = 0.005, batch 100); only the training length is per dataset, in `DATASET_SETTINGS` below. Batch size
 is the library's 256. The decode-time latent clip (`--latent-clip`, 0.5 in the reference code) can be too
 narrow on some data (NeoRL issue #9): widen it there.
+
+--compile compiles the whole update (forward, backward, the VAE's, critics' and perturbation model's Adam
+steps, both target updates; static shapes; latents drawn on the device inside) and on CUDA replays it as CUDA
+graphs (mode reduce-overhead). torch.optim breaks the graph around every optimizer.step() on purpose, so the
+step runs as 7 graphs (three forward+backward and three Adam steps, the target updates) back to back;
+zero_grad runs just before, outside the compiled step (torch.compile does not trace it).
 """
 
 from __future__ import annotations
@@ -235,17 +241,27 @@ class Agent:
         self.critic_target.load_state_dict(self.critic.state_dict())
         for p in [*self.perturbation_target.parameters(), *self.critic_target.parameters()]:
             p.requires_grad_(False)
-        self.vae_optimizer = torch.optim.Adam(self.vae.parameters(), lr=config.vae_lr, **_fast_adam(device))
+        self.vae_optimizer = torch.optim.Adam(self.vae.parameters(), lr=config.vae_lr,
+                                              **_fast_adam(device, config.compile))
         self.actor_optimizer = torch.optim.Adam(self.perturbation.parameters(), lr=config.actor_lr,
-                                                **_fast_adam(device))
+                                                **_fast_adam(device, config.compile))
         self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=config.critic_lr,
-                                                 **_fast_adam(device))
+                                                 **_fast_adam(device, config.compile))
         # act() draws its latents from this private generator, reseeded on every call: the policy is then
         # a deterministic function of the state, and evaluation leaves the training RNG untouched.
         self.act_generator = torch.Generator(device=device)
-        self._update = torch.compile(self._update_impl) if config.compile else self._update_impl
+        if config.compile:
+            torch._dynamo.config.trace_autograd_ops = True  # trace loss.backward() into the compiled step too
+        compile_mode = "reduce-overhead" if device.type == "cuda" else None  # on CUDA: replayed as CUDA graphs
+        self._update = (torch.compile(self._update_impl, mode=compile_mode, dynamic=False) if config.compile
+                        else self._update_impl)
 
     def update(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # outside the compiled step (torch.compile skips zero_grad); each loss below reaches only its own
+        # optimiser's parameters, so resetting all of them here equals resetting each before its backward
+        self.vae_optimizer.zero_grad(set_to_none=True)
+        self.critic_optimizer.zero_grad(set_to_none=True)
+        self.actor_optimizer.zero_grad(set_to_none=True)
         return self._update(batch["obs"], batch["actions"], batch["rewards"], batch["next_obs"],
                             batch["terminals"])
 
@@ -279,7 +295,8 @@ class Agent:
         # omega <- argmin_omega sum (a - a~)^2 + D_KL(N(mu, sigma) || N(0, 1))
         #   (lecture: "Continuous BCQ–Algorithm")
         vae_loss = recon_loss + self.config.kl_weight * kl
-        self.vae_optimizer.zero_grad(set_to_none=True)
+        # logged values are taken before each backward (which consumes the graph they hang on)
+        logs = {"train/vae_loss": vae_loss.detach()}
         vae_loss.backward()
         self.vae_optimizer.step()
 
@@ -289,7 +306,7 @@ class Agent:
         # --- train Q: theta <- argmin_theta sum (y - Q_theta(s, a))^2, for both critics
         q_data = self.critic(obs, actions)  # (2, B)
         critic_loss = ((q_data - y.unsqueeze(0)) ** 2).mean(1).sum()
-        self.critic_optimizer.zero_grad(set_to_none=True)
+        logs.update({"train/critic_loss": critic_loss.detach(), "train/q_data": q_data[0].detach().mean()})
         critic_loss.backward()
         self.critic_optimizer.step()
 
@@ -298,7 +315,7 @@ class Agent:
             sampled = self.vae.decode(obs)
         q_policy = self.critic.q1(obs, self.perturbation(obs, sampled))
         actor_loss = -q_policy.mean()
-        self.actor_optimizer.zero_grad(set_to_none=True)
+        logs.update({"train/actor_loss": actor_loss.detach(), "train/q_policy": q_policy.detach().mean()})
         actor_loss.backward()
         self.actor_optimizer.step()
 
@@ -306,10 +323,7 @@ class Agent:
         with torch.no_grad():
             soft_update(self.critic_target, self.critic, self.config.tau)
             soft_update(self.perturbation_target, self.perturbation, self.config.tau)
-
-        return {"train/vae_loss": vae_loss.detach(), "train/critic_loss": critic_loss.detach(),
-                "train/actor_loss": actor_loss.detach(), "train/q_data": q_data[0].detach().mean(),
-                "train/q_policy": q_policy.detach().mean()}
+        return logs
 
     @torch.no_grad()
     def act(self, obs: torch.Tensor) -> torch.Tensor:
@@ -357,8 +371,12 @@ def soft_update(target: nn.Module, online: nn.Module, tau: float) -> None:
     torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), tau)
 
 
-def _fast_adam(device: torch.device) -> dict:
-    """Fused Adam (one kernel for all parameters) where this torch build has it, else foreach."""
+def _fast_adam(device: torch.device, compiled: bool) -> dict:
+    """Fused Adam (one kernel for all parameters) where this torch build has it, else foreach. Under --compile
+    the foreach Adam, which torch.compile traces into the step (it runs the fused one outside the graph), and
+    capturable: its step count stays a device tensor, as a CUDA graph needs."""
+    if compiled:
+        return {"foreach": True, "capturable": True}
     return {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}
 
 

@@ -14,6 +14,12 @@ Target network: Polyak averaging with tau = 0.005 every step, as the reference c
 non-Atari tasks (`--target-update-every N` switches to its Atari rule, a hard copy every N = 8000 steps).
 The reference uses Adam 3e-4 and batch 64 on those tasks; the library's batch size is 256.
 Only the training length is per dataset, in `DATASET_SETTINGS` below.
+
+--compile compiles the whole update (forward, backward, the Adam step, the Polyak target update; static
+shapes) and on CUDA replays it as CUDA graphs (mode reduce-overhead); the hard copy of `--target-update-every`
+runs between steps, outside. torch.optim breaks the graph around every optimizer.step() on purpose, so the
+step runs as 3 graphs (forward+backward, Adam step, target update) back to back; zero_grad runs just before,
+outside the compiled step (torch.compile does not trace it).
 """
 
 from __future__ import annotations
@@ -144,11 +150,16 @@ class Agent:
         # G: logits of pi_beta(a|s); no ReLU on the output layer (a ReLU there was BCQ issue #6)
         self.imitation = mlp(spec.obs_dim, config.hidden_dims, spec.act_dim).to(device)
         params = [*self.q_network.parameters(), *self.imitation.parameters()]
-        self.optimizer = torch.optim.Adam(params, lr=config.lr, **_fast_adam(device))
+        self.optimizer = torch.optim.Adam(params, lr=config.lr, **_fast_adam(device, config.compile))
         self.steps = 0  # counts updates, for the periodic target copy
-        self._update = torch.compile(self._update_impl) if config.compile else self._update_impl
+        if config.compile:
+            torch._dynamo.config.trace_autograd_ops = True  # trace loss.backward() into the compiled step too
+        compile_mode = "reduce-overhead" if device.type == "cuda" else None  # on CUDA: replayed as CUDA graphs
+        self._update = (torch.compile(self._update_impl, mode=compile_mode, dynamic=False) if config.compile
+                        else self._update_impl)
 
     def update(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        self.optimizer.zero_grad(set_to_none=True)  # outside the compiled step: torch.compile skips zero_grad
         logs = self._update(batch["obs"], batch["actions"], batch["rewards"], batch["next_obs"],
                             batch["terminals"])
         self.steps += 1
@@ -179,7 +190,12 @@ class Agent:
         # pi_beta-hat = G_omega: min -E_(s,a)~D [ log G_omega(a|s) ] + 1e-2 * mean(logits^2)
         imitation_loss = F.cross_entropy(logits, actions)
         loss = q_loss + imitation_loss + self.config.imitation_logit_reg * logits.pow(2).mean()
-        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():  # logged values, taken before the backward (which consumes their graph)
+            allowed = allowed_actions(logits, self.config.threshold)
+            q_policy = q_all.gather(1, masked_argmax(q_all, allowed).unsqueeze(1)).squeeze(1)
+        logs = {"train/q_loss": q_loss.detach(), "train/imitation_loss": imitation_loss.detach(),
+                "train/allowed_actions": allowed.float().sum(-1).mean(),
+                "train/q_data": q_data.detach().mean(), "train/q_policy": q_policy.mean()}
         loss.backward()
         self.optimizer.step()
 
@@ -187,13 +203,7 @@ class Agent:
             with torch.no_grad():  # theta' <- tau * theta + (1 - tau) * theta'
                 torch._foreach_lerp_(list(self.q_target.parameters()), list(self.q_network.parameters()),
                                      self.config.tau)
-
-        with torch.no_grad():
-            allowed = allowed_actions(logits, self.config.threshold)
-            q_policy = q_all.gather(1, masked_argmax(q_all, allowed).unsqueeze(1)).squeeze(1)
-        return {"train/q_loss": q_loss.detach(), "train/imitation_loss": imitation_loss.detach(),
-                "train/allowed_actions": allowed.float().sum(-1).mean(),
-                "train/q_data": q_data.detach().mean(), "train/q_policy": q_policy.mean()}
+        return logs
 
     @torch.no_grad()
     def act(self, obs: torch.Tensor) -> torch.Tensor:
@@ -219,8 +229,12 @@ class Agent:
         self.steps = int(state["steps"])
 
 
-def _fast_adam(device: torch.device) -> dict:
-    """Fused Adam (one kernel for all parameters) where this torch build has it, else foreach."""
+def _fast_adam(device: torch.device, compiled: bool) -> dict:
+    """Fused Adam (one kernel for all parameters) where this torch build has it, else foreach. Under --compile
+    the foreach Adam, which torch.compile traces into the step (it runs the fused one outside the graph), and
+    capturable: its step count stays a device tensor, as a CUDA graph needs."""
+    if compiled:
+        return {"foreach": True, "capturable": True}
     return {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}
 
 

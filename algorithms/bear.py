@@ -314,18 +314,28 @@ class Agent:
                                         spec.max_action).to(device)
         self.lagrange_log_alpha = torch.tensor(float(config.initial_log_alpha), device=device, requires_grad=True)
         self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=config.critic_lr,
-                                                 **_fast_adam(device))
-        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=config.actor_lr, **_fast_adam(device))
+                                                 **_fast_adam(device, config.compile))
+        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=config.actor_lr,
+                                                **_fast_adam(device, config.compile))
         self.vae_optimizer = torch.optim.Adam(self.behavior_vae.parameters(), lr=config.vae_lr,
-                                              **_fast_adam(device))
+                                              **_fast_adam(device, config.compile))
+        self.actor_and_lagrange = [*self.actor.parameters(), self.lagrange_log_alpha]  # what one backward trains
         self.lagrange_optimizer = torch.optim.Adam([self.lagrange_log_alpha], lr=config.lagrange_lr,
-                                                   **_fast_adam(device))
+                                                   **_fast_adam(device, config.compile))
         self.total_it = 0  # python int: the warm-up switch needs no device sync
-        self._update = torch.compile(self._update_impl) if config.compile else self._update_impl
+        if config.compile:
+            torch._dynamo.config.trace_autograd_ops = True  # trace loss.backward() into the compiled step too
+        compile_mode = "reduce-overhead" if device.type == "cuda" else None  # on CUDA: replayed as CUDA graphs
+        self._update = (torch.compile(self._update_impl, mode=compile_mode, dynamic=False) if config.compile
+                        else self._update_impl)
 
     def update(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         self.total_it += 1
-        warmup = self.total_it <= self.warmup_steps
+        warmup = self.total_it <= self.warmup_steps  # a Python bool: compiled as two graphs, warm-up and main
+        # outside the compiled step (torch.compile skips zero_grad); each loss below reaches only its own
+        # optimiser's parameters, so resetting all of them here equals resetting each before its backward
+        for optimizer in (self.vae_optimizer, self.critic_optimizer, self.actor_optimizer, self.lagrange_optimizer):
+            optimizer.zero_grad(set_to_none=True)
         return self._update(batch["obs"], batch["actions"], batch["rewards"], batch["next_obs"],
                             batch["terminals"], warmup)
 
@@ -338,7 +348,8 @@ class Agent:
         recon, mean, std = self.behavior_vae(obs, actions)
         kl = -0.5 * (1.0 + torch.log(std.pow(2)) - mean.pow(2) - std.pow(2)).mean()
         vae_loss = F.mse_loss(recon, actions) + 0.5 * kl
-        self.vae_optimizer.zero_grad(set_to_none=True)
+        # logged values are taken before each backward (which consumes the graph they hang on)
+        logs = {"train/vae_loss": vae_loss.detach()}
         vae_loss.backward()
         self.vae_optimizer.step()
 
@@ -352,7 +363,7 @@ class Agent:
         q = self.critic(obs, actions)  # (K, B)
         # 7: for all i, theta_i <- argmin (Q_theta_i(s, a) - (r + gamma y(s, a)))^2   (summed over the ensemble)
         critic_loss = ((q - y) ** 2).mean(1).sum()
-        self.critic_optimizer.zero_grad(set_to_none=True)
+        logs.update({"train/critic_loss": critic_loss.detach(), "train/q_data": q.detach().min(0).values.mean()})
         critic_loss.backward()
         self.critic_optimizer.step()
 
@@ -371,14 +382,16 @@ class Agent:
         # 10: minimise the Lagrangian of Eq. (1) in phi:  E_s [ -E_a min_j Q_j(s, a) + alpha MMD(D(s), pi(.|s)) ]
         # (warm-up: the support-matching term alone, as the reference's first epochs)
         actor_loss = (alpha * mmd).mean() if warmup else (-q_term + alpha * mmd).mean()
-        self.actor_optimizer.zero_grad(set_to_none=True)
-        actor_loss.backward()
-        self.actor_optimizer.step()
         # 10: ... and take a dual gradient step in alpha: alpha <- alpha + beta d/d alpha of the Lagrangian,
         # i.e. minimise -alpha (MMD - epsilon) over log alpha (alpha grows while the constraint is violated)
         lagrange_loss = -(self.lagrange_log_alpha.exp() * (mmd.detach() - c.mmd_threshold)).mean()
-        self.lagrange_optimizer.zero_grad(set_to_none=True)
-        lagrange_loss.backward()
+        logs.update({"train/actor_loss": actor_loss.detach(), "train/mmd": mmd.detach().mean(),
+                     "train/lagrange_alpha": alpha, "train/q_policy": q_term.detach().mean()})
+        # the two losses touch disjoint parameters (alpha enters the actor's detached): one backward serves both;
+        # inputs: the parameters trained, named (with --compile, torch 2.13's traced backward loses bare
+        # tensors such as log alpha when the step is recompiled)
+        (actor_loss + lagrange_loss).backward(inputs=self.actor_and_lagrange)
+        self.actor_optimizer.step()
         self.lagrange_optimizer.step()
         with torch.no_grad():
             self.lagrange_log_alpha.clamp_(c.log_alpha_min, c.log_alpha_max)
@@ -387,10 +400,7 @@ class Agent:
         with torch.no_grad():
             torch._foreach_lerp_(list(self.critic_target.parameters()), list(self.critic.parameters()), c.tau)
             torch._foreach_lerp_(list(self.actor_target.parameters()), list(self.actor.parameters()), c.tau)
-        return {"train/critic_loss": critic_loss.detach(), "train/actor_loss": actor_loss.detach(),
-                "train/vae_loss": vae_loss.detach(), "train/mmd": mmd.detach().mean(),
-                "train/lagrange_alpha": alpha, "train/q_data": q.detach().min(0).values.mean(),
-                "train/q_policy": q_term.detach().mean()}
+        return logs
 
     @torch.no_grad()
     def act(self, obs: torch.Tensor) -> torch.Tensor:
@@ -433,8 +443,12 @@ def _per_dataset(config: Config, name: str):
     return DATASET_SETTINGS[-1][1][name] if value is None else value
 
 
-def _fast_adam(device: torch.device) -> dict:
-    """Fused Adam (one kernel for all parameters) where this torch build has it, else foreach."""
+def _fast_adam(device: torch.device, compiled: bool) -> dict:
+    """Fused Adam (one kernel for all parameters) where this torch build has it, else foreach. Under --compile
+    the foreach Adam, which torch.compile traces into the step (it runs the fused one outside the graph), and
+    capturable: its step count stays a device tensor, as a CUDA graph needs."""
+    if compiled:
+        return {"foreach": True, "capturable": True}
     return {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}
 
 

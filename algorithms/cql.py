@@ -315,15 +315,25 @@ class Agent:
         # optimiser with log alpha_ent (both at policy_lr, as in the reference code) and the critics share one
         # with log alpha' (both at critic_lr): per-parameter Adam makes this the same as separate optimisers.
         self.actor_optimizer = torch.optim.Adam(list(self.actor.parameters()) + [self.log_entropy_alpha],
-                                                lr=config.policy_lr, **_fast_adam(device))
+                                                lr=config.policy_lr, **_fast_adam(device, config.compile))
         self.critic_optimizer = torch.optim.Adam(list(self.critic.parameters()) + [self.lagrange_log_alpha],
-                                                 lr=config.critic_lr, **_fast_adam(device))
+                                                 lr=config.critic_lr, **_fast_adam(device, config.compile))
         self.step = 0
-        self._update = torch.compile(self._update_impl) if config.compile else self._update_impl
+        # what the update's one backward trains (log alpha' only in the Lagrange variant)
+        self.params = [*self.critic.parameters(), *self.actor.parameters(), self.log_entropy_alpha,
+                       *([self.lagrange_log_alpha] if self.use_lagrange else [])]
+        if config.compile:
+            torch._dynamo.config.trace_autograd_ops = True  # trace loss.backward() into the compiled step too
+        compile_mode = "reduce-overhead" if device.type == "cuda" else None  # on CUDA: replayed as CUDA graphs
+        self._update = (torch.compile(self._update_impl, mode=compile_mode, dynamic=False) if config.compile
+                        else self._update_impl)
 
     def update(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        bc_warmup = self.step < self.config.bc_steps
+        bc_warmup = self.step < self.config.bc_steps  # a Python bool: compiled as two graphs, warm-up and main
         self.step += 1
+        # outside the compiled step (torch.compile skips zero_grad)
+        self.critic_optimizer.zero_grad(set_to_none=True)
+        self.actor_optimizer.zero_grad(set_to_none=True)
         return self._update(batch["obs"], batch["actions"], batch["rewards"], batch["next_obs"],
                             batch["terminals"], bc_warmup)
 
@@ -407,19 +417,7 @@ class Agent:
         # automatic entropy tuning:  min_{log alpha_ent} -log alpha_ent * E[ log pi(a|s) + H-bar ]
         entropy_loss = -(self.log_entropy_alpha * (log_pi.detach() + self.target_entropy)).mean()
 
-        # Each loss reaches only its own parameters (everything else enters it detached), so one backward of the
-        # sum gives every parameter the gradient of its own loss.
-        self.critic_optimizer.zero_grad(set_to_none=True)
-        self.actor_optimizer.zero_grad(set_to_none=True)
-        (critic_loss + lagrange_loss + actor_loss + entropy_loss).backward()
-        self.critic_optimizer.step()
-        self.actor_optimizer.step()
-
-        # Q' <- (1 - polyak) Q' + polyak Q
-        with torch.no_grad():
-            torch._foreach_lerp_(list(self.target_critic.parameters()), list(self.critic.parameters()), cfg.polyak)
-
-        logs = {
+        logs = {  # read before the backward, which consumes the graph these values hang on
             "train/critic_loss": critic_loss.detach(),
             "train/td_loss": td_loss.detach(),
             "train/actor_loss": actor_loss.detach(),
@@ -432,6 +430,17 @@ class Agent:
         }
         if self.use_lagrange:
             logs["train/lagrange_alpha"] = lagrange_alpha.detach()
+
+        # Each loss reaches only its own parameters (everything else enters it detached), so one backward of the
+        # sum gives every parameter the gradient of its own loss. inputs: the parameters trained, named (with
+        # --compile, torch 2.13's traced backward loses bare tensors such as log alpha_ent when the step is recompiled)
+        (critic_loss + lagrange_loss + actor_loss + entropy_loss).backward(inputs=self.params)
+        self.critic_optimizer.step()
+        self.actor_optimizer.step()
+
+        # Q' <- (1 - polyak) Q' + polyak Q
+        with torch.no_grad():
+            torch._foreach_lerp_(list(self.target_critic.parameters()), list(self.critic.parameters()), cfg.polyak)
         return logs
 
     @torch.no_grad()
@@ -464,8 +473,12 @@ class Agent:
         self.step = int(state["step"])
 
 
-def _fast_adam(device: torch.device) -> dict:
-    """Fused Adam (one kernel for all parameters) where this torch build has it, else foreach."""
+def _fast_adam(device: torch.device, compiled: bool) -> dict:
+    """Fused Adam (one kernel for all parameters) where this torch build has it, else foreach. Under --compile
+    the foreach Adam, which torch.compile traces into the step (it runs the fused one outside the graph), and
+    capturable: its step count stays a device tensor, as a CUDA graph needs."""
+    if compiled:
+        return {"foreach": True, "capturable": True}
     return {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}
 
 

@@ -134,22 +134,24 @@ class Agent:
         self.config, self.spec, self.device = config, spec, device
         self.q_network = mlp(spec.obs_dim, config.hidden_dims, spec.act_dim).to(device)
         self.target_network = copy.deepcopy(self.q_network).requires_grad_(False)
-        self.optimizer = torch.optim.Adam(self.q_network.parameters(), lr=config.lr, **_fast_adam(device))
+        self.optimizer = torch.optim.Adam(self.q_network.parameters(), lr=config.lr,
+                                          **_fast_adam(device, config.compile))
         self.step = 0
-        self._update = torch.compile(self._update_impl) if config.compile else self._update_impl
+        if config.compile:
+            torch._dynamo.config.trace_autograd_ops = True  # trace loss.backward() into the compiled step too
+        compile_mode = "reduce-overhead" if device.type == "cuda" else None  # on CUDA: replayed as CUDA graphs
+        self._update = (torch.compile(self._update_impl, mode=compile_mode, dynamic=False) if config.compile
+                        else self._update_impl)
 
     def update(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        self.optimizer.zero_grad(set_to_none=True)  # outside the compiled step: torch.compile skips zero_grad
         logs = self._update(batch["obs"], batch["actions"], batch["rewards"], batch["next_obs"],
                             batch["terminals"])
         self.step += 1
         period = self.config.target_update_period
-        with torch.no_grad():
-            if period > 0:
-                if self.step % period == 0:  # hard copy Q' <- Q
-                    torch._foreach_copy_(list(self.target_network.parameters()), list(self.q_network.parameters()))
-            else:  # Q' <- (1 - polyak) Q' + polyak Q
-                torch._foreach_lerp_(list(self.target_network.parameters()), list(self.q_network.parameters()),
-                                     self.config.polyak)
+        if period > 0 and self.step % period == 0:  # hard copy Q' <- Q (rare: outside the compiled step)
+            with torch.no_grad():
+                torch._foreach_copy_(list(self.target_network.parameters()), list(self.q_network.parameters()))
         return logs
 
     def _update_impl(self, obs: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor,
@@ -172,12 +174,16 @@ class Agent:
         # (lecture: "Conservative Evaluation"; the soft-maximum is the exact sum over the |A| actions)
         cql_gap = discrete_cql_gap(q_all, actions).mean()
         loss = td_loss + cfg.cql_alpha * cql_gap
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        return {"train/critic_loss": loss.detach(), "train/td_loss": td_loss.detach(),
+        logs = {"train/critic_loss": loss.detach(), "train/td_loss": td_loss.detach(),  # before the backward
                 "train/cql_gap": cql_gap.detach(), "train/q_data": q_data.detach().mean(),
                 "train/q_policy": q_all.detach().max(dim=1).values.mean()}
+        loss.backward()
+        self.optimizer.step()
+        if cfg.target_update_period <= 0:
+            with torch.no_grad():  # Q' <- (1 - polyak) Q' + polyak Q
+                torch._foreach_lerp_(list(self.target_network.parameters()), list(self.q_network.parameters()),
+                                     cfg.polyak)
+        return logs
 
     @torch.no_grad()
     def act(self, obs: torch.Tensor) -> torch.Tensor:
@@ -200,8 +206,12 @@ class Agent:
         self.step = int(state["step"])
 
 
-def _fast_adam(device: torch.device) -> dict:
-    """Fused Adam (one kernel for all parameters) where this torch build has it, else foreach."""
+def _fast_adam(device: torch.device, compiled: bool) -> dict:
+    """Fused Adam (one kernel for all parameters) where this torch build has it, else foreach. Under --compile
+    the foreach Adam, which torch.compile traces into the step (it runs the fused one outside the graph), and
+    capturable: its step count stays a device tensor, as a CUDA graph needs."""
+    if compiled:
+        return {"foreach": True, "capturable": True}
     return {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}
 
 

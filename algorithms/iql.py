@@ -227,11 +227,19 @@ class Agent:
         actor_params = list(self.actor.parameters()) + ([self.log_std] if self.gaussian else [])
         # a tensor learning rate: the cosine schedule changes it in place, so a compiled update never retraces
         self.actor_lr = torch.tensor(config.lr, device=device)
-        self.actor_optimizer = torch.optim.Adam(actor_params, lr=self.actor_lr, **_fast_adam(device))
-        self.value_optimizer = torch.optim.Adam(self.value.parameters(), lr=config.lr, **_fast_adam(device))
-        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=config.lr, **_fast_adam(device))
+        self.actor_optimizer = torch.optim.Adam(actor_params, lr=self.actor_lr,
+                                                **_fast_adam(device, config.compile))
+        self.value_optimizer = torch.optim.Adam(self.value.parameters(), lr=config.lr,
+                                                **_fast_adam(device, config.compile))
+        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=config.lr,
+                                                 **_fast_adam(device, config.compile))
         self.step = 0  # updates done so far (drives the cosine schedule)
-        self._update = torch.compile(self._update_impl) if config.compile else self._update_impl
+        self.params = [*self.value.parameters(), *self.critic.parameters(), *actor_params]  # what the loss trains
+        if config.compile:
+            torch._dynamo.config.trace_autograd_ops = True  # trace loss.backward() into the compiled step too
+        compile_mode = "reduce-overhead" if device.type == "cuda" else None  # on CUDA: replayed as CUDA graphs
+        self._update = (torch.compile(self._update_impl, mode=compile_mode, dynamic=False) if config.compile
+                        else self._update_impl)
 
     def mean_action(self, obs: torch.Tensor) -> torch.Tensor:
         """pi(s) = max_action * tanh(MLP(s)): the deterministic action, and the Gaussian's mean (CORL #38)."""
@@ -243,6 +251,10 @@ class Agent:
             progress = min(self.step / self.config.max_steps, 1.0)
             self.actor_lr.fill_(self.config.lr * 0.5 * (1.0 + math.cos(math.pi * progress)))
         self.step += 1
+        # outside the compiled step (torch.compile skips zero_grad)
+        self.value_optimizer.zero_grad(set_to_none=True)
+        self.critic_optimizer.zero_grad(set_to_none=True)
+        self.actor_optimizer.zero_grad(set_to_none=True)
         return self._update(batch["obs"], batch["actions"], batch["rewards"], batch["next_obs"],
                             batch["terminals"])
 
@@ -282,21 +294,8 @@ class Agent:
             per_sample = (policy_mean - actions).square().sum(-1)
         actor_loss = (weights * per_sample).mean()
 
-        # the three losses touch disjoint parameters (targets are detached): one backward serves all three
-        self.value_optimizer.zero_grad(set_to_none=True)
-        self.critic_optimizer.zero_grad(set_to_none=True)
-        self.actor_optimizer.zero_grad(set_to_none=True)
-        (value_loss + q_loss + actor_loss).backward()
-        self.value_optimizer.step()
-        self.critic_optimizer.step()
-        self.actor_optimizer.step()
-        with torch.no_grad():
-            # Q_target <- (1 - polyak) Q_target + polyak Q
-            torch._foreach_lerp_(list(self.target_critic.parameters()), list(self.critic.parameters()),
-                                 cfg.polyak)
-
         advantage = advantage.detach()
-        return {
+        logs = {  # read before the backward, which consumes the graph these values hang on
             "train/value_loss": value_loss.detach(),
             "train/q_loss": q_loss.detach(),
             "train/actor_loss": actor_loss.detach(),
@@ -307,6 +306,18 @@ class Agent:
             "train/adv_std": advantage.std(),
             "train/weight_clipped_frac": (weights >= cfg.max_weight).float().mean(),
         }
+        # the three losses touch disjoint parameters (targets are detached): one backward serves all three;
+        # inputs: the parameters trained, named (with --compile, torch 2.13's traced backward loses bare
+        # tensors such as log_std when the step is recompiled)
+        (value_loss + q_loss + actor_loss).backward(inputs=self.params)
+        self.value_optimizer.step()
+        self.critic_optimizer.step()
+        self.actor_optimizer.step()
+        with torch.no_grad():
+            # Q_target <- (1 - polyak) Q_target + polyak Q
+            torch._foreach_lerp_(list(self.target_critic.parameters()), list(self.critic.parameters()),
+                                 cfg.polyak)
+        return logs
 
     @torch.no_grad()
     def act(self, obs: torch.Tensor) -> torch.Tensor:
@@ -344,8 +355,12 @@ class Agent:
         self.step = int(state["step"])
 
 
-def _fast_adam(device: torch.device) -> dict:
-    """Fused Adam (one kernel for all parameters) where this torch build has it, else foreach."""
+def _fast_adam(device: torch.device, compiled: bool) -> dict:
+    """Fused Adam (one kernel for all parameters) where this torch build has it, else foreach. Under --compile
+    the foreach Adam, which torch.compile traces into the step (it runs the fused one outside the graph), and
+    capturable: its step count stays a device tensor, as a CUDA graph needs."""
+    if compiled:
+        return {"foreach": True, "capturable": True}
     return {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}
 
 

@@ -15,6 +15,12 @@ Usage:
 
 Continuous actions only. SAC's hyperparameters are not tuned per dataset; only the training length differs,
 for the small local and test datasets, in `DATASET_SETTINGS` below; flags override it.
+
+--compile compiles the whole update (forward, backward, the three Adam steps, the target update; static
+shapes; pi's samples drawn on the device inside) and on CUDA replays it as CUDA graphs (mode reduce-overhead).
+torch.optim breaks the graph around every optimizer.step() on purpose, so the step runs as 6 graphs (critic
+forward+backward, its step, actor and temperature forward+backward, their two steps, the target update) back
+to back; zero_grad runs just before, outside the compiled step (torch.compile does not trace it).
 """
 
 from __future__ import annotations
@@ -188,13 +194,25 @@ class Agent:
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         self.log_alpha = torch.tensor(math.log(config.initial_alpha), device=device, requires_grad=True)
         self.target_entropy = float(-spec.act_dim if config.target_entropy is None else config.target_entropy)
-        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=config.actor_lr, **_fast_adam(device))
+        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=config.actor_lr,
+                                                **_fast_adam(device, config.compile))
         self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=config.critic_lr,
-                                                 **_fast_adam(device))
-        self.alpha_optimizer = torch.optim.Adam([self.log_alpha], lr=config.alpha_lr, **_fast_adam(device))
-        self._update = torch.compile(self._update_impl) if config.compile else self._update_impl
+                                                 **_fast_adam(device, config.compile))
+        self.alpha_optimizer = torch.optim.Adam([self.log_alpha], lr=config.alpha_lr,
+                                                **_fast_adam(device, config.compile))
+        self.actor_and_alpha = [*self.actor.parameters(), self.log_alpha]  # what the second backward trains
+        if config.compile:
+            torch._dynamo.config.trace_autograd_ops = True  # trace loss.backward() into the compiled step too
+        compile_mode = "reduce-overhead" if device.type == "cuda" else None  # on CUDA: replayed as CUDA graphs
+        self._update = (torch.compile(self._update_impl, mode=compile_mode, dynamic=False) if config.compile
+                        else self._update_impl)
 
     def update(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # outside the compiled step (torch.compile skips zero_grad); each loss below reaches only its own
+        # optimiser's parameters, so resetting all of them here equals resetting each before its backward
+        self.critic_optimizer.zero_grad(set_to_none=True)
+        self.actor_optimizer.zero_grad(set_to_none=True)
+        self.alpha_optimizer.zero_grad(set_to_none=True)
         return self._update(batch["obs"], batch["actions"], batch["rewards"], batch["next_obs"],
                             batch["terminals"])
 
@@ -211,7 +229,8 @@ class Agent:
         q = self.critic(obs, actions)  # (2, B)
         # J_Q = E_(s,a,r,s')~D [ (Q_theta_i(s, a) - y)^2 ], both critics (summed)
         critic_loss = ((q - y) ** 2).mean(1).sum()
-        self.critic_optimizer.zero_grad(set_to_none=True)
+        # logged values are taken before each backward (which consumes the graph they hang on)
+        logs = {"train/critic_loss": critic_loss.detach(), "train/q_data": q.detach().min(0).values.mean()}
         critic_loss.backward()
         self.critic_optimizer.step()
 
@@ -219,22 +238,22 @@ class Agent:
         pi_actions, log_prob = self.actor.sample(obs)
         q_pi = self.critic(obs, pi_actions, detach_weights=True).min(0).values
         actor_loss = (alpha * log_prob - q_pi).mean()
-        self.actor_optimizer.zero_grad(set_to_none=True)
-        actor_loss.backward()
-        self.actor_optimizer.step()
 
         # --- temperature: J(alpha) = E_a~pi [ -alpha (log pi(a|s) + H-bar) ] (optimised through log alpha) ---
         alpha_loss = -(self.log_alpha * (log_prob.detach() + self.target_entropy)).mean()
-        self.alpha_optimizer.zero_grad(set_to_none=True)
-        alpha_loss.backward()
+        logs.update({"train/actor_loss": actor_loss.detach(), "train/alpha": alpha,
+                     "train/entropy": -log_prob.detach().mean(), "train/q_policy": q_pi.detach().mean()})
+        # the two losses touch disjoint parameters (alpha enters the actor's detached): one backward serves both;
+        # inputs: the parameters trained, named (with --compile, torch 2.13's traced backward loses bare
+        # tensors such as log_alpha when the step is recompiled)
+        (actor_loss + alpha_loss).backward(inputs=self.actor_and_alpha)
+        self.actor_optimizer.step()
         self.alpha_optimizer.step()
 
         with torch.no_grad():
             # theta'_i <- tau theta_i + (1 - tau) theta'_i
             torch._foreach_lerp_(list(self.critic_target.parameters()), list(self.critic.parameters()), c.tau)
-        return {"train/critic_loss": critic_loss.detach(), "train/actor_loss": actor_loss.detach(),
-                "train/alpha": alpha, "train/entropy": -log_prob.detach().mean(),
-                "train/q_data": q.detach().min(0).values.mean(), "train/q_policy": q_pi.detach().mean()}
+        return logs
 
     @torch.no_grad()
     def act(self, obs: torch.Tensor) -> torch.Tensor:
@@ -264,8 +283,12 @@ class Agent:
         self.alpha_optimizer.load_state_dict(state["alpha_optimizer"])
 
 
-def _fast_adam(device: torch.device) -> dict:
-    """Fused Adam (one kernel for all parameters) where this torch build has it, else foreach."""
+def _fast_adam(device: torch.device, compiled: bool) -> dict:
+    """Fused Adam (one kernel for all parameters) where this torch build has it, else foreach. Under --compile
+    the foreach Adam, which torch.compile traces into the step (it runs the fused one outside the graph), and
+    capturable: its step count stays a device tensor, as a CUDA graph needs."""
+    if compiled:
+        return {"foreach": True, "capturable": True}
     return {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}
 
 

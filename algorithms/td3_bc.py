@@ -17,6 +17,14 @@ Beware on tasks with dense negative rewards such as Pendulum: lambda divides by 
 large baseline (hundreds) next to the few units by which the action changes Q, so alpha = 2.5 leaves the
 actor cloning the data's mean action; a much larger --alpha is needed (the tests use 200 on a mixed
 expert/random pendulum set, where the uniform-random half covers the whole action range).
+
+--compile compiles the whole update (forward, backward, both Adam steps, both target updates; static shapes;
+the smoothing noise drawn on the device inside) and on CUDA replays it as CUDA graphs (mode reduce-overhead).
+The delayed actor update is a Python bool, so the step is compiled twice (with and without the actor); the
+actor's logs are copied for the steps in between (a CUDA graph's outputs are overwritten by its next replay).
+torch.optim breaks the graph around every optimizer.step() on purpose, so the step runs as up to 5 graphs
+(critic forward+backward, its Adam step, the actor's, its Adam step, the target updates) back to back;
+zero_grad runs just before, outside the compiled step (torch.compile does not trace it).
 """
 
 from __future__ import annotations
@@ -185,27 +193,43 @@ class Agent:
         self.actor_target = copy.deepcopy(self.actor).requires_grad_(False)
         self.critic = CriticEnsemble(spec.obs_dim, spec.act_dim, config.hidden_dims, 2).to(device)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
-        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=config.actor_lr, **_fast_adam(device))
+        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=config.actor_lr,
+                                                **_fast_adam(device, config.compile))
         self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=config.critic_lr,
-                                                 **_fast_adam(device))
+                                                 **_fast_adam(device, config.compile))
         self.total_it = 0  # python int: choosing whether to update the actor needs no device sync
         zero = torch.zeros((), device=device)
         # the actor's logs from its last update (TD3 updates it every `policy_freq` steps)
         self.actor_logs = {"train/actor_loss": zero, "train/bc_loss": zero, "train/lambda": zero,
                            "train/q_policy": zero}
-        self._critic_step = torch.compile(self._critic_step_impl) if config.compile else self._critic_step_impl
-        self._actor_step = torch.compile(self._actor_step_impl) if config.compile else self._actor_step_impl
+        if config.compile:
+            torch._dynamo.config.trace_autograd_ops = True  # trace loss.backward() into the compiled step too
+        compile_mode = "reduce-overhead" if device.type == "cuda" else None  # on CUDA: replayed as CUDA graphs
+        self._update = (torch.compile(self._update_impl, mode=compile_mode, dynamic=False) if config.compile
+                        else self._update_impl)
 
     def update(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         self.total_it += 1
-        logs = self._critic_step(batch["obs"], batch["actions"], batch["rewards"], batch["next_obs"],
-                                 batch["terminals"])
         # Delayed policy updates: "if t mod d then" update phi and the target networks   (lecture: "Idea: TD3+BC")
-        if self.total_it % self.config.policy_freq == 0:
-            self.actor_logs = self._actor_step(batch["obs"], batch["actions"])
+        # (a Python bool: --compile compiles the step twice, with and without the actor update)
+        update_actor = self.total_it % self.config.policy_freq == 0
+        # outside the compiled step (torch.compile skips zero_grad)
+        self.critic_optimizer.zero_grad(set_to_none=True)
+        self.actor_optimizer.zero_grad(set_to_none=True)
+        logs = self._update(batch["obs"], batch["actions"], batch["rewards"], batch["next_obs"], batch["terminals"],
+                            update_actor)
+        if update_actor:
+            # kept for the steps in between: copies, since a CUDA graph's outputs are overwritten by its next replay
+            self.actor_logs = {key: logs[key].clone() for key in self.actor_logs}
         return {**logs, **self.actor_logs}
 
-    def _critic_step_impl(self, obs, actions, rewards, next_obs, terminals) -> dict[str, torch.Tensor]:
+    def _update_impl(self, obs, actions, rewards, next_obs, terminals, update_actor: bool) -> dict[str, torch.Tensor]:
+        logs = self._critic_step(obs, actions, rewards, next_obs, terminals)
+        if update_actor:
+            logs.update(self._actor_step(obs, actions))
+        return logs
+
+    def _critic_step(self, obs, actions, rewards, next_obs, terminals) -> dict[str, torch.Tensor]:
         c = self.config
         with torch.no_grad():
             # a~ <- pi_phi'(s') + eps,  eps ~ clip(N(0, sigma~), -c, c)   (target policy smoothing)
@@ -218,12 +242,13 @@ class Agent:
         q = self.critic(obs, actions)  # (2, B)
         # theta_i <- argmin_theta_i N^-1 sum (y - Q_theta_i(s, a))^2, both critics (summed)
         critic_loss = ((q - y) ** 2).mean(1).sum()
-        self.critic_optimizer.zero_grad(set_to_none=True)
+        # logged values are taken before the backward (which consumes the graph they hang on)
+        logs = {"train/critic_loss": critic_loss.detach(), "train/q_data": q.detach()[0].mean()}
         critic_loss.backward()
         self.critic_optimizer.step()
-        return {"train/critic_loss": critic_loss.detach(), "train/q_data": q.detach()[0].mean()}
+        return logs
 
-    def _actor_step_impl(self, obs, actions) -> dict[str, torch.Tensor]:
+    def _actor_step(self, obs, actions) -> dict[str, torch.Tensor]:
         c = self.config
         pi = self.actor(obs)
         q1 = self.critic.q1(obs, pi)  # Q_theta1(s, pi(s)); the actor's gradient stops at the action
@@ -233,15 +258,15 @@ class Agent:
         bc_loss = F.mse_loss(pi, actions)
         # pi = argmax_pi E_(s,a)~D [ lambda Q(s, pi(s)) - (pi(s) - a)^2 ]   (as a loss to minimise)
         actor_loss = -lmbda * q1.mean() + bc_loss
-        self.actor_optimizer.zero_grad(set_to_none=True)
+        logs = {"train/actor_loss": actor_loss.detach(), "train/bc_loss": bc_loss.detach(),
+                "train/lambda": lmbda, "train/q_policy": q1.detach().mean()}
         actor_loss.backward()
         self.actor_optimizer.step()
         with torch.no_grad():
             # theta'_i <- tau theta_i + (1 - tau) theta'_i ;  phi' <- tau phi + (1 - tau) phi'
             torch._foreach_lerp_(list(self.critic_target.parameters()), list(self.critic.parameters()), c.tau)
             torch._foreach_lerp_(list(self.actor_target.parameters()), list(self.actor.parameters()), c.tau)
-        return {"train/actor_loss": actor_loss.detach(), "train/bc_loss": bc_loss.detach(),
-                "train/lambda": lmbda, "train/q_policy": q1.detach().mean()}
+        return logs
 
     @torch.no_grad()
     def act(self, obs: torch.Tensor) -> torch.Tensor:
@@ -271,8 +296,12 @@ class Agent:
         self.actor_logs = {k: v.to(self.device) for k, v in state["actor_logs"].items()}
 
 
-def _fast_adam(device: torch.device) -> dict:
-    """Fused Adam (one kernel for all parameters) where this torch build has it, else foreach."""
+def _fast_adam(device: torch.device, compiled: bool) -> dict:
+    """Fused Adam (one kernel for all parameters) where this torch build has it, else foreach. Under --compile
+    the foreach Adam, which torch.compile traces into the step (it runs the fused one outside the graph), and
+    capturable: its step count stays a device tensor, as a CUDA graph needs."""
+    if compiled:
+        return {"foreach": True, "capturable": True}
     return {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}
 
 
