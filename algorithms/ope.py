@@ -39,8 +39,9 @@ Limits (the lecture's "Shortcomings", measured in results/figures/ figure 7):
     consistent and far steadier. The effective sample size (printed) says how many episodes carry the
     weight.
   * pi_beta is unknown (the lecture: "In many cases we do not know pi_beta!"); it is estimated here by BC, and
-    every error of that density model enters every ratio. A dataset mixing several policies (medium-replay)
-    has a multimodal pi_beta that one Gaussian fits poorly.
+    every error of that density model enters every ratio ("Density estimation in high-dimensional states is
+    notoriously difficult"). A dataset mixing several policies (medium-replay) has a multimodal pi_beta that
+    one Gaussian fits poorly.
   * A deterministic policy has no density: importance sampling evaluates the Gaussian target
     N(pi(s), (--target-std * max_action)^2) instead, whose value the output measures separately.
   * FQE extrapolates Q to pi's actions wherever the data lacks them (the distribution-shift problem of the
@@ -350,12 +351,14 @@ def _dataset_env_id(name: str) -> str | None:
 def newest_run(runs_dir: str, env: str) -> str:
     """The newest run directory under `runs_dir` (any algorithm but ope) trained on dataset `env`."""
     folder = env.replace("/", "-")
-    candidates = [Path(p).parent for p in glob.glob(os.path.join(runs_dir, "*", folder, "*", "checkpoint.pt"))
-                  if Path(p).parts[-4] != "ope"]
+    found = [Path(p) for name in ("checkpoint.pt", "checkpoint.path")  # .path: runs with --checkpoint-dir
+             for p in glob.glob(os.path.join(runs_dir, "*", folder, "*", name))]
+    candidates = [p.parent for p in found if p.parts[-4] != "ope"]
     if not candidates:
         fail(f"no trained run for '{env}' under {runs_dir}/ to evaluate; train one (e.g. `python algorithms/iql.py "
              f"--env {env}`) or pass --policy RUN_DIR")
-    return str(max(candidates, key=lambda p: (p / "checkpoint.pt").stat().st_mtime))
+    return str(max(candidates, key=lambda p: (p / "config.json").stat().st_mtime if (p / "config.json").exists()
+                   else p.stat().st_mtime))
 
 
 def load_target_policy(path: str, dataset, device: torch.device):
