@@ -48,9 +48,15 @@ Per-dataset settings live in `DATASET_SETTINGS` below: the paper's target return
 halfcheetah 12000/6000, walker2d 5000/2500) and return-to-go scale 1/1000; for local builds and other
 datasets the targets come from the dataset's reference scores (the expert score and the midpoint of random
 and expert; without reference scores the best episode return and the midpoint of worst and best) and the
-scale is 1 / the largest |episode return|, so that R^ is of order 1. Flags override every one of them.
-The rest are the paper's for every dataset: K = 20, embedding 128, 3 layers, 1 head, dropout 0.1, AdamW
-lr 1e-4, weight decay 1e-4, linear warm-up over 10k steps, gradient clipping at 0.25, batch 64, 100k steps.
+scale is 1 / the largest |episode return|, so that R^ is of order 1 (antmaze: CORL's 1.0/0.5 at scale 1).
+Flags override every one of them. The rest are the paper's for every dataset: K = 20, embedding 128,
+3 layers, 1 head, dropout 0.1, ReLU, AdamW lr 1e-4, weight decay 1e-4, linear warm-up over 10k steps,
+gradient clipping at 0.25, batch 64, 100k steps (fewer on the small local sets).
+
+--compile compiles the whole update (forward, backward, gradient clipping, the AdamW step; static shapes) and
+on CUDA replays it as CUDA graphs (mode reduce-overhead); torch.optim breaks the graph around
+optimizer.step() on purpose, and zero_grad runs just before, outside the compiled step. Dropout draws its
+masks from torch's generator on the device, whose state checkpoints save.
 """
 
 from __future__ import annotations
@@ -356,14 +362,19 @@ class Agent:
         # a tensor learning rate: the warm-up changes it in place, so a compiled update never retraces
         self.lr = torch.tensor(0.0, device=device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=config.weight_decay,
-                                           **_fast_adam(device))
+                                           **_fast_adam(device, config.compile))
         self.step = 0  # updates done so far (drives the warm-up)
-        self._update = torch.compile(self._update_impl) if config.compile else self._update_impl
+        if config.compile:
+            torch._dynamo.config.trace_autograd_ops = True  # trace loss.backward() into the compiled step too
+        compile_mode = "reduce-overhead" if device.type == "cuda" else None  # on CUDA: replayed as CUDA graphs
+        self._update = (torch.compile(self._update_impl, mode=compile_mode, dynamic=False) if config.compile
+                        else self._update_impl)
 
     def update(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # lr_t = lr * min((t + 1) / warmup_steps, 1)   (the paper's LambdaLR warm-up, t counted from 0)
         self.lr.fill_(self.config.lr * min((self.step + 1) / max(self.config.warmup_steps, 1), 1.0))
         self.step += 1
+        self.optimizer.zero_grad(set_to_none=True)  # outside the compiled step: torch.compile skips zero_grad
         return self._update(batch["returns_to_go"], batch["obs"], batch["actions"], batch["timesteps"],
                             batch["mask"])
 
@@ -374,12 +385,12 @@ class Agent:
         # L = E_windows [ sum_t m_t || pi(R^_<=t, s_<=t, a_<t) - a_t ||^2 ] / E[ sum_t m_t ]
         # (lecture: "Return-conditioned policies"; m_t = 0 on padding)
         loss = masked_mse(predicted, actions, mask)
-        self.optimizer.zero_grad(set_to_none=True)
+        logs = {"train/action_loss": loss.detach(), "train/lr": self.lr.clone()}  # before the backward
         loss.backward()
-        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        # the global gradient norm, clipped to grad_clip (logged before clipping)
+        logs["train/grad_norm"] = nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.optimizer.step()
-        return {"train/action_loss": loss.detach(), "train/grad_norm": grad_norm.detach(),
-                "train/lr": self.lr.clone()}
+        return logs
 
     def _check_targets(self) -> None:
         if not self.config.target_returns or not self.config.return_scale:
@@ -455,8 +466,12 @@ class ReturnConditionedRollout:
         return action
 
 
-def _fast_adam(device: torch.device) -> dict:
-    """Fused AdamW (one kernel for all parameters) where this torch build has it, else foreach."""
+def _fast_adam(device: torch.device, compiled: bool) -> dict:
+    """Fused AdamW (one kernel for all parameters) where this torch build has it, else foreach. Under --compile
+    the foreach AdamW, which torch.compile traces into the step (it runs the fused one outside the graph), and
+    capturable: its step count stays a device tensor, as a CUDA graph needs."""
+    if compiled:
+        return {"foreach": True, "capturable": True}
     return {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}
 
 
