@@ -162,7 +162,7 @@ def inverted_pendulum_random_id(minari_root) -> str:
 @pytest.fixture(scope="session")
 def fork_expert_id(minari_root) -> str:
     """`local/fork/expert-v0` exactly as `python -m common.build fork` builds it: the two-mode expert of
-    PointFork-v0 (common/envs/fork.py), left or right 50/50, action noise 0.1; 5000 steps, about 220 episodes."""
+    PointFork-v0 (common/envs/fork.py), left or right 50/50, action noise 0.1; 5000 steps, about 425 episodes."""
     from common.build import recipe
 
     assert recipe.main(["fork", "--qualities", "expert", "--skip-existing"]) == 0
