@@ -99,7 +99,7 @@ PRESETS: dict[str, Preset] = {
     "halfcheetah": Preset("HalfCheetah-v5", 1_000_000, 1_000_000, 10_000, 10_000, "D4RL sizes, ~3 h"),
     "walker2d": Preset("Walker2d-v5", 1_000_000, 1_000_000, 10_000, 10_000, "D4RL sizes, ~3 h"),
     # The lecture's two-mode demonstrations (common/envs/fork.py): a scripted expert passes the obstacle on the
-    # left or the right, 50/50; no agent is trained (no medium-replay). ~220 expert episodes.
+    # left or the right, 50/50; no agent is trained (no medium-replay). ~425 expert episodes.
     "fork": Preset("PointFork-v0", 0, 5_000, 0, 0, "scripted two-mode expert, seconds", scripted=True),
 }
 # Budgets for an env id that is not a preset (override with the flags).

@@ -14,7 +14,7 @@ the repository root, as every algorithm file's does.
 import gymnasium as gym
 
 FORK_ENV_ID = "PointFork-v0"
-FORK_MAX_EPISODE_STEPS = 50  # the expert needs about 25 steps; a wandering policy runs out of time
+FORK_MAX_EPISODE_STEPS = 50  # the expert needs about 12 steps; a wandering policy runs out of time
 
 if FORK_ENV_ID not in gym.registry:
     gym.register(FORK_ENV_ID, entry_point="common.envs.fork:PointForkEnv",

@@ -11,7 +11,7 @@ expressive distribution class to fit p(a|s)".
 The task. A point starts on the axis, at (0, y) with y uniform in [-0.05, 0.05], and must reach the goal
 disk (centre (0, 1.7), radius 0.15) within 50 steps without touching the obstacle disk (centre (0, 0.7),
 radius 0.4) that stands straight between them. Observation: the position (x, y). Action: a velocity in
-[-1, 1]^2; the point moves by 0.1 * action per step (walls at the arena's edges). Reward 1 on reaching the
+[-1, 1]^2; the point moves by 0.2 * action per step (walls at the arena's edges). Reward 1 on reaching the
 goal, else 0, so the return is the success indicator (and a dataset's normalised score is 100 x its success
 rate over the random one's). Touching the obstacle ends the episode (terminated, return 0). `info` holds
 `success`, `collision` and `side`: -1 (left) or +1 (right) once the point has come level with the
@@ -21,7 +21,7 @@ The scripted expert (`ForkExpert`) draws a side at random, 50/50 per episode, an
 way at 45 degrees (action 0.8 (side, 1)) until it is 0.55 beside the axis, goes straight up (0, 0.8) past the
 obstacle, then heads for the goal at speed 0.8. Its first actions, from start states that tell nothing about
 the side, are (-0.8, 0.8) or (+0.8, 0.8) in equal shares: their mean (0, 0.8), which the l2 loss fits,
-drives straight into the obstacle 4 steps ahead. After the first step the two modes' states part, and
+drives straight into the obstacle two steps ahead. After the first step the two modes' states part, and
 between them lies a wedge of states neither mode visits, where an l2 policy interpolates the two modes'
 actions and keeps going up (see `rollout_paths` for a figure of the paths). The expert acts inside the
 action bounds, so the datasets' action noise is rarely clipped (clipping piles probability onto the bounds,
@@ -37,7 +37,7 @@ from typing import Callable
 import gymnasium as gym
 import numpy as np
 
-DT = 0.1  # position change per step per unit of action
+DT = 0.2  # position change per step per unit of action
 START_HALF_WIDTH = 0.05  # start: x = 0, y uniform in [-0.05, 0.05]
 OBSTACLE_CENTER = np.array([0.0, 0.7])
 OBSTACLE_RADIUS = 0.4
