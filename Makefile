@@ -38,9 +38,21 @@ run: datasets-default
 test: install
 	$(PY) -m pytest -q
 
+# --compile of every algorithm file with inductor itself, compared with the eager update (about half a minute
+# of compilation per file on a cold cache); `make test` compiles each file with aot_eager and two with inductor
+.PHONY: test-compile bench-concurrent
+test-compile: install
+	COMPILE_FULL=1 $(PY) -m pytest -q tests/test_compile.py
+
 # Gradient updates/s per algorithm against the FLOP floor; writes results/bench.md
 bench: install
 	$(PY) -m common.reporting.bench --threads $(THREADS)
+
+# Aggregate seed-updates/s of 1, 2, 4, 8 compiled training processes of ALGO sharing one device (the GPU when
+# present); writes results/bench-concurrent.md
+CONCURRENT ?= 1 2 4 8
+bench-concurrent: install
+	$(PY) -m common.reporting.bench --concurrent $(CONCURRENT) --algos $(ALGO) --compile --threads $(THREADS)
 
 # One algorithm on every quality of the pendulum suite (a sweep), its table in runs/scores/scores.md;
 # results/ itself is rebuilt from all runs by `make results`
