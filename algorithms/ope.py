@@ -48,6 +48,10 @@ Limits (the lecture's "Shortcomings", measured in results/figures/ figure 7):
     same slides): far from pi_beta it is biased, in either direction, and the interval cannot show it.
 Discrete-action policies are not supported (continuous Box actions only).
 
+--compile compiles the whole training step (the evaluated policy's pi(s'), both losses, one backward, both
+Adam steps, the target update; static shapes); zero_grad runs just before it, outside (torch.compile does not
+trace it). The estimators after training are numpy.
+
 Per-dataset settings in `DATASET_SETTINGS`: the discount (0.97 for the 200-step pendulum episodes, 0.995 for
 D4RL locomotion as DOPE, 0.99 otherwise) and the number of training steps.
 """
@@ -200,9 +204,15 @@ class Agent:
         self.critic = mlp(spec.obs_dim + spec.act_dim, config.hidden_dims, 1).to(device)
         self.target_critic = copy.deepcopy(self.critic).requires_grad_(False)
         self.behavior = mlp(spec.obs_dim, config.behavior_hidden_dims, 2 * spec.act_dim).to(device)
-        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=config.lr, **_fast_adam(device))
-        self.behavior_optimizer = torch.optim.Adam(self.behavior.parameters(), lr=config.lr, **_fast_adam(device))
-        self._update = torch.compile(self._update_impl) if config.compile else self._update_impl
+        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=config.lr,
+                                                 **_fast_adam(device, config.compile))
+        self.behavior_optimizer = torch.optim.Adam(self.behavior.parameters(), lr=config.lr,
+                                                   **_fast_adam(device, config.compile))
+        if config.compile:
+            torch._dynamo.config.trace_autograd_ops = True  # trace loss.backward() into the compiled step too
+        compile_mode = "reduce-overhead" if device.type == "cuda" else None  # on CUDA: replayed as CUDA graphs
+        self._update = (torch.compile(self._update_impl, mode=compile_mode, dynamic=False) if config.compile
+                        else self._update_impl)
 
     def behavior_distribution(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, log_std) of pi_beta_hat(.|s), each (batch, act_dim); the mean lies in the action box."""
@@ -213,6 +223,9 @@ class Agent:
         return critic(torch.cat([obs, actions], -1)).squeeze(-1)
 
     def update(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # outside the compiled step (torch.compile skips zero_grad)
+        self.critic_optimizer.zero_grad(set_to_none=True)
+        self.behavior_optimizer.zero_grad(set_to_none=True)
         return self._update(batch["obs"], batch["actions"], batch["rewards"], batch["next_obs"],
                             batch["terminals"])
 
@@ -230,17 +243,16 @@ class Agent:
         # L_beta = -E_(s,a)~D [ log pi_beta_hat(a|s) ]   (pi_beta is unknown: "In many cases we do not know pi_beta!")
         mean, log_std = self.behavior_distribution(obs)
         behavior_loss = -gaussian_log_prob(actions, mean, log_std).mean()
-
-        self.critic_optimizer.zero_grad(set_to_none=True)
-        self.behavior_optimizer.zero_grad(set_to_none=True)
+        # logged values are taken before the backward (which consumes the graph they hang on)
+        logs = {"train/fqe_loss": critic_loss.detach(), "train/q_data": q.detach().mean(),
+                "train/behavior_nll": behavior_loss.detach(), "train/behavior_std": log_std.detach().exp().mean()}
         (critic_loss + behavior_loss).backward()  # disjoint parameters: one backward serves both
         self.critic_optimizer.step()
         self.behavior_optimizer.step()
         with torch.no_grad():
             # Q_target <- (1 - polyak) Q_target + polyak Q
             torch._foreach_lerp_(list(self.target_critic.parameters()), list(self.critic.parameters()), cfg.polyak)
-        return {"train/fqe_loss": critic_loss.detach(), "train/q_data": q.detach().mean(),
-                "train/behavior_nll": behavior_loss.detach(), "train/behavior_std": log_std.detach().exp().mean()}
+        return logs
 
     @torch.no_grad()
     def act(self, obs: torch.Tensor) -> torch.Tensor:
@@ -265,8 +277,12 @@ class Agent:
         self.behavior_optimizer.load_state_dict(state["behavior_optimizer"])
 
 
-def _fast_adam(device: torch.device) -> dict:
-    """Fused Adam (one kernel for all parameters) where this torch build has it, else foreach."""
+def _fast_adam(device: torch.device, compiled: bool) -> dict:
+    """Fused Adam (one kernel for all parameters) where this torch build has it, else foreach. Under --compile
+    the foreach Adam, which torch.compile traces into the step (it runs the fused one outside the graph), and
+    capturable: its step count stays a device tensor, as a CUDA graph needs."""
+    if compiled:
+        return {"foreach": True, "capturable": True}
     return {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}
 
 

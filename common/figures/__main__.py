@@ -119,8 +119,8 @@ FIGURES: dict[str, tuple] = {
             "This library's cql.py (CQL(H), fixed alpha, no entropy term in the backup) on 10k transitions of "
             "noisy expert Pendulum data (action noise 0.3), alpha = 0 (the same actor-critic without the "
             "conservative term: naive), 1 and 10; Q(s0, pi(s0)) of each run's own policy against that policy's "
-            "true discounted return. Same small settings as figure 4, 1,500 steps.",
-            lambda n: ("After 1,500 steps: " + "; ".join(f"{k}: Q {v['Q']:.2f} vs true {v['true']:.2f}"
+            "true discounted return. Same small settings as figure 4, 1,200 steps.",
+            lambda n: ("After 1,200 steps: " + "; ".join(f"{k}: Q {v['Q']:.2f} vs true {v['true']:.2f}"
                                                         for k, v in n.items()) + ".")),
     "stitching": (9, "stitching", "9-stitching.png",
                   'the s1 -> s9 example of "Advantage-Weighted Regression" ("Offline RL methods can learn a policy '

@@ -54,9 +54,8 @@ def make(path) -> dict:
         for name, rec in res[n].items():
             ax.plot(rec["steps"], rec["q"], "-", color=colors[name], lw=2, label=f"{name}: Q(s0, pi(s0))")
             ax.plot(rec["steps"], rec["true"], "--", color=colors[name], lw=1.5, label=f"{name}: true return")
-            axes[-1].plot(rec["steps"], rec["q"] - rec["true"], "-" if n == SIZES[-1] else ":",
-                          color=colors[name], alpha=0.4 + 0.6 * (n == SIZES[-1]),
-                          label=f"{name.split(' (')[0]}, n={n:,}")
+            axes[-1].plot(rec["steps"], rec["q"] - rec["true"], (":", "--", "-")[SIZES.index(n) % 3],
+                          color=colors[name], label=f"{name.split(' (')[0]}, n={n:,}")
             numbers[f"n={n:,} {name.split(' (')[0]}"] = {"Q": round(float(rec["q"][-1]), 2),
                                                           "true": round(float(rec["true"][-1]), 2)}
         ax.set_title(f"n = {n:,} expert transitions", fontsize=10)
