@@ -288,8 +288,10 @@ def test_evaluate_stateful_runs_every_group_on_the_same_episodes_and_passes_the_
 def test_defaults_are_the_papers():
     c = dt.Config()
     assert (c.context_len, c.embed_dim, c.n_layers, c.n_heads, c.dropout) == (20, 128, 3, 1, 0.1)
-    assert (c.lr, c.weight_decay, c.warmup_steps, c.grad_clip, c.batch_size) == (1e-4, 1e-4, 10_000, 0.25, 64)
+    assert (c.lr, c.weight_decay, c.grad_clip, c.batch_size) == (1e-4, 1e-4, 0.25, 64)
     assert dt.PAPER_BATCH_SIZE == 64
+    d4rl = apply_dataset_settings(dt.Config(env="hopper-medium-v2"), dt.DATASET_SETTINGS)
+    assert (d4rl.warmup_steps, d4rl.max_steps) == (10_000, 100_000)
 
 
 @pytest.mark.parametrize("env, targets, scale", [
@@ -309,6 +311,7 @@ def test_dataset_settings_are_the_papers(env, targets, scale):
 def test_local_datasets_take_targets_scale_and_table_size_from_the_data(pendulum_mixed_id, pendulum_refs):
     config = apply_dataset_settings(dt.Config(env=pendulum_mixed_id), dt.DATASET_SETTINGS)
     assert config.target_returns == () and config.return_scale == 0.0  # "from the data"
+    assert config.warmup_steps == config.max_steps // 10
     dataset = load_dataset(pendulum_mixed_id, download=False)
     filled = dt.dataset_values(config, dataset)
     expert, random = pendulum_refs["expert"], pendulum_refs["random"]
