@@ -127,8 +127,9 @@ def test_naive_q_diverges_above_true_return_while_td3_bc_does_not():
     for name, (algo, cfg) in naive_divergence.METHODS.items():
         rec = train_and_track(algo, data, 1_500, 500, **cfg)
         gaps[algo] = rec["q"] - rec["true"]
-    assert gaps["sac_offline"][-1] > 3.0 and gaps["sac_offline"][-1] > gaps["sac_offline"][0]  # above, growing
-    assert abs(gaps["td3_bc"][-1]) < 1.5
+    assert gaps["sac_offline"][-1] > 3.0 and gaps["sac_offline"][-1] > gaps["sac_offline"][1]  # above, growing
+    assert abs(gaps["td3_bc"][-1]) < 2.5 and abs(gaps["td3_bc"][-1]) < abs(gaps["td3_bc"][0])  # closing in
+    assert gaps["sac_offline"][-1] > 3 * abs(gaps["td3_bc"][-1])
 
 
 def test_cql_estimate_below_true_value_and_naive_above():
@@ -158,8 +159,7 @@ def test_l2_policy_averages_the_modes_into_the_obstacle_and_the_mixture_does_not
 
 
 def test_bc_errors_compound_with_the_horizon_and_daggers_do_not():
-    _, _, fits = compounding_error.run(horizons=(25, 200), seeds=(0,), rounds=3, steps_per_round=300,
-                                       eval_episodes=5)
+    _, _, fits = compounding_error.run(horizons=(25, 200), seeds=(0,), eval_episodes=10)
     bc, dagger = fits["BC"], fits["DAgger"]
     assert bc["cost"][-1].mean() > 3 * dagger["cost"][-1].mean()
     assert bc["cost_exponent_means"] > dagger["cost_exponent_means"] + 0.5
