@@ -281,6 +281,7 @@ class Agent:
         self.target_critic.load_state_dict(state["target_critic"])
         self.actor_optimizer.load_state_dict(state["actor_optimizer"])
         self.critic_optimizer.load_state_dict(state["critic_optimizer"])
+        _use_this_runs_adam([self.actor_optimizer, self.critic_optimizer], self.device, self.config.compile)
 
 
 def _fast_adam(device: torch.device, compiled: bool) -> dict:
@@ -290,6 +291,14 @@ def _fast_adam(device: torch.device, compiled: bool) -> dict:
     if compiled:
         return {"foreach": True, "capturable": True}
     return {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}
+
+
+def _use_this_runs_adam(optimizers: list, device: torch.device, compiled: bool) -> None:
+    """Set this run's Adam implementation on loaded optimisers: they keep the flags they were saved with, and
+    --compile may differ on resume (both implementations keep the step count on the parameters' device)."""
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group.update({"fused": None, "foreach": None, "capturable": False, **_fast_adam(device, compiled)})
 
 
 def train(config: Config) -> dict:

@@ -434,6 +434,8 @@ class Agent:
         self.actor_optimizer.load_state_dict(state["actor_optimizer"])
         self.vae_optimizer.load_state_dict(state["vae_optimizer"])
         self.lagrange_optimizer.load_state_dict(state["lagrange_optimizer"])
+        _use_this_runs_adam([self.critic_optimizer, self.actor_optimizer, self.vae_optimizer, self.lagrange_optimizer],
+                            self.device, self.config.compile)
         self.total_it = int(state["total_it"])
 
 
@@ -450,6 +452,14 @@ def _fast_adam(device: torch.device, compiled: bool) -> dict:
     if compiled:
         return {"foreach": True, "capturable": True}
     return {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}
+
+
+def _use_this_runs_adam(optimizers: list, device: torch.device, compiled: bool) -> None:
+    """Set this run's Adam implementation on loaded optimisers: they keep the flags they were saved with, and
+    --compile may differ on resume (both implementations keep the step count on the parameters' device)."""
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group.update({"fused": None, "foreach": None, "capturable": False, **_fast_adam(device, compiled)})
 
 
 def train(config: Config) -> dict:

@@ -203,6 +203,7 @@ class Agent:
         self.q_network.load_state_dict(state["q_network"])
         self.target_network.load_state_dict(state["target_network"])
         self.optimizer.load_state_dict(state["optimizer"])
+        _use_this_runs_adam([self.optimizer], self.device, self.config.compile)
         self.step = int(state["step"])
 
 
@@ -213,6 +214,14 @@ def _fast_adam(device: torch.device, compiled: bool) -> dict:
     if compiled:
         return {"foreach": True, "capturable": True}
     return {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}
+
+
+def _use_this_runs_adam(optimizers: list, device: torch.device, compiled: bool) -> None:
+    """Set this run's Adam implementation on loaded optimisers: they keep the flags they were saved with, and
+    --compile may differ on resume (both implementations keep the step count on the parameters' device)."""
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group.update({"fused": None, "foreach": None, "capturable": False, **_fast_adam(device, compiled)})
 
 
 def train(config: Config) -> dict:

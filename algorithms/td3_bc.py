@@ -292,6 +292,7 @@ class Agent:
         self.critic_target.load_state_dict(state["critic_target"])
         self.actor_optimizer.load_state_dict(state["actor_optimizer"])
         self.critic_optimizer.load_state_dict(state["critic_optimizer"])
+        _use_this_runs_adam([self.actor_optimizer, self.critic_optimizer], self.device, self.config.compile)
         self.total_it = int(state["total_it"])
         self.actor_logs = {k: v.to(self.device) for k, v in state["actor_logs"].items()}
 
@@ -303,6 +304,14 @@ def _fast_adam(device: torch.device, compiled: bool) -> dict:
     if compiled:
         return {"foreach": True, "capturable": True}
     return {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}
+
+
+def _use_this_runs_adam(optimizers: list, device: torch.device, compiled: bool) -> None:
+    """Set this run's Adam implementation on loaded optimisers: they keep the flags they were saved with, and
+    --compile may differ on resume (both implementations keep the step count on the parameters' device)."""
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group.update({"fused": None, "foreach": None, "capturable": False, **_fast_adam(device, compiled)})
 
 
 def train(config: Config) -> dict:

@@ -143,6 +143,28 @@ def test_compiled_update_matches_eager_cuda_graphs(name, monkeypatch):
     compare(name, torch.device("cuda"), None, 1e-3, 1e-4)
 
 
+def optimizer_flags(agent) -> dict[str, list[dict]]:
+    """The implementation flags of every optimiser an agent holds, per parameter group."""
+    return {name: [{k: group.get(k) for k in ("fused", "foreach", "capturable")} for group in opt.param_groups]
+            for name, opt in vars(agent).items() if isinstance(opt, torch.optim.Optimizer)}
+
+
+@pytest.mark.parametrize("name", ALGORITHM_FILES)
+def test_checkpoint_resumes_with_or_without_compile(name):
+    """--compile may change on resume: a loaded agent keeps its own optimiser implementation (the compiled
+    run's capturable foreach Adam would fail in an eager update on CPU), and updates."""
+    cpu = torch.device("cpu")
+    eager, config, spec = bench.make_agent(name, cpu, compile_update=False, tiny=True)
+    compiled, _, _ = bench.make_agent(name, cpu, compile_update=True, tiny=True)
+    eager_flags, compiled_flags = optimizer_flags(eager), optimizer_flags(compiled)
+    eager_state, compiled_state = eager.state_dict(), compiled.state_dict()
+    eager.load_state_dict(compiled_state)
+    compiled.load_state_dict(eager_state)
+    assert optimizer_flags(eager) == eager_flags and optimizer_flags(compiled) == compiled_flags
+    logs = eager.update(bench.batch_source(name, spec, config, cpu).sample(config.batch_size))
+    assert all(torch.isfinite(v).all() for v in logs.values())
+
+
 def test_graph_breaks_are_detected():
     """The graph-break check can fail: a Python branch on a tensor's value breaks the graph."""
     torch._dynamo.reset()
