@@ -33,6 +33,10 @@ evaluation: the same weights and seed give the same evaluation episodes, and act
 Per-dataset settings (training length) live in `DATASET_SETTINGS`; robomimic trains with lr 1e-4 and
 1024-1024 MLPs on robot demonstrations; here every head uses bc.py's 256-256 and 3e-4, so that the heads
 and bc.py's l2 head differ only in the distribution class.
+
+--compile compiles the whole update (forward, backward, the Adam step; static shapes) and on CUDA replays it
+as CUDA graphs (mode reduce-overhead), as bc.py does; zero_grad runs just before, outside the compiled step.
+act() is not compiled (its random draws use the private generator).
 """
 
 from __future__ import annotations
@@ -257,13 +261,19 @@ class Agent:
             fail(f"unknown --head '{config.head}' (gmm, discrete or vae)")
         self.policy.to(device)
         self.centres = bin_centres(config.num_bins, device)
-        self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=config.lr, **_fast_adam(device))
+        self.params = list(self.policy.parameters())
+        self.optimizer = torch.optim.Adam(self.params, lr=config.lr, **_fast_adam(device, config.compile))
         # act() draws from this private generator (see the docstring), never from the training RNG
         self.act_generator = torch.Generator(device=device)
         self.reset_sampling()
-        self._update = torch.compile(self._update_impl) if config.compile else self._update_impl
+        if config.compile:
+            torch._dynamo.config.trace_autograd_ops = True  # trace loss.backward() into the compiled step too
+        compile_mode = "reduce-overhead" if device.type == "cuda" else None  # on CUDA: replayed as CUDA graphs
+        self._update = (torch.compile(self._update_impl, mode=compile_mode, dynamic=False) if config.compile
+                        else self._update_impl)
 
     def update(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        self.optimizer.zero_grad(set_to_none=True)  # outside the compiled step: torch.compile skips zero_grad
         return self._update(batch["obs"], batch["actions"])
 
     def _update_impl(self, obs: torch.Tensor, actions: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -294,10 +304,10 @@ class Agent:
             #   (lecture: "Use expressive distribution class to fit p(a|s)": VAEs)
             loss = recon_loss + self.config.kl_weight * kl
             logs = {"train/recon_loss": recon_loss.detach(), "train/kl": kl.detach()}
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        logs = {"train/policy_loss": loss.detach(), **logs}  # taken before the backward, which consumes the graph
+        loss.backward(inputs=self.params)
         self.optimizer.step()
-        return {"train/policy_loss": loss.detach(), **logs}
+        return logs
 
     def reset_sampling(self) -> None:
         """Reseed act()'s generator with --seed: the evaluation that follows is reproducible."""
@@ -335,11 +345,24 @@ class Agent:
     def load_state_dict(self, state: dict) -> None:
         self.policy.load_state_dict(state["policy"])
         self.optimizer.load_state_dict(state["optimizer"])
+        _use_this_runs_adam([self.optimizer], self.device, self.config.compile)
 
 
-def _fast_adam(device: torch.device) -> dict:
-    """Fused Adam (one kernel for all parameters) where this torch build has it, else foreach."""
+def _fast_adam(device: torch.device, compiled: bool) -> dict:
+    """Fused Adam (one kernel for all parameters) where this torch build has it, else foreach. Under --compile
+    the foreach Adam, which torch.compile traces into the step (it runs the fused one outside the graph), and
+    capturable: its step count stays a device tensor, as a CUDA graph needs."""
+    if compiled:
+        return {"foreach": True, "capturable": True}
     return {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}
+
+
+def _use_this_runs_adam(optimizers: list, device: torch.device, compiled: bool) -> None:
+    """Set this run's Adam implementation on loaded optimisers: they keep the flags they were saved with, and
+    --compile may differ on resume (both implementations keep the step count on the parameters' device)."""
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group.update({"fused": None, "foreach": None, "capturable": False, **_fast_adam(device, compiled)})
 
 
 def train(config: Config) -> dict:

@@ -33,6 +33,11 @@ action chunks (`--action-horizon H`): the model denoises H consecutive actions a
 episodes, padded at the end with the last action) and the policy executes the first `--execute-steps` of
 each plan before planning again (receding horizon). Diffusion Policy conditions on the last 2 observations;
 here on the current one. Per-dataset settings (training length) live in `DATASET_SETTINGS`.
+
+--compile compiles the whole update (forward, backward, the Adam step, the EMA step; static shapes) and on
+CUDA replays it as CUDA graphs (mode reduce-overhead), as bc.py does; zero_grad runs just before, outside the
+compiled step, and the EMA's decay enters as a device tensor changed in place. The sampling loop is not
+compiled (T denoiser calls per action, its random draws from the private generator).
 """
 
 from __future__ import annotations
@@ -186,9 +191,10 @@ class NoiseSchedule:
         self.sqrt_alpha_bar, self.sqrt_one_minus_alpha_bar = to(alpha_bar.sqrt()), to((1 - alpha_bar).sqrt())
         self.sqrt_recip_alpha_bar = to((1 / alpha_bar).sqrt())
         self.sqrt_recip_minus_one = to((1 / alpha_bar - 1).sqrt())
-        # posterior q(x_{t-1} | x_t, x_0) = N(c0_t x_0 + ct_t x_t, beta_tilde_t), beta_tilde_0 = 0
-        self.posterior_variance = to(betas * (1 - alpha_bar_prev) / (1 - alpha_bar))
-        self.posterior_std = to((betas * (1 - alpha_bar_prev) / (1 - alpha_bar)).clamp(min=MIN_POSTERIOR_VARIANCE).sqrt())
+        # posterior q(x_{t-1} | x_t, x_0) = N(coef_x0_t x_0 + coef_xt_t x_t, beta_tilde_t), beta_tilde_0 = 0
+        posterior_variance = betas * (1 - alpha_bar_prev) / (1 - alpha_bar)
+        self.posterior_variance = to(posterior_variance)
+        self.posterior_std = to(posterior_variance.clamp(min=MIN_POSTERIOR_VARIANCE).sqrt())
         self.coef_x0 = to(betas * alpha_bar_prev.sqrt() / (1 - alpha_bar))
         self.coef_xt = to((1 - alpha_bar_prev) * alphas.sqrt() / (1 - alpha_bar))
 
@@ -278,18 +284,24 @@ class Agent:
         self.schedule = NoiseSchedule(make_betas(config.beta_schedule, config.diffusion_steps), device)
         self.denoiser = Denoiser(spec.obs_dim, self.action_size, config.hidden_dims, config.time_embed_dim).to(device)
         self.ema_denoiser = copy.deepcopy(self.denoiser).requires_grad_(False)
-        self.optimizer = torch.optim.Adam(self.denoiser.parameters(), lr=config.lr, **_fast_adam(device))
+        self.params, self.ema_params = list(self.denoiser.parameters()), list(self.ema_denoiser.parameters())
+        self.optimizer = torch.optim.Adam(self.params, lr=config.lr, **_fast_adam(device, config.compile))
         self.ema_updates = 0  # EMA updates done so far (drives the warm-up decay)
         # 1 - decay as a device tensor changed in place: a compiled update never retraces
         self.ema_weight = torch.zeros((), device=device)
         self.act_generator = torch.Generator(device=device)
         self.reset_sampling()
-        self._update = torch.compile(self._update_impl) if config.compile else self._update_impl
+        if config.compile:
+            torch._dynamo.config.trace_autograd_ops = True  # trace loss.backward() into the compiled step too
+        compile_mode = "reduce-overhead" if device.type == "cuda" else None  # on CUDA: replayed as CUDA graphs
+        self._update = (torch.compile(self._update_impl, mode=compile_mode, dynamic=False) if config.compile
+                        else self._update_impl)
 
     def update(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         decay = ema_decay(self.ema_updates, self.config.ema_power, self.config.ema_max_decay)
         self.ema_weight.fill_(1.0 - decay)
         self.ema_updates += 1
+        self.optimizer.zero_grad(set_to_none=True)  # outside the compiled step: torch.compile skips zero_grad
         return self._update(batch["obs"], batch["actions"])
 
     def _update_impl(self, obs: torch.Tensor, actions: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -300,14 +312,13 @@ class Agent:
         # L(theta) = E_{t, (s,a)~D, eps~N(0,I)} || eps - eps_theta( sqrt(abar_t) a + sqrt(1 - abar_t) eps, t, s ) ||^2
         #   (lecture: "Use expressive distribution class to fit p(a|s)": diffusion models; DDPM's L_simple)
         loss = F.mse_loss(self.denoiser(x_t, t, obs), eps)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        logs = {"train/diffusion_loss": loss.detach()}  # taken before the backward, which consumes the graph
+        loss.backward(inputs=self.params)
         self.optimizer.step()
         with torch.no_grad():
             # theta_ema <- decay theta_ema + (1 - decay) theta
-            torch._foreach_lerp_(list(self.ema_denoiser.parameters()), list(self.denoiser.parameters()),
-                                 self.ema_weight)
-        return {"train/diffusion_loss": loss.detach()}
+            torch._foreach_lerp_(self.ema_params, self.params, self.ema_weight)
+        return logs
 
     def reset_sampling(self) -> None:
         """Reseed act()'s generator with --seed and drop any planned chunk: the next evaluation is
@@ -344,12 +355,25 @@ class Agent:
         self.denoiser.load_state_dict(state["denoiser"])
         self.ema_denoiser.load_state_dict(state["ema_denoiser"])
         self.optimizer.load_state_dict(state["optimizer"])
+        _use_this_runs_adam([self.optimizer], self.device, self.config.compile)
         self.ema_updates = int(state["ema_updates"])
 
 
-def _fast_adam(device: torch.device) -> dict:
-    """Fused Adam (one kernel for all parameters) where this torch build has it, else foreach."""
+def _fast_adam(device: torch.device, compiled: bool) -> dict:
+    """Fused Adam (one kernel for all parameters) where this torch build has it, else foreach. Under --compile
+    the foreach Adam, which torch.compile traces into the step (it runs the fused one outside the graph), and
+    capturable: its step count stays a device tensor, as a CUDA graph needs."""
+    if compiled:
+        return {"foreach": True, "capturable": True}
     return {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}
+
+
+def _use_this_runs_adam(optimizers: list, device: torch.device, compiled: bool) -> None:
+    """Set this run's Adam implementation on loaded optimisers: they keep the flags they were saved with, and
+    --compile may differ on resume (both implementations keep the step count on the parameters' device)."""
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group.update({"fused": None, "foreach": None, "capturable": False, **_fast_adam(device, compiled)})
 
 
 def train(config: Config) -> dict:

@@ -82,7 +82,8 @@ def test_forward_noising_is_the_composed_one_step_chain(name):
 def test_reverse_step_is_the_gaussian_posterior_with_the_exact_noise(t):
     # 1-D, data x_0 = 0.6: with the true eps = (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t), x0_hat = x_0 and one
     # reverse step must draw from q(x_{t-1} | x_t, x_0), computed here by Bayes' rule from its two Gaussians:
-    # prior q(x_{t-1} | x_0) = N(sqrt(abar_{t-1}) x_0, 1 - abar_{t-1}), likelihood q(x_t | x_{t-1}) = N(sqrt(alpha_t) x_{t-1}, beta_t)
+    # prior q(x_{t-1} | x_0) = N(sqrt(abar_{t-1}) x_0, 1 - abar_{t-1}),
+    # likelihood q(x_t | x_{t-1}) = N(sqrt(alpha_t) x_{t-1}, beta_t)
     schedule, x0, x_t = _schedule("cosine", 10), 0.6, torch.tensor([[0.25]], dtype=torch.float64)
     abar = torch.cumprod(1 - schedule.betas, 0)
     eps = (x_t - abar[t].sqrt() * x0) / (1 - abar[t]).sqrt()
@@ -272,8 +273,8 @@ def test_discrete_actions_are_refused():
 
 
 def test_command_line_bad_value_exits_2_with_one_line():
-    result = subprocess.run([sys.executable, str(ROOT / "algorithms" / "diffusion_bc.py"), "--diffusion-steps", "0", "--max-steps", "10",
-                             "--no-download"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    result = subprocess.run([sys.executable, str(ROOT / "algorithms" / "diffusion_bc.py"), "--diffusion-steps", "0",
+                             "--max-steps", "10", "--no-download"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("error: --diffusion-steps must be at least 1") and len(lines) == 1, result.stderr
