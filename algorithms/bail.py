@@ -44,6 +44,12 @@ exactly the same points.
 
 Per-dataset settings in `DATASET_SETTINGS`: K (10,000 as the paper's text; the authors' scripts pass 1000)
 and the number of BC steps (the authors' 200k; fewer for the small local sets). BC batch 1000 as the authors.
+
+--compile compiles the BC step and the envelope's step (each: forward, backward, the Adam step; static shapes;
+an epoch's last, smaller envelope batch is a second variant) and on CUDA replays them as CUDA graphs (mode
+reduce-overhead). torch.optim breaks the graph around every optimizer.step() on purpose, so each step runs as
+2 graphs (forward+backward, Adam step) back to back; zero_grad runs just before, outside the compiled step
+(torch.compile does not trace it). The envelope's validation pass and the selection run eagerly, once.
 """
 
 from __future__ import annotations
@@ -259,30 +265,44 @@ class Agent:
         self.config, self.spec, self.device = config, spec, device
         self.max_action = spec.max_action
         self.policy = mlp(spec.obs_dim, config.hidden_dims, spec.act_dim).to(device)
-        self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=config.lr, **_fast_adam(device))
+        self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=config.lr,
+                                          **_fast_adam(device, config.compile))
         self.envelope = mlp(spec.obs_dim, config.envelope_hidden_dims, 1).to(device)
         with torch.no_grad():  # the authors' value head: weights scaled by 0.1, bias 0
             self.envelope[-1].weight.mul_(0.1)
             self.envelope[-1].bias.zero_()
         # lambda ||phi||^2 as Adam's (coupled) weight decay on every parameter of phi, as the authors
         self.envelope_optimizer = torch.optim.Adam(self.envelope.parameters(), lr=config.envelope_lr,
-                                                   weight_decay=config.envelope_weight_decay, **_fast_adam(device))
+                                                   weight_decay=config.envelope_weight_decay,
+                                                   **_fast_adam(device, config.compile))
         self.selected = torch.zeros(0, dtype=torch.bool)  # U, as a mask over the dataset's rows (CPU)
         self.envelope_stats: dict[str, float] = {}
-        self._update = torch.compile(self._update_impl) if config.compile else self._update_impl
-        self._envelope_update = (torch.compile(self._envelope_update_impl) if config.compile
-                                 else self._envelope_update_impl)
+        if config.compile:
+            torch._dynamo.config.trace_autograd_ops = True  # trace loss.backward() into the compiled step too
+        compile_mode = "reduce-overhead" if device.type == "cuda" else None  # on CUDA: replayed as CUDA graphs
+        self._update = (torch.compile(self._update_impl, mode=compile_mode, dynamic=False) if config.compile
+                        else self._update_impl)
+        self._envelope_update = (torch.compile(self._envelope_update_impl, mode=compile_mode, dynamic=False)
+                                 if config.compile else self._envelope_update_impl)
 
     # --- step 2: the upper envelope ------------------------------------------------------------------
+    def envelope_update(self, obs: torch.Tensor, returns: torch.Tensor) -> torch.Tensor:
+        """One step on L^K for a minibatch; returns the minibatch's loss."""
+        self.envelope_optimizer.zero_grad(set_to_none=True)  # outside the compiled step: torch.compile skips it
+        # cloned: a CUDA graph's outputs are overwritten by its next replay, and fit_envelope keeps an epoch's losses
+        return self._envelope_update(obs, returns).clone()
+
     def _envelope_update_impl(self, obs: torch.Tensor, returns: torch.Tensor) -> torch.Tensor:
         v = self.envelope(obs).squeeze(-1)
         # L^K(phi) = sum_i (V_phi(s_i) - G_i)^2 {1(V_phi(s_i) >= G_i) + K 1(V_phi(s_i) < G_i)} + lambda ||phi||^2
         # (lecture: "BAIL: Best-Action Imitation Learning"; a batch mean; lambda as Adam's weight decay)
         loss = envelope_loss(v, returns, self.config.envelope_k).mean()
-        self.envelope_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        logged = loss.detach()  # taken before the backward, which consumes loss's graph
+        # inputs: the parameters the loss trains, named (with --compile, torch 2.13's traced backward may lose
+        # parameters that are not named when the step is recompiled)
+        loss.backward(inputs=list(self.envelope.parameters()))
         self.envelope_optimizer.step()
-        return loss.detach()
+        return logged
 
     @torch.no_grad()
     def values(self, obs: torch.Tensor) -> torch.Tensor:
@@ -307,7 +327,7 @@ class Agent:
         since_best, epoch = 0, 0
         for epoch in range(1, cfg.envelope_epochs + 1):
             order = train_idx[torch.randperm(len(train_idx), generator=generator).to(self.device)]
-            losses = [self._envelope_update(obs[chunk], returns[chunk])
+            losses = [self.envelope_update(obs[chunk], returns[chunk])
                       for chunk in order.split(cfg.envelope_batch_size)]
             train_loss = float(torch.stack(losses).mean())
             val_loss = (float(envelope_loss(self.values(obs[val_idx]), returns[val_idx], cfg.envelope_k).mean())
@@ -345,16 +365,18 @@ class Agent:
         return self.max_action * torch.tanh(self.policy(obs))
 
     def update(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        self.optimizer.zero_grad(set_to_none=True)  # outside the compiled step: torch.compile skips zero_grad
         return self._update(batch["obs"], batch["actions"])
 
     def _update_impl(self, obs: torch.Tensor, actions: torch.Tensor) -> dict[str, torch.Tensor]:
         # grad_theta sum_(i in U) (pi_theta(s_i) - a_i)^2   (lecture: "BAIL: Best-Action Imitation Learning";
         # a mean over the batch and action dimensions, as the authors)
         loss = (self.mean_action(obs) - actions).square().mean()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        logs = {"train/policy_loss": loss.detach()}  # taken before the backward, which consumes loss's graph
+        # inputs: the parameters the loss trains, named (as the envelope's step)
+        loss.backward(inputs=list(self.policy.parameters()))
         self.optimizer.step()
-        return {"train/policy_loss": loss.detach()}
+        return logs
 
     @torch.no_grad()
     def act(self, obs: torch.Tensor) -> torch.Tensor:
@@ -371,13 +393,26 @@ class Agent:
         self.optimizer.load_state_dict(state["optimizer"])
         self.envelope.load_state_dict(state["envelope"])
         self.envelope_optimizer.load_state_dict(state["envelope_optimizer"])
+        _use_this_runs_adam([self.optimizer, self.envelope_optimizer], self.device, self.config.compile)
         self.selected = state["selected"].cpu().clone()
         self.envelope_stats = dict(state["envelope_stats"])
 
 
-def _fast_adam(device: torch.device) -> dict:
-    """Fused Adam (one kernel for all parameters) where this torch build has it, else foreach."""
+def _fast_adam(device: torch.device, compiled: bool) -> dict:
+    """Fused Adam (one kernel for all parameters) where this torch build has it, else foreach. Under --compile
+    the foreach Adam, which torch.compile traces into the step (it runs the fused one outside the graph), and
+    capturable: its step count stays a device tensor, as a CUDA graph needs."""
+    if compiled:
+        return {"foreach": True, "capturable": True}
     return {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}
+
+
+def _use_this_runs_adam(optimizers: list, device: torch.device, compiled: bool) -> None:
+    """Set this run's Adam implementation on loaded optimisers: they keep the flags they were saved with, and
+    --compile may differ on resume (both implementations keep the step count on the parameters' device)."""
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group.update({"fused": None, "foreach": None, "capturable": False, **_fast_adam(device, compiled)})
 
 
 def train(config: Config) -> dict:

@@ -43,7 +43,13 @@ which a human gate would not need to label.
 
 Per-dataset settings (rounds via max_steps, episodes and steps per round, the beta schedule) follow the
 imitation library's tuned DAgger settings for MuJoCo where they exist; they live in `DATASET_SETTINGS`.
-The update is BC's (`bc.py`) and compiles; collection steps envs and the expert on the host.
+The update is BC's (`bc.py`); collection steps envs and the expert on the host.
+
+--compile compiles the whole update (forward, backward, the Adam step; static shapes) and on CUDA replays it
+as CUDA graphs (mode reduce-overhead). torch.optim breaks the graph around every optimizer.step() on purpose,
+so the step runs as 2 graphs (forward+backward, Adam step) back to back; zero_grad runs just before, outside
+the compiled step (torch.compile does not trace it). The observation statistics are tensors changed in place
+(`set_normalizer`), so the compiled step reads their new values without a recompilation.
 """
 
 from __future__ import annotations
@@ -548,10 +554,14 @@ class Agent:
         self.log_std = nn.Parameter(torch.zeros(spec.act_dim, device=device))  # Gaussian head only
         self.obs_mean = torch.zeros(spec.obs_dim, device=device)
         self.obs_std = torch.ones(spec.obs_dim, device=device)
-        params = list(self.policy.parameters()) + ([self.log_std] if self.gaussian else [])
-        self.optimizer = torch.optim.Adam(params, lr=config.lr, **_fast_adam(device))
+        self.params = list(self.policy.parameters()) + ([self.log_std] if self.gaussian else [])
+        self.optimizer = torch.optim.Adam(self.params, lr=config.lr, **_fast_adam(device, config.compile))
         self.max_action = spec.max_action
-        self._update = torch.compile(self._update_impl) if config.compile else self._update_impl
+        if config.compile:
+            torch._dynamo.config.trace_autograd_ops = True  # trace loss.backward() into the compiled step too
+        compile_mode = "reduce-overhead" if device.type == "cuda" else None  # on CUDA: replayed as CUDA graphs
+        self._update = (torch.compile(self._update_impl, mode=compile_mode, dynamic=False) if config.compile
+                        else self._update_impl)
 
     def set_normalizer(self, obs: np.ndarray) -> None:
         """Standardise with the mean and std of `obs` (N, obs_dim) from now on (in place: compiled graphs stay)."""
@@ -564,6 +574,7 @@ class Agent:
         return self.max_action * torch.tanh(self.policy((obs - self.obs_mean) / self.obs_std))
 
     def update(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        self.optimizer.zero_grad(set_to_none=True)  # outside the compiled step: torch.compile skips zero_grad
         return self._update(batch["obs"], batch["actions"])
 
     def _update_impl(self, obs: torch.Tensor, actions: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -581,10 +592,12 @@ class Agent:
         else:
             # min_theta L(pi_theta, D) = E_(s',a*)~D || pi_theta(s') - a* ||^2   (lecture: "Addressing Compounding Errors with DAgger")
             loss = F.mse_loss(self.mean_action(obs), actions)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        logs = {"train/policy_loss": loss.detach()}  # taken before the backward, which consumes loss's graph
+        # inputs: the parameters the loss trains, named (with --compile, torch 2.13's traced backward loses bare
+        # tensors such as log_std when the step is recompiled)
+        loss.backward(inputs=self.params)
         self.optimizer.step()
-        return {"train/policy_loss": loss.detach()}
+        return logs
 
     @torch.no_grad()
     def act(self, obs: torch.Tensor) -> torch.Tensor:
@@ -605,11 +618,24 @@ class Agent:
         self.obs_mean.copy_(state["obs_mean"])
         self.obs_std.copy_(state["obs_std"])
         self.optimizer.load_state_dict(state["optimizer"])
+        _use_this_runs_adam([self.optimizer], self.device, self.config.compile)
 
 
-def _fast_adam(device: torch.device) -> dict:
-    """Fused Adam (one kernel for all parameters) where this torch build has it, else foreach."""
+def _fast_adam(device: torch.device, compiled: bool) -> dict:
+    """Fused Adam (one kernel for all parameters) where this torch build has it, else foreach. Under --compile
+    the foreach Adam, which torch.compile traces into the step (it runs the fused one outside the graph), and
+    capturable: its step count stays a device tensor, as a CUDA graph needs."""
+    if compiled:
+        return {"foreach": True, "capturable": True}
     return {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}
+
+
+def _use_this_runs_adam(optimizers: list, device: torch.device, compiled: bool) -> None:
+    """Set this run's Adam implementation on loaded optimisers: they keep the flags they were saved with, and
+    --compile may differ on resume (both implementations keep the step count on the parameters' device)."""
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group.update({"fused": None, "foreach": None, "capturable": False, **_fast_adam(device, compiled)})
 
 
 def learner_actions(agent: Agent, obs: np.ndarray, space: gym.Space) -> np.ndarray:

@@ -42,6 +42,11 @@ length. Fixed for every dataset as the paper: hidden 1024x1024, lr 1e-3, and bat
 the kitchen runs used 256: pass `--batch-size 256`). On one CPU core a batch-16384 update of the 1024-wide
 MLP takes about 0.8 s, so the local pendulum rows train for few steps; `--batch-size 256` is 75x cheaper
 per step.
+
+--compile compiles the whole update (forward, backward, the Adam step; static shapes; dropout's mask drawn on
+the device inside) and on CUDA replays it as CUDA graphs (mode reduce-overhead). torch.optim breaks the graph
+around every optimizer.step() on purpose, so the step runs as 2 graphs (forward+backward, Adam step) back to
+back; zero_grad runs just before, outside the compiled step (torch.compile does not trace it).
 """
 
 from __future__ import annotations
@@ -314,14 +319,18 @@ class Agent:
         self.max_action = spec.max_action
         self.policy = mlp(spec.obs_dim + omega_dim, config.hidden_dims, spec.act_dim, config.dropout).to(device)
         self.log_std = nn.Parameter(torch.zeros(spec.act_dim, device=device))  # state-independent, init 0 (SB3)
-        self.optimizer = torch.optim.Adam([*self.policy.parameters(), self.log_std], lr=config.lr,
-                                          **_fast_adam(device))
+        self.params = [*self.policy.parameters(), self.log_std]
+        self.optimizer = torch.optim.Adam(self.params, lr=config.lr, **_fast_adam(device, config.compile))
         # what act() conditions on, set by train(): RvS-R's omega for --main-fraction; RvS-G's observation
         # layout (zeroed desired goal in the state, its columns as omega). Saved with the networks.
         self.target_omega = torch.zeros(1, device=device)
         self.state_mask = torch.ones(spec.obs_dim, device=device)
         self.desired_columns = torch.zeros(omega_dim, dtype=torch.long, device=device)
-        self._update = torch.compile(self._update_impl) if config.compile else self._update_impl
+        if config.compile:
+            torch._dynamo.config.trace_autograd_ops = True  # trace loss.backward() into the compiled step too
+        compile_mode = "reduce-overhead" if device.type == "cuda" else None  # on CUDA: replayed as CUDA graphs
+        self._update = (torch.compile(self._update_impl, mode=compile_mode, dynamic=False) if config.compile
+                        else self._update_impl)
 
     def policy_input(self, obs: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
         """[s, omega]: the state (desired goal zeroed for RvS-G) with the outcome concatenated."""
@@ -329,6 +338,7 @@ class Agent:
         return torch.cat([state, omega.reshape(obs.shape[0], -1)], dim=-1)
 
     def update(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        self.optimizer.zero_grad(set_to_none=True)  # outside the compiled step: torch.compile skips zero_grad
         return self._update(batch["obs"], batch["omega"], batch["actions"])
 
     def _update_impl(self, obs: torch.Tensor, omega: torch.Tensor, actions: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -339,11 +349,14 @@ class Agent:
         # max_pi sum_(s,a)~D log pi(a | s, omega)   (lecture: "Return-conditioned policies"; omega = R^ / (H - t)
         # for RvS-R, a future achieved goal for RvS-G)
         loss = -log_prob.mean()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        return {"train/policy_loss": loss.detach(), "train/mse": (mean.detach() - actions).square().mean(),
+        # taken before the backward, which consumes loss's graph
+        logs = {"train/policy_loss": loss.detach(), "train/mse": (mean.detach() - actions).square().mean(),
                 "train/log_std_mean": log_std.detach().mean()}
+        # inputs: the parameters the loss trains, named (with --compile, torch 2.13's traced backward loses bare
+        # tensors such as log_std when the step is recompiled)
+        loss.backward(inputs=self.params)
+        self.optimizer.step()
+        return logs
 
     @torch.no_grad()
     def act_conditioned(self, obs: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
@@ -373,14 +386,27 @@ class Agent:
         with torch.no_grad():
             self.log_std.copy_(state["log_std"])
         self.optimizer.load_state_dict(state["optimizer"])
+        _use_this_runs_adam([self.optimizer], self.device, self.config.compile)
         self.target_omega = state["target_omega"].to(self.device)
         self.state_mask = state["state_mask"].to(self.device)
         self.desired_columns = state["desired_columns"].to(self.device)
 
 
-def _fast_adam(device: torch.device) -> dict:
-    """Fused Adam (one kernel for all parameters) where this torch build has it, else foreach."""
+def _fast_adam(device: torch.device, compiled: bool) -> dict:
+    """Fused Adam (one kernel for all parameters) where this torch build has it, else foreach. Under --compile
+    the foreach Adam, which torch.compile traces into the step (it runs the fused one outside the graph), and
+    capturable: its step count stays a device tensor, as a CUDA graph needs."""
+    if compiled:
+        return {"foreach": True, "capturable": True}
     return {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}
+
+
+def _use_this_runs_adam(optimizers: list, device: torch.device, compiled: bool) -> None:
+    """Set this run's Adam implementation on loaded optimisers: they keep the flags they were saved with, and
+    --compile may differ on resume (both implementations keep the step count on the parameters' device)."""
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group.update({"fused": None, "foreach": None, "capturable": False, **_fast_adam(device, compiled)})
 
 
 def synthetic_batch_source(spec: DataSpec, config: Config, device: torch.device, seed: int = 0) -> TensorSampler:
