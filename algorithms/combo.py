@@ -42,7 +42,6 @@ per ensemble epoch).
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import math
 import os
@@ -203,7 +202,7 @@ _PUBLISHED = {  # family: {quality: (h, beta)}
 DATASET_SETTINGS: list[tuple[str, dict]] = [
     # the embedded Pendulum-v1 suite (200-step episodes, never terminates): short runs, 5,000 starts a round
     ("local/pendulum/*", {"rollout_length": 5, "cql_weight": 1.0, "real_ratio": 0.5, "max_steps": 20_000,
-                          "rollout_batch_size": 5_000, "dynamics_max_epochs": 30}),
+                          "rollout_batch_size": 5_000, "dynamics_max_epochs": 10}),
     # reduced local hopper builds (python -m common.build hopper ...): hopper's h and beta, a short budget
     ("local/hopper*/medium-replay-v*", {"rollout_length": 5, "cql_weight": 0.5, "real_ratio": 0.5,
                                         "max_steps": 100_000, "rollout_batch_size": 10_000,
@@ -1043,7 +1042,8 @@ def check_config(config: Config) -> None:
     need(config.cql_num_samples >= 1, f"--cql-num-samples must be at least 1, got {config.cql_num_samples}")
     need(config.cql_temperature > 0, f"--cql-temperature must be positive, got {config.cql_temperature}")
     for name in ("rollout_every", "rollout_batch_size", "model_retain_rounds", "ensemble_size",
-                 "dynamics_batch_size", "dynamics_min_epoch_steps", "dynamics_max_holdout", "dynamics_patience", "dynamics_max_epochs"):
+                 "dynamics_batch_size", "dynamics_min_epoch_steps", "dynamics_max_holdout", "dynamics_patience",
+                 "dynamics_max_epochs"):
         need(getattr(config, name) >= 1, f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
     need(1 <= config.num_elites <= config.ensemble_size,
          f"--num-elites must lie in [1, --ensemble-size {config.ensemble_size}], got {config.num_elites}")

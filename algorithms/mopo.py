@@ -39,7 +39,6 @@ the transitions before a termination, and one per ensemble epoch, for early stop
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import math
 import os
@@ -192,7 +191,7 @@ _TRAINING_STEPS = {"halfcheetah": 3_000_000, "hopper": 1_000_000, "walker2d": 3_
 DATASET_SETTINGS: list[tuple[str, dict]] = [
     # the embedded Pendulum-v1 suite (200-step episodes, never terminates): short runs, 5,000 starts a round
     ("local/pendulum/*", {"rollout_length": 5, "penalty_coef": 1.0, "max_steps": 20_000,
-                          "rollout_batch_size": 5_000, "dynamics_max_epochs": 30}),
+                          "rollout_batch_size": 5_000, "dynamics_max_epochs": 10}),
     # reduced local hopper builds (python -m common.build hopper ...): hopper's h and lambda, a short budget
     ("local/hopper*/medium-replay-v*", {"rollout_length": 5, "penalty_coef": 2.5, "max_steps": 100_000,
                                         "rollout_batch_size": 10_000, "dynamics_max_epochs": 100}),
@@ -966,7 +965,8 @@ def check_config(config: Config) -> None:
     need(config.rollout_length >= 1, f"--rollout-length must be at least 1, got {config.rollout_length}")
     need(config.penalty_coef >= 0, f"--penalty-coef must be 0 or positive, got {config.penalty_coef}")
     for name in ("rollout_every", "rollout_batch_size", "model_retain_rounds", "ensemble_size",
-                 "dynamics_batch_size", "dynamics_min_epoch_steps", "dynamics_max_holdout", "dynamics_patience", "dynamics_max_epochs"):
+                 "dynamics_batch_size", "dynamics_min_epoch_steps", "dynamics_max_holdout", "dynamics_patience",
+                 "dynamics_max_epochs"):
         need(getattr(config, name) >= 1, f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
     need(1 <= config.num_elites <= config.ensemble_size,
          f"--num-elites must lie in [1, --ensemble-size {config.ensemble_size}], got {config.num_elites}")

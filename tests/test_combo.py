@@ -15,7 +15,7 @@ import torch
 from conftest import (assert_states_equal, behaviour_return, checkpoint_agent, env_step_samples, load_algorithm,
                       random_batch, run_config, train_straight_and_resumed)
 
-from common.datasets import DataSpec, load_dataset
+from common.datasets import DataSpec
 from common.errors import UserError
 from common.runs import apply_dataset_settings
 
@@ -146,9 +146,9 @@ def test_update_mixes_f_dataset_rows_with_model_rows():
     assert (seen["rewards"][4:] == 7.0).all() and len(seen["rewards"]) == 16
 
 
-@pytest.mark.parametrize("env, h, beta", [("hopper-medium-v2", 5, 5.0), ("local/walker2d/medium-replay-v0", 1, 0.5),
-                                          ("mujoco/halfcheetah/medium-v0", 5, 0.5), ("local/hopper/medium-expert-v0", 5, 5.0),
-                                          ("local/pendulum/medium-replay-v0", 5, 1.0)])
+@pytest.mark.parametrize("env, h, beta", [
+    ("hopper-medium-v2", 5, 5.0), ("local/walker2d/medium-replay-v0", 1, 0.5), ("mujoco/halfcheetah/medium-v0", 5, 0.5),
+    ("local/hopper/medium-expert-v0", 5, 5.0), ("local/pendulum/medium-replay-v0", 5, 1.0)])
 def test_dataset_settings_are_the_published_ones(env, h, beta):
     config = apply_dataset_settings(combo.Config(env=env), combo.DATASET_SETTINGS, quiet=True)
     assert (config.rollout_length, config.cql_weight, config.real_ratio) == (h, beta, 0.5)

@@ -420,7 +420,8 @@ def test_mopo_beats_the_behaviour_policy_on_mixed_data(pendulum_mixed_id, tmp_pa
     # 15 expert + 45 uniform-random Pendulum episodes (behaviour return about -955): the model covers the
     # swing-up, and SAC in the model finds it
     summary = mopo.train(run_config(mopo.Config, pendulum_mixed_id, tmp_path, max_steps=3000,
-                                    **{**TINY, "eval_episodes": 5, "hidden_dims": (64, 64), "dynamics_hidden_dims": (64, 64),
+                                    **{**TINY, "eval_episodes": 5, "hidden_dims": (64, 64),
+                                       "dynamics_hidden_dims": (64, 64),
                                        "dynamics_min_epoch_steps": 500, "dynamics_max_epochs": 6,
                                        "rollout_batch_size": 1000, "rollout_length": 5, "rollout_every": 250,
                                        "actor_lr": 1e-3, "critic_lr": 1e-3, "alpha_lr": 1e-3}))
