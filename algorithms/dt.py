@@ -196,6 +196,9 @@ class SequenceSampler:
     observation | action | R^ * return_scale | mask (1 on real steps, 0 on padding). A window is drawn by
     one uniform integer over all N steps (episode e is hit with probability len(e) / N, the start uniformly
     inside it), and is the K table rows from that step's row on: one gather, never crossing an episode.
+    (Each episode is padded to its own length + K - 1, not all to the longest: a rectangular (episodes,
+    longest + K - 1) tensor would be several times larger on medium-replay sets, whose many short early
+    episodes sit beside 1000-step ones.)
     Returns tensors `returns_to_go` (B, K), `obs` (B, K, obs_dim), `actions` (B, K, act_dim), `timesteps`
     (B, K) int64 (absolute, clipped to max_timestep - 1) and `mask` (B, K). The generator's state is saved
     in checkpoints, so a resumed run draws the same windows.
@@ -365,7 +368,8 @@ class Agent:
                                          self.max_episode_len).to(device)
         # a tensor learning rate: the warm-up changes it in place, so a compiled update never retraces
         self.lr = torch.tensor(0.0, device=device)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=config.weight_decay,
+        self.params = list(self.model.parameters())
+        self.optimizer = torch.optim.AdamW(self.params, lr=self.lr, weight_decay=config.weight_decay,
                                            **_fast_adam(device, config.compile))
         self.step = 0  # updates done so far (drives the warm-up)
         if config.compile:
@@ -390,9 +394,9 @@ class Agent:
         # (lecture: "Return-conditioned policies"; m_t = 0 on padding)
         loss = masked_mse(predicted, actions, mask)
         logs = {"train/action_loss": loss.detach(), "train/lr": self.lr.clone()}  # before the backward
-        loss.backward()
+        loss.backward(inputs=self.params)  # the parameters named, as every file's traced backward does
         # the global gradient norm, clipped to grad_clip (logged before clipping)
-        logs["train/grad_norm"] = nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        logs["train/grad_norm"] = nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
         self.optimizer.step()
         return logs
 
@@ -427,6 +431,7 @@ class Agent:
         self.optimizer.load_state_dict(state["optimizer"])
         # the optimiser's saved lr replaced our tensor: point it back, so the warm-up keeps driving it
         self.optimizer.param_groups[0]["lr"] = self.lr
+        _use_this_runs_adam([self.optimizer], self.device, self.config.compile)
         self.step = int(state["step"])
 
 
@@ -477,6 +482,14 @@ def _fast_adam(device: torch.device, compiled: bool) -> dict:
     if compiled:
         return {"foreach": True, "capturable": True}
     return {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}
+
+
+def _use_this_runs_adam(optimizers: list, device: torch.device, compiled: bool) -> None:
+    """Set this run's AdamW implementation on loaded optimisers: they keep the flags they were saved with, and
+    --compile may differ on resume (both implementations keep the step count on the parameters' device)."""
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group.update({"fused": None, "foreach": None, "capturable": False, **_fast_adam(device, compiled)})
 
 
 # --------------------------------------------------------------------------------------------------
