@@ -455,7 +455,7 @@ def test_final_policy_loads_in_a_few_lines(tmp_path, pendulum_mixed_id):
 def test_dt_at_the_expert_target_beats_bc_and_its_return_rises_with_the_target(tmp_path, pendulum_mixed_id,
                                                                                   pendulum_refs):
     # 15 expert + 45 uniform-random Pendulum episodes. Cloning the mixture averages the expert's torques with
-    # random ones and fails (about -1340); conditioned on the expert's return DT imitates the expert part of the
+    # random ones and fails (about -1300); conditioned on the expert's return DT imitates the expert part of the
     # data, conditioned on the random policy's return the random part. A small transformer (embedding 64,
     # 2 layers, K = 5, no dropout, lr 1e-3) for 5000 steps keeps the test short; it does not yet swing up as
     # reliably as the expert (about -1000 at the expert target, 10 episodes per target).
