@@ -275,6 +275,15 @@ class Agent:
         self.behavior.load_state_dict(state["behavior"])
         self.critic_optimizer.load_state_dict(state["critic_optimizer"])
         self.behavior_optimizer.load_state_dict(state["behavior_optimizer"])
+        _use_this_runs_adam([self.critic_optimizer, self.behavior_optimizer], self.device, self.config.compile)
+
+
+def _use_this_runs_adam(optimizers: list, device: torch.device, compiled: bool) -> None:
+    """Set this run's Adam implementation on loaded optimisers: they keep the flags they were saved with, and
+    --compile may differ on resume (both implementations keep the step count on the parameters' device)."""
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group.update({"fused": None, "foreach": None, "capturable": False, **_fast_adam(device, compiled)})
 
 
 def _fast_adam(device: torch.device, compiled: bool) -> dict:
