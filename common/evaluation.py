@@ -37,40 +37,8 @@ def evaluate(policy: Callable[[torch.Tensor], torch.Tensor], dataset: OfflineDat
     keep stepping but are ignored. Returns a dict with `returns` (np.ndarray), `return_mean`,
     `return_std`, `normalized_mean`, `normalized_std` (None without reference scores) and `lengths`.
     """
-    own_envs = envs is None
-    envs = envs or make_eval_envs(dataset, episodes)
-    n = envs.num_envs
-    obs, _ = envs.reset(seed=[EVAL_SEED_OFFSET + seed + i for i in range(n)])
-    returns = np.zeros(n, dtype=np.float64)
-    lengths = np.zeros(n, dtype=np.int64)
-    done = np.zeros(n, dtype=bool)
-    low = high = None
-    if isinstance(dataset.action_space, gym.spaces.Box):
-        low, high = dataset.action_space.low, dataset.action_space.high
-    while not done.all():
-        flat = flatten_observation(obs, dataset.observation_space)
-        if normalizer is not None:
-            flat = normalizer(flat)
-        action = policy(torch.as_tensor(flat, device=device)).cpu().numpy()
-        if low is not None:
-            action = np.clip(action.reshape(n, *dataset.action_space.shape), low, high)
-        else:
-            action = action.reshape(n).astype(np.int64) + int(dataset.action_space.start)
-        obs, reward, terminated, truncated, _ = envs.step(action)
-        returns += np.where(done, 0.0, reward)
-        lengths += ~done
-        done |= np.asarray(terminated) | np.asarray(truncated)
-    if own_envs:
-        envs.close()
-    normalized = dataset.normalized_score(returns)
-    return {
-        "returns": returns,
-        "lengths": lengths,
-        "return_mean": float(returns.mean()),
-        "return_std": float(returns.std()),
-        "normalized_mean": None if normalized is None else float(normalized.mean()),
-        "normalized_std": None if normalized is None else float(normalized.std()),
-    }
+    return evaluate_stateful(lambda obs, rewards: policy(obs), dataset, normalizer, episodes, seed, device,
+                             envs)[0]
 
 
 @torch.no_grad()
