@@ -13,7 +13,7 @@ Kelly et al. 2019 (HG-DAgger).
 Usage:
     python algorithms/dagger.py                                      # pendulum: expert = the local build's SAC
     python algorithms/dagger.py --env local/pendulum/expert-v0 --expert runs/datasets/pendulum-seed0 --gated
-    python algorithms/dagger.py --env Pendulum-v1 --expert common.reporting.compounding:scripted_pendulum_expert
+    python algorithms/dagger.py --env Pendulum-v1 --expert common.envs.pendulum:scripted_pendulum_expert
 
 The environment: `--env` is a dataset (D4RL name, Minari id, local build), whose stored evaluation env is
 the one the learner interacts with (its reference scores normalise the returns; its episodes can seed

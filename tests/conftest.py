@@ -20,18 +20,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from common.datasets import save_episodes  # noqa: E402
+from common.envs.pendulum import pendulum_expert  # noqa: E402,F401  (the scripted expert of the test datasets)
 
 torch.set_num_threads(1)
-
-
-def pendulum_expert(obs: np.ndarray) -> np.ndarray:
-    """Scripted Pendulum-v1 controller: pump energy towards the upright level, then PD-stabilise."""
-    c, s, thdot = obs[..., 0], obs[..., 1], obs[..., 2]
-    theta = np.arctan2(s, c)
-    energy = 0.5 * thdot ** 2 + 15.0 * c  # thetaddot = 15 sin(theta) + 3 u  ->  E = thdot^2/2 + 15 cos
-    pump = 0.5 * (15.0 - energy) * thdot
-    pd = -(12.0 * theta + 2.5 * thdot)
-    return np.clip(np.where(c > 0.85, pd, pump), -2.0, 2.0)[..., None].astype(np.float32)
 
 
 def cartpole_expert(obs: np.ndarray) -> np.ndarray:

@@ -25,7 +25,7 @@ from common.errors import UserError
 
 dagger = load_algorithm("dagger")
 
-SCRIPTED = "common.reporting.compounding:scripted_pendulum_expert"
+SCRIPTED = "common.envs.pendulum:scripted_pendulum_expert"
 # a small, quick learner for the learning tests: 5 rounds x 2 episodes x 200 steps = 2000 expert labels
 SMALL = dict(max_steps=2000, steps_per_round=400, episodes_per_round=2, hidden_dims=(64, 64), eval_episodes=10,
              log_every=400)

@@ -3,8 +3,10 @@ import them: a dataset's stored env spec names the entry point, and `gym.make` i
 
     python -m common.envs.fork               # the two-mode fork: the scripted expert's paths and success rate
 
-fork.py   PointFork-v0: a 2-D point passes an obstacle on the left or the right to reach a goal; a scripted
-          expert picks either side at random (the lecture's "Multimodal demonstration data" slide).
+fork.py      PointFork-v0: a 2-D point passes an obstacle on the left or the right to reach a goal; a scripted
+             expert picks either side at random (the lecture's "Multimodal demonstration data" slide).
+pendulum.py  a scripted Pendulum-v1 swing-up expert (the tests' datasets, the compounding-error experiment,
+             the figures, and a ready `dagger.py --expert common.envs.pendulum:scripted_pendulum_expert`).
 
 Importing this package registers the env ids, so `gym.make("PointFork-v0")` works after `import common.envs`;
 a dataset's stored EnvSpec (entry point `common.envs.fork:PointForkEnv`) works in any process whose path holds

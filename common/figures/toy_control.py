@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from common.envs.pendulum import pendulum_expert  # noqa: F401  (the scripted swing-up the figures use)
+
 MAX_SPEED, MAX_TORQUE, DT, G, M, L = 8.0, 2.0, 0.05, 10.0, 1.0, 1.0  # gymnasium's Pendulum-v1 constants
 EPISODE_STEPS = 200  # Pendulum-v1's time limit
 
@@ -47,17 +49,6 @@ class VectorPendulum:
         newth = th + newthdot * DT
         self.state = np.stack([newth, newthdot], 1)
         return self.obs(), -cost
-
-
-def pendulum_expert(obs: np.ndarray) -> np.ndarray:
-    """Scripted swing-up: pump energy towards the upright level, then PD-stabilise (about -140 per episode,
-    against about -1200 for uniformly random torques). Returns (n, 1) float32 torques."""
-    c, s, thdot = obs[..., 0], obs[..., 1], obs[..., 2]
-    theta = np.arctan2(s, c)
-    energy = 0.5 * thdot ** 2 + 15.0 * c  # thetaddot = 15 sin(theta) + 3 u  ->  E = thdot^2 / 2 + 15 cos(theta)
-    pump = 0.5 * (15.0 - energy) * thdot
-    pd = -(12.0 * theta + 2.5 * thdot)
-    return np.clip(np.where(c > 0.85, pd, pump), -MAX_TORQUE, MAX_TORQUE)[..., None].astype(np.float32)
 
 
 def rollout_dataset(transitions: int, noise: float, seed: int, random_fraction: float = 0.0) -> dict[str, np.ndarray]:

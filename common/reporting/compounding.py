@@ -21,8 +21,8 @@ each seed's curve (mean and std over seeds) and to the seed means.
 
 Writes `results/compounding-error.md` (table, exponents, command, commit) and
 `results/figures/compounding-error.png`; the runs go to `--runs-dir` (default runs/compounding).
-`scripted_pendulum_expert` is also a ready `--expert` for the algorithm:
-    python algorithms/dagger.py --env Pendulum-v1 --expert common.reporting.compounding:scripted_pendulum_expert
+`common.envs.pendulum:scripted_pendulum_expert` is also a ready `--expert` for the algorithm:
+    python algorithms/dagger.py --env Pendulum-v1 --expert common.envs.pendulum:scripted_pendulum_expert
 """
 
 from __future__ import annotations
@@ -41,32 +41,17 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from common.checkpoint import _import_algorithm, load_agent  # noqa: E402
+from common.envs.pendulum import pendulum_expert  # noqa: E402,F401  (the experiment's expert)
 from common.errors import UserError, fail  # noqa: E402
 from common.evaluation import evaluate  # noqa: E402
 from common.runs import git_commit  # noqa: E402
 
 ENV = "Pendulum-v1"
-EXPERT = "common.reporting.compounding:scripted_pendulum_expert"
+EXPERT = "common.envs.pendulum:scripted_pendulum_expert"
 METHODS = {  # name -> the dagger.py settings that make it
     "BC": {"beta_schedule": "exponential", "beta_decay": 1.0},
     "DAgger": {"beta_schedule": "linear", "beta_rampdown_rounds": 1},
 }
-
-
-def pendulum_expert(obs: np.ndarray) -> np.ndarray:
-    """Scripted Pendulum-v1 controller: pump energy towards the upright level, then PD-stabilise (as the
-    tests' expert: about -140 return over 200 steps, against about -1200 for uniform random actions)."""
-    c, s, thdot = obs[..., 0], obs[..., 1], obs[..., 2]
-    theta = np.arctan2(s, c)
-    energy = 0.5 * thdot ** 2 + 15.0 * c  # thetaddot = 15 sin(theta) + 3 u  ->  E = thdot^2/2 + 15 cos
-    pump = 0.5 * (15.0 - energy) * thdot
-    pd = -(12.0 * theta + 2.5 * thdot)
-    return np.clip(np.where(c > 0.85, pd, pump), -2.0, 2.0)[..., None].astype(np.float32)
-
-
-def scripted_pendulum_expert():
-    """Factory for `--expert common.reporting.compounding:scripted_pendulum_expert`."""
-    return pendulum_expert
 
 
 def growth_exponent(horizons, costs) -> float:
