@@ -8,6 +8,7 @@ actions), so the learning tests know the expert's return exactly and build their
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -247,3 +248,18 @@ def env_step_samples(env_id: str, count: int, seed: int, **env_kwargs) -> tuple[
     spec = env.spec
     env.close()
     return {k: np.asarray(v, dtype=bool if k == "terminated" else np.float32) for k, v in rows.items()}, spec
+
+
+def run_algorithm_cli(name: str, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    """`python algorithms/<name>.py ARGS` in a subprocess, offline, in this session's Minari root (if set)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1")  # never wait on the network in tests
+    return subprocess.run([sys.executable, str(ROOT / "algorithms" / f"{name}.py"), *args], capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, pattern: str) -> None:
+    """Exit status 2, no traceback, and exactly one `error:` line on stderr, containing `pattern`."""
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and pattern in errors[0], proc.stderr

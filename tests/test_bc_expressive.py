@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import (ROOT, assert_states_equal, load_algorithm, random_batch, run_config,
-                      train_straight_and_resumed)
+from conftest import (assert_one_line_error, assert_states_equal, load_algorithm, random_batch, run_algorithm_cli,
+                      run_config, train_straight_and_resumed)
 
 from common.checkpoint import load_policy
 from common.datasets import DataSpec
@@ -214,9 +212,6 @@ def test_discrete_actions_are_refused():
 
 
 def test_command_line_bad_value_exits_2_with_one_line():
-    result = subprocess.run([sys.executable, str(ROOT / "algorithms" / "bc_expressive.py"), "--head", "gmm",
-                             "--num-modes", "0", "--max-steps", "10", "--no-download"],
-                            capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert lines == ["error: --num-modes must be at least 1 (the mixture's components), got 0"], result.stderr
+    proc = run_algorithm_cli("bc_expressive", "--head", "gmm", "--num-modes", "0", "--max-steps", "10", "--no-download")
+    assert_one_line_error(proc, "--num-modes must be at least 1 (the mixture's components), got 0")
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

@@ -7,16 +7,11 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, run_algorithm_cli
 
 
-def run_bc(*args: str, minari_root=None, timeout: int = 120) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    if minari_root is not None:
-        env["MINARI_DATASETS_PATH"] = str(minari_root)
-    env["HF_HUB_OFFLINE"] = "1"  # never wait on the network in tests
-    return subprocess.run([sys.executable, str(ROOT / "algorithms" / "bc.py"), *args], capture_output=True,
-                          text=True, timeout=timeout, env=env, cwd=ROOT)
+def run_bc(*args: str) -> subprocess.CompletedProcess:
+    return run_algorithm_cli("bc", *args)
 
 
 def assert_clean_error(proc: subprocess.CompletedProcess, pattern: str) -> None:
@@ -26,20 +21,20 @@ def assert_clean_error(proc: subprocess.CompletedProcess, pattern: str) -> None:
 
 
 def test_unknown_env_suggests_close_names(minari_root):
-    proc = run_bc("--env", "hopper-medum-v2", minari_root=minari_root)
+    proc = run_bc("--env", "hopper-medum-v2")
     assert_clean_error(proc, "did you mean: hopper-medium-v2")
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_missing_data_offline_says_how_to_get_it(minari_root):
-    proc = run_bc("--env", "mujoco/walker2d/expert-v0", minari_root=minari_root)
+    proc = run_bc("--env", "mujoco/walker2d/expert-v0")
     assert_clean_error(proc, "cannot be downloaded")
     assert "minari download mujoco/walker2d/expert-v0" in proc.stderr
 
 
 def test_d4rl_name_without_counterpart_points_to_local_builder(minari_root):
-    proc = run_bc("--env", "walker2d-medium-expert-v2", minari_root=minari_root)
+    proc = run_bc("--env", "walker2d-medium-expert-v2")
     assert_clean_error(proc, "python -m common.build walker2d")
 
 
@@ -70,14 +65,12 @@ def test_nan_loss_stops_with_step_and_loss_name(tmp_path, pendulum_expert_id, mo
 def test_unwritable_run_directory(tmp_path, pendulum_expert_id, minari_root):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    proc = run_bc("--env", pendulum_expert_id, "--runs-dir", str(blocker / "runs"), "--max-steps", "10",
-                  minari_root=minari_root)
+    proc = run_bc("--env", pendulum_expert_id, "--runs-dir", str(blocker / "runs"), "--max-steps", "10")
     assert_clean_error(proc, "cannot write the run directory")
 
 
 def test_resume_from_nothing(tmp_path, pendulum_expert_id, minari_root):
-    proc = run_bc("--env", pendulum_expert_id, "--resume", str(tmp_path / "nowhere"), "--max-steps", "10",
-                  minari_root=minari_root)
+    proc = run_bc("--env", pendulum_expert_id, "--resume", str(tmp_path / "nowhere"), "--max-steps", "10")
     assert_clean_error(proc, "no checkpoint at")
 
 

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 import torch
 from conftest import ROOT, load_algorithm
 
 from common.reporting import bench
-from common.datasets import DataSpec
 
 # The shared Config fields, in this order, in every algorithm file (see shared/style.md).
 SHARED_FIELDS = ["env", "seed", "device", "threads", "max_steps", "batch_size", "eval_every", "eval_episodes",

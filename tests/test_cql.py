@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import assert_states_equal, load_algorithm, run_config, train_straight_and_resumed
+from conftest import assert_states_equal, load_algorithm, train_straight_and_resumed
 
 from common.runs import apply_dataset_settings
 from common.datasets import DataSpec, ObsNormalizer, TensorSampler, load_dataset

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from conftest import (ROOT, assert_states_equal, load_algorithm, pendulum_expert, rollout_episodes, run_config,
-                      train_straight_and_resumed)
+from conftest import (assert_one_line_error, assert_states_equal, load_algorithm, pendulum_expert, rollout_episodes,
+                      run_algorithm_cli, run_config, train_straight_and_resumed)
 
 from common.build.behavior_dqn import Config as DQNConfig
 from common.build.behavior_dqn import DQNAgent
@@ -249,13 +247,8 @@ def test_library_expert_for_another_env_is_refused(tmp_path, cartpole_mixed_id):
 
 
 def test_cli_bad_threshold_exits_2_with_one_line():
-    proc = subprocess.run([sys.executable, str(ROOT / "algorithms" / "dagger.py"), "--env", "Pendulum-v1",
-                           "--expert", SCRIPTED, "--gated", "--threshold", "2"], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
-    assert proc.returncode == 2
-    lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
-    assert len(lines) == 1 and "--threshold must lie in (0, 1)" in lines[0]
-    assert "Traceback" not in proc.stderr
+    proc = run_algorithm_cli("dagger", "--env", "Pendulum-v1", "--expert", SCRIPTED, "--gated", "--threshold", "2")
+    assert_one_line_error(proc, "--threshold must lie in (0, 1)")
 
 
 # --- resume and determinism ---------------------------------------------------------------------------------

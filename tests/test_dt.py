@@ -10,8 +10,8 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from conftest import (assert_states_equal, checkpoint_agent, load_algorithm, rollout_episodes, run_config,
-                      train_straight_and_resumed)
+from conftest import (assert_one_line_error, assert_states_equal, checkpoint_agent, load_algorithm, rollout_episodes,
+                      run_algorithm_cli, run_config, train_straight_and_resumed)
 
 from common.datasets import DataSpec, Episode, OfflineDataset, load_dataset, save_episodes
 from common.errors import UserError
@@ -382,17 +382,9 @@ def test_discrete_actions_are_refused():
 
 
 def test_the_cli_prints_one_line_and_exits_2(tmp_path, short_episode_id):
-    import subprocess
-    import sys
-
-    from conftest import ROOT
-
-    done = subprocess.run([sys.executable, str(ROOT / "algorithms" / "dt.py"), "--env", short_episode_id,
-                           "--no-download", "--runs-dir", str(tmp_path / "runs"), "--device", "cpu"],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2
-    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "shorter than 2 steps" in errors[0] and "Traceback" not in done.stderr
+    proc = run_algorithm_cli("dt", "--env", short_episode_id, "--no-download", "--runs-dir", str(tmp_path / "runs"),
+                             "--device", "cpu")
+    assert_one_line_error(proc, "shorter than 2 steps")
 
 
 def test_a_target_outside_the_data_warns_and_still_runs(tmp_path, pendulum_mixed_id, capfd):

@@ -5,17 +5,14 @@ the Gaussian NLL by hand, learning on mixed data (RvS-R at a high fraction beats
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from conftest import (ROOT, assert_states_equal, checkpoint_agent, load_algorithm, rollout_episodes, run_config,
-                      train_straight_and_resumed)
+from conftest import (assert_one_line_error, assert_states_equal, checkpoint_agent, load_algorithm, rollout_episodes,
+                      run_algorithm_cli, run_config, train_straight_and_resumed)
 
 from common.checkpoint import load_policy
 from common.datasets import DataSpec, Episode, save_episodes
@@ -240,12 +237,9 @@ def test_goal_conditioning_without_goal_information_is_one_line_and_exit_2(tmp_p
     with pytest.raises(UserError, match="needs goal information"):
         rvs.train(run_config(rvs.Config, pendulum_mixed_id, tmp_path, conditioning="goal", max_steps=10, **FAST))
     assert not (tmp_path / "runs").exists()
-    cli = subprocess.run([sys.executable, str(ROOT / "algorithms" / "rvs.py"), "--env", pendulum_mixed_id,
-                          "--conditioning", "goal", "--no-download", "--runs-dir", str(tmp_path / "cli")],
-                         capture_output=True, text=True, env={**os.environ, "MINARI_DATASETS_PATH": str(minari_root)})
-    assert cli.returncode == 2
-    errors = [line for line in cli.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in cli.stderr and "--conditioning reward" in errors[0]
+    proc = run_algorithm_cli("rvs", "--env", pendulum_mixed_id, "--conditioning", "goal", "--no-download",
+                             "--runs-dir", str(tmp_path / "cli"))
+    assert_one_line_error(proc, "--conditioning reward")
 
 
 def test_episodes_shorter_than_two_steps_are_refused(tmp_path, minari_root):

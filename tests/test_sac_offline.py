@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from conftest import assert_states_equal, load_algorithm, random_batch, run_config, train_straight_and_resumed
+from conftest import assert_states_equal, load_algorithm, random_batch, train_straight_and_resumed
 
 from common.datasets import DataSpec, ObsNormalizer, TensorSampler, load_dataset
 from common.errors import UserError
