@@ -43,7 +43,10 @@ Limits (the lecture's "Shortcomings", measured in results/figures/ figure 7):
     notoriously difficult"). A dataset mixing several policies (medium-replay) has a multimodal pi_beta that
     one Gaussian fits poorly.
   * A deterministic policy has no density: importance sampling evaluates the Gaussian target
-    N(pi(s), (--target-std * max_action)^2) instead, whose value the output measures separately.
+    N(pi(s), (--target-std * max_action)^2) restricted to the action box instead, whose value the output
+    measures separately. Both densities of the ratio are Gaussians renormalised to the box (the behaviour
+    model's too): the data has its actions in the box, so mass a Gaussian puts outside it could never be
+    re-weighted, and clipping it onto the bounds would make atoms no density over the box can weight.
   * FQE extrapolates Q to pi's actions wherever the data lacks them (the distribution-shift problem of the
     same slides): far from pi_beta it is biased, in either direction, and the interval cannot show it.
 Discrete-action policies are not supported (continuous Box actions only).
@@ -169,6 +172,38 @@ def mlp(in_dim: int, hidden_dims: tuple[int, ...], out_dim: int) -> nn.Sequentia
 def gaussian_log_prob(actions: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
     """log N(a; mean, diag exp(log_std)^2), summed over action dimensions: (batch,)."""
     return (-0.5 * ((actions - mean) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+
+def _log_normal_mass(lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
+    """log(Phi(upper) - Phi(lower)) for standardised bounds lower < upper, elementwise; mirrored when both
+    lie above 0, where Phi's upper tail would round to 1."""
+    flip = lower > 0
+    lower, upper = torch.where(flip, -upper, lower), torch.where(flip, -lower, upper)
+    return torch.log((torch.special.ndtr(upper) - torch.special.ndtr(lower)).clamp_min(1e-300))
+
+
+def box_gaussian_log_prob(actions: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor, low: torch.Tensor,
+                          high: torch.Tensor) -> torch.Tensor:
+    """log density of N(mean, diag exp(log_std)^2) restricted to the action box [low, high] (renormalised by its
+    mass there), summed over action dimensions: (batch,). Computed in float64."""
+    actions, mean, log_std = actions.double(), mean.double(), log_std.double()
+    std = log_std.exp()
+    mass = _log_normal_mass((low.double() - mean) / std, (high.double() - mean) / std)
+    return gaussian_log_prob(actions, mean, log_std) - mass.sum(-1)
+
+
+def sample_box_gaussian(mean: np.ndarray, std: float, low: np.ndarray, high: np.ndarray,
+                        rng: np.random.Generator) -> np.ndarray:
+    """Draws of N(mean, std^2) restricted to [low, high] (inverse CDF, elementwise): the IS target as executed."""
+    mean = torch.as_tensor(mean, dtype=torch.float64)
+    lower = (torch.as_tensor(low, dtype=torch.float64) - mean) / std
+    upper = (torch.as_tensor(high, dtype=torch.float64) - mean) / std
+    flip = lower > 0  # both bounds above the mean: draw the mirror image, where Phi keeps its precision
+    lower, upper = torch.where(flip, -upper, lower), torch.where(flip, -lower, upper)
+    p_lower, p_upper = torch.special.ndtr(lower), torch.special.ndtr(upper)
+    u = torch.as_tensor(rng.uniform(size=tuple(mean.shape)), dtype=torch.float64)
+    z = torch.special.ndtri(p_lower + u * (p_upper - p_lower)).clamp(lower, upper)
+    return np.clip((mean + std * torch.where(flip, -z, z)).numpy(), low, high)
 
 
 class FixedLinearPolicy(nn.Module):
@@ -418,16 +453,19 @@ def episode_arrays(dataset, normalizer) -> dict[str, list[np.ndarray]]:
 
 
 @torch.no_grad()
-def log_ratios(agent: Agent, episodes: dict, target_std: float, device: torch.device) -> list[np.ndarray]:
-    """Per episode, log N(a_t; pi(s_t), (target_std max_action)^2) - log pi_beta_hat(a_t|s_t)."""
-    sigma = math.log(target_std * agent.spec.max_action)
+def log_ratios(agent: Agent, episodes: dict, target_std: float, low: np.ndarray, high: np.ndarray,
+               device: torch.device) -> list[np.ndarray]:
+    """Per episode, log rho_t = log pi(a_t|s_t) - log pi_beta_hat(a_t|s_t), both Gaussians restricted to the
+    action box [low, high] (act_dim,): pi = N(pi_det(s_t), (target_std max_action)^2), pi_beta_hat = N(mu, sigma^2)."""
+    log_sigma = math.log(target_std * agent.spec.max_action)
+    low, high = (torch.as_tensor(np.asarray(b, np.float64).reshape(-1), device=device) for b in (low, high))
     out = []
     for obs, actions in zip(episodes["obs"], episodes["actions"]):
         s = torch.as_tensor(obs, device=device)
         a = torch.as_tensor(actions, device=device)
-        target = gaussian_log_prob(a, agent.act(s), torch.full_like(a, sigma))
+        target = box_gaussian_log_prob(a, agent.act(s), torch.full_like(a, log_sigma), low, high)
         mean, log_std = agent.behavior_distribution(s)
-        out.append((target - gaussian_log_prob(a, mean, log_std)).double().cpu().numpy())
+        out.append((target - box_gaussian_log_prob(a, mean, log_std, low, high)).cpu().numpy())
     return out
 
 
@@ -435,7 +473,8 @@ def log_ratios(agent: Agent, episodes: dict, target_std: float, device: torch.de
 def true_values(dataset, policy, normalizer, episodes: int, seed: int, gamma: float, noise_std: float,
                 device: torch.device) -> dict[str, np.ndarray]:
     """Discounted and undiscounted returns of `policy` (deterministic torch policy) in the dataset's env over
-    `episodes` episodes, with Gaussian action noise of std `noise_std` (0: the deterministic policy)."""
+    `episodes` episodes, with Gaussian action noise of std `noise_std` restricted to the action box (the IS
+    target as its density has it; 0: the deterministic policy)."""
     envs = make_eval_envs(dataset, episodes)
     obs, _ = envs.reset(seed=[EVAL_SEED_OFFSET + seed + i for i in range(episodes)])
     rng = np.random.default_rng(seed)
@@ -448,7 +487,9 @@ def true_values(dataset, policy, normalizer, episodes: int, seed: int, gamma: fl
         if normalizer is not None:
             flat = normalizer(flat)
         action = policy(torch.as_tensor(flat, device=device)).cpu().numpy().reshape(episodes, *dataset.action_space.shape)
-        action = np.clip(action + noise_std * rng.standard_normal(action.shape), low, high).astype(np.float32)
+        if noise_std > 0:
+            action = sample_box_gaussian(action, noise_std, low, high, rng)
+        action = np.clip(action, low, high).astype(np.float32)
         obs, reward, terminated, truncated, _ = envs.step(action)
         discounted += np.where(done, 0.0, gamma ** t * reward)
         undiscounted += np.where(done, 0.0, reward)
@@ -458,11 +499,11 @@ def true_values(dataset, policy, normalizer, episodes: int, seed: int, gamma: fl
     return {"discounted": discounted, "undiscounted": undiscounted}
 
 
-def estimate(agent: Agent, episodes: dict, config: Config, device: torch.device) -> dict:
+def estimate(agent: Agent, episodes: dict, config: Config, action_space, device: torch.device) -> dict:
     """Every estimate with its bootstrap interval: {name: {"estimate", "low", "high"}} plus the IS weights'
-    effective sample size."""
+    effective sample size. `action_space`: the Box whose bounds restrict the IS densities."""
     rng = np.random.default_rng(config.seed)
-    lr = pad_episodes(log_ratios(agent, episodes, config.target_std, device))
+    lr = pad_episodes(log_ratios(agent, episodes, config.target_std, action_space.low, action_space.high, device))
     r = pad_episodes(episodes["rewards"])
     n = len(r)
     point = importance_sampling_estimates(lr, r, config.discount)
@@ -484,8 +525,8 @@ def report(estimates: dict, truth: dict | None, config: Config, n_episodes: int,
            trained_on: str, algo: str) -> str:
     """The printed table: each estimate, its interval, and the true value beside it."""
     lines = [f"off-policy evaluation of {policy_path} ({algo}, trained on {trained_on}) on {config.env}: "
-             f"{n_episodes} episodes, gamma {config.discount:g}, IS target N(pi(s), ({config.target_std:g} max_action)^2), "
-             f"{config.confidence:.0%} bootstrap intervals ({config.bootstrap} resamples)",
+             f"{n_episodes} episodes, gamma {config.discount:g}, IS target N(pi(s), ({config.target_std:g} max_action)^2) "
+             f"on the action box, {config.confidence:.0%} bootstrap intervals ({config.bootstrap} resamples)",
              f"{'estimator':26s} {'estimate':>12s} {'interval':>27s} {'true value':>12s}"]
     for name, row in estimates.items():
         if not isinstance(row, dict):
@@ -540,7 +581,7 @@ def train(config: Config) -> dict:
             with run.timed():
                 run.save_checkpoint(step, agent, sampler)
 
-    estimates = estimate(agent, episodes, config, device)
+    estimates = estimate(agent, episodes, config, dataset.action_space, device)
     truth, result = None, None
     if dataset.eval_env_spec is not None:
         deterministic = true_values(dataset, policy, normalizer, config.eval_episodes, config.seed, config.discount,

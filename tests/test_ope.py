@@ -69,6 +69,50 @@ def test_importance_sampling_matches_brute_force_and_survives_huge_ratios():
     assert ope.effective_sample_size(np.array([0.0, 0.0, -1e4])) == pytest.approx(2.0)
 
 
+def _truncated_normal_mean(mean: float, std: float, low: float, high: float) -> float:
+    """E[a] of N(mean, std^2) restricted to [low, high], by a fine midpoint sum."""
+    a = np.linspace(low, high, 200_001)
+    a = (a[1:] + a[:-1]) / 2
+    density = np.exp(-0.5 * ((a - mean) / std) ** 2)
+    return float((a * density).sum() / density.sum())
+
+
+def test_is_densities_are_gaussians_renormalised_to_the_action_box():
+    """The data's actions lie in the box, so both densities of the ratio must be densities there: a target at
+    the bound (0.9, std 0.5, in [-1, 1]) has 42% of its Gaussian mass outside, a wide behaviour model 30%, and
+    the raw ratio would scale every weight by Z_pi / Z_beta = 0.82. One-step episodes drawn from pi_beta_hat
+    on the box, reward a: ordinary IS must give the mean action of the target restricted to the box, which
+    the executed target (true_values' draws) has too."""
+    grid = torch.linspace(-1, 1, 20_001, dtype=torch.float64)[:, None]
+    for mean, std in ((1.0, 0.5), (-3.0, 0.5), (0.2, 3.0)):  # at the bound, below the box, wider than it
+        density = ope.box_gaussian_log_prob(grid, torch.full_like(grid, mean), torch.full_like(grid, np.log(std)),
+                                            torch.tensor([-1.0]), torch.tensor([1.0])).exp()
+        assert float(torch.trapezoid(density, grid[:, 0])) == pytest.approx(1.0, abs=1e-4), (mean, std)
+    rng = np.random.default_rng(0)
+    for mean in (0.9, -3.0):
+        draws = ope.sample_box_gaussian(np.full(200_000, mean), 0.5, np.array(-1.0), np.array(1.0), rng)
+        assert draws.min() >= -1 and draws.max() <= 1
+        assert draws.mean() == pytest.approx(_truncated_normal_mean(mean, 0.5, -1, 1), abs=0.005), mean
+
+    config = ope.Config(env="test/box-v0", device="cpu", discount=0.9, hidden_dims=(8,), behavior_hidden_dims=(8,),
+                        target_std=0.5)
+    spec = DataSpec(obs_dim=1, act_dim=1, max_action=1.0, discrete=False)
+    agent = ope.Agent(config, spec, torch.device("cpu"), target_policy=lambda s: torch.full((len(s), 1), 0.9))
+    with torch.no_grad():  # pi_beta_hat(.|s) = N(0.5, 0.8^2) for every s
+        for layer in agent.behavior:
+            if isinstance(layer, torch.nn.Linear):
+                layer.weight.zero_()
+                layer.bias.zero_()
+        agent.behavior[-1].bias.copy_(torch.tensor([np.arctanh(0.5), np.log(0.8)]))
+    draws = 0.5 + 0.8 * rng.standard_normal(20_000)
+    actions = draws[np.abs(draws) <= 1][:5000]  # pi_beta_hat on the box, by rejection
+    episodes = {"obs": [np.zeros((1, 1), np.float32)] * len(actions),
+                "actions": [np.array([[a]], np.float32) for a in actions], "rewards": [np.array([a]) for a in actions]}
+    lr = ope.pad_episodes(ope.log_ratios(agent, episodes, 0.5, np.array([-1.0]), np.array([1.0]), "cpu"))
+    estimate = ope.importance_sampling_estimates(lr, ope.pad_episodes(episodes["rewards"]), 0.9)["ordinary IS"]
+    assert float(estimate) == pytest.approx(_truncated_normal_mean(0.9, 0.5, -1, 1), abs=0.03)  # 0.563
+
+
 # ---------------------------------------------------------------------------------------------------
 # FQE and the behaviour model on a linear-quadratic problem with a closed-form value
 # ---------------------------------------------------------------------------------------------------
