@@ -26,13 +26,13 @@ bounds), x_{t-1} = mu_tilde(x0_hat, x_t) + sigma_t z with the posterior's varian
 
 Choices, from the reference implementations: T = 100 steps with the squared-cosine schedule
 (squaredcos_cap_v2), epsilon prediction, clipped x0_hat and fixed_small variance, EMA with warm-up
-decay 1 - (1 + k)^-0.75 capped at 0.9999 (all Diffusion Policy's low-dim settings); the denoiser is
-Diffusion-QL's MLP (3 x 256 Mish, 16-d sinusoidal t embedding) in place of Diffusion Policy's 1-D
-convolutional U-Net, which only pays off for long action chunks; Adam at 3e-4 (Diffusion-QL). Optional
-action chunks (`--action-horizon H`): the model denoises H consecutive actions at once (chunks cut from
-episodes, padded at the end with the last action) and the policy executes the first `--execute-steps` of
-each plan before planning again (receding horizon). Diffusion Policy conditions on the last 2 observations;
-here on the current one. Per-dataset settings (training length) live in `DATASET_SETTINGS`.
+decay 1 - k^-0.75 after k updates (0 for the first two) capped at 0.9999 (all Diffusion Policy's low-dim
+settings); the denoiser is Diffusion-QL's MLP (3 x 256 Mish, 16-d sinusoidal t embedding) in place of
+Diffusion Policy's 1-D convolutional U-Net, which only pays off for long action chunks; Adam at 3e-4
+(Diffusion-QL). Optional action chunks (`--action-horizon H`): the model denoises H consecutive actions at
+once (chunks cut from episodes, padded at the end with the last action) and the policy executes the first
+`--execute-steps` of each plan before planning again (receding horizon). Diffusion Policy conditions on the
+last 2 observations; here on the current one. Per-dataset settings (training length) live in `DATASET_SETTINGS`.
 
 --compile compiles the whole update (forward, backward, the Adam step, the EMA step; static shapes) and on
 CUDA replays it as CUDA graphs (mode reduce-overhead), as bc.py does; zero_grad runs just before, outside the
@@ -114,7 +114,8 @@ class Config:
     ema: bool = True
     """evaluate with the exponential moving average of the denoiser's weights (Diffusion Policy)"""
     ema_power: float = 0.75
-    """EMA warm-up: decay after k updates = 1 - (1 + k)^-power (Diffusion Policy: 0.75)"""
+    """EMA warm-up: the decay of the EMA step after k updates is 1 - k^-power, 0 for k <= 1 (Diffusion
+    Policy: 0.75)"""
     ema_max_decay: float = 0.9999
     """cap of the EMA decay (Diffusion Policy: 0.9999)"""
     action_horizon: int = 1
