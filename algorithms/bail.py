@@ -18,9 +18,10 @@ The three steps, as the slides order them:
      the continuation of the state s_m most similar to s_T (L2 distance, m among s_0 .. s_{T-t}, so that the
      continuation has t real steps): G_t += gamma^(T-t) (G_m - gamma^t G_{m+t}). Every G_t then spans T steps.
      Adaptation to Minari episodes: truncation flags (not a `prev_s != next_obs` scan) say which episodes
-     were cut, so only those are augmented, each with its own length as horizon (the authors: a fixed 1000
-     and "length >= 999"); and the match is on the state the episode was cut at, s_T, which Minari stores
-     (the authors match the last state that has an action, s_{T-1}).
+     were cut, so only those are augmented, each with its own length as horizon (the authors: a fixed 1000,
+     and every episode with `end - start >= rollout - 1`, i.e. of 1000 steps or more, counts as cut); and the
+     match is on the state the episode was cut at, s_T, which Minari stores (the authors match the last state
+     that has an action, s_{T-1}).
   2. Upper envelope. V_phi (MLP 128-128, output layer scaled by 0.1, as the authors) minimises
      L^K = mean_i (V(s_i) - G_i)^2 {1(V >= G) + K 1(V < G)} with Adam (lr 3e-3, weight decay 2e-2 as lambda),
      batch 800, at most 50 epochs over the training split (80%; the highest return is kept in training), the
