@@ -104,7 +104,8 @@ class Config:
     """T, the number of noise levels (Diffusion Policy: 100 for training and sampling)"""
     beta_schedule: Literal["cosine", "linear", "vp"] = "cosine"
     """noise schedule beta_1..beta_T: cosine (squaredcos_cap_v2, Diffusion Policy), linear 1e-4 -> 2e-2
-    (DDPM), or vp (Diffusion-QL's variance-preserving schedule, b_min 0.1, b_max 10)"""
+    (DDPM's, made for T = 1000: at T = 100 it leaves alpha-bar_T = 0.36, far from pure noise, so use it with
+    --diffusion-steps 1000), or vp (Diffusion-QL's variance-preserving schedule, b_min 0.1, b_max 10)"""
     hidden_dims: tuple[int, ...] = (256, 256, 256)
     """hidden layer sizes of the denoiser eps_theta (Diffusion-QL: 3 x 256, Mish)"""
     time_embed_dim: int = 16

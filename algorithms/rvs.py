@@ -139,7 +139,7 @@ KITCHEN = {"conditioning": "goal", "dropout": 0.1, "max_steps": 30_000}
 
 # Per-dataset settings: a field left at None takes the value of the first row whose pattern matches the
 # --env name or its Minari id. The paper trains gym datasets for 2000 epochs of batch 16384 (about 50k
-# steps on hopper-medium-replay's 402k transitions; longer on the 2M medium-expert sets: --max-steps).
+# steps on hopper-medium-replay's 402k transitions; 244k on the 2M-transition medium-expert sets).
 # The local pendulum sets hold 3k-100k transitions: 500 steps of batch 16384 are 80 (medium-expert) to 2700
 # (medium-replay) epochs, about 5 minutes on one free CPU core.
 DATASET_SETTINGS: list[tuple[str, dict]] = [
@@ -150,6 +150,11 @@ DATASET_SETTINGS: list[tuple[str, dict]] = [
     ("D4RL/kitchen/*", KITCHEN),
     ("local/pendulum/*", {**GYM, "max_steps": 500}),
     ("test/*", {**GYM, "max_steps": 2_000}),
+    # 2000 epochs of the 2M-transition medium-expert sets (D4RL's, or the D4RL-size local builds) are about
+    # 244k steps of batch 16384
+    *[(pattern, {**GYM, "max_steps": 244_000}) for pattern in (
+        "*-medium-expert-v*", "local/halfcheetah/medium-expert-v0", "local/hopper/medium-expert-v0",
+        "local/walker2d/medium-expert-v0")],
     ("*", {**GYM, "max_steps": 50_000}),
 ]
 
