@@ -407,6 +407,10 @@ def build_policy(path: Path, dataset: OfflineDataset) -> Callable[[np.ndarray], 
 def library_policy(path: str, dataset: OfflineDataset) -> Callable[[np.ndarray], object]:
     """A run directory or checkpoint of this library (`common.checkpoint.load_policy`), spaces checked."""
     ckpt = load_checkpoint(path)
+    if ckpt.get("algo") == "dt" or (ckpt.get("algo") == "diffusion_bc"
+                                    and ckpt.get("config", {}).get("action_horizon", 1) > 1):
+        fail(f"--expert {path}: a {ckpt.get('algo')}.py policy depends on the episode so far (a history or a "
+             f"plan of action chunks); DAgger queries the expert one state at a time: pass a policy of the state")
     saved = DataSpec(**ckpt["spec"])
     if (saved.obs_dim, saved.act_dim, saved.discrete) != (dataset.spec.obs_dim, dataset.spec.act_dim,
                                                           dataset.spec.discrete):

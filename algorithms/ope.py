@@ -421,6 +421,14 @@ def newest_run(runs_dir: str, env: str) -> str:
                    else p.stat().st_mtime))
 
 
+# runs whose act() is not one deterministic action per state (the estimators below evaluate pi(s))
+NOT_A_FUNCTION_OF_THE_STATE = {
+    "bc_expressive": "samples its action from the fitted distribution",
+    "diffusion_bc": "samples its action by denoising random noise (and keeps a plan with action chunks)",
+    "dt": "conditions on the episode's history and a target return",
+}
+
+
 def load_target_policy(path: str, dataset, device: torch.device):
     """(deterministic torch policy on normalised observations, its ObsNormalizer or None, checkpoint) of the
     run at `path`, checked against `dataset` (same observation and action sizes, same environment)."""
@@ -429,6 +437,9 @@ def load_target_policy(path: str, dataset, device: torch.device):
     trained_on = ckpt.get("config", {}).get("env", "?")
     if ckpt.get("algo") == "ope":
         fail(f"{path} is an ope.py run, not a trained policy; pass the run directory of a training run")
+    if ckpt.get("algo") in NOT_A_FUNCTION_OF_THE_STATE:
+        fail(f"{path} is a {ckpt['algo']}.py run, whose policy {NOT_A_FUNCTION_OF_THE_STATE[ckpt['algo']]}: "
+             f"importance sampling and FQE here need one deterministic action per state, pi(s)")
     if spec != dataset.spec:
         fail(f"the policy in {path} was trained on '{trained_on}' (obs {spec.obs_dim}-d, "
              f"{'discrete' if spec.discrete else 'continuous'} {spec.act_dim}-d actions, bound {spec.max_action:g}) "

@@ -246,6 +246,14 @@ def test_library_expert_for_another_env_is_refused(tmp_path, cartpole_mixed_id):
         dagger.load_expert(run["run_dir"], pendulum_env())
 
 
+def test_a_history_dependent_expert_is_refused(tmp_path, pendulum_expert_id):
+    diffusion = load_algorithm("diffusion_bc")
+    run = diffusion.train(run_config(diffusion.Config, pendulum_expert_id, tmp_path, max_steps=5, eval_episodes=1,
+                                     action_horizon=4, execute_steps=2, diffusion_steps=5))
+    with pytest.raises(UserError, match="depends on the episode so far"):
+        dagger.load_expert(run["run_dir"], pendulum_env())
+
+
 def test_cli_bad_threshold_exits_2_with_one_line():
     proc = run_algorithm_cli("dagger", "--env", "Pendulum-v1", "--expert", SCRIPTED, "--gated", "--threshold", "2")
     assert_one_line_error(proc, "--threshold must lie in (0, 1)")

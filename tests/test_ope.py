@@ -201,4 +201,9 @@ def test_ope_bad_input_gives_one_clear_line(pendulum_expert_id, cartpole_mixed_i
         ope.train(run_config(ope.Config, pendulum_expert_id, tmp_path / "empty", max_steps=5))
     with pytest.raises(UserError, match="--target-std"):
         ope.train(run_config(ope.Config, pendulum_expert_id, tmp_path, policy=cartpole_run, target_std=0.0))
+    expressive = load_algorithm("bc_expressive")
+    sampled_run = expressive.train(run_config(expressive.Config, pendulum_expert_id, tmp_path / "gmm", max_steps=5,
+                                              eval_episodes=1))["run_dir"]
+    with pytest.raises(UserError, match="samples its action.*one deterministic action per state"):
+        ope.train(run_config(ope.Config, pendulum_expert_id, tmp_path, policy=sampled_run, max_steps=5))
     assert not (tmp_path / "runs" / "ope").exists()  # nothing written before the input was checked
