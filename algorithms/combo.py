@@ -33,9 +33,18 @@ any other env `--termination learned` trains a termination head, else the run is
 Per-dataset settings (h and beta as OfflineRL-Kit publishes them for the D4RL v2 sets, f = 0.5 as the paper; the
 training length; the rollout batch; the cap on ensemble epochs) live in `DATASET_SETTINGS` below; flags override
 them. As in algorithms/cql.py every loss of a step is computed from the networks before the step (one backward);
-OfflineRL-Kit steps the actor first and samples the critic's actions from the updated actor. The update can be
-compiled (`--compile`); the rollouts and the ensemble's fit are eager (one host sync per rollout round and one
-per ensemble epoch).
+OfflineRL-Kit steps the actor first and samples the critic's actions from the updated actor.
+
+--compile compiles the conservative actor-critic step (forward, the one backward, the three Adam steps, the
+target update; static shapes; every sampled action drawn on the device inside) and on CUDA replays it as CUDA
+graphs (mode reduce-overhead). torch.optim breaks the graph around every optimizer.step() on purpose, so the
+step runs as 5 graphs (forward+backward, the critics', the actor's and the temperature's steps, the target
+update) back to back; zero_grad, the draw from the model buffer that mixes dataset and model rows, and the
+cosine learning rate run just before, outside the compiled step. The model rollouts run eagerly: which
+transitions a rollout keeps (those up to its first termination) is a data-dependent shape, read with one host
+sync per round, and a round comes only every `rollout_every` steps as h large batched forward passes, which
+compiling would barely speed up. The ensemble's fit runs eagerly too: once per run, with one host sync per epoch
+for early stopping.
 """
 
 
@@ -823,10 +832,14 @@ class Agent:
         self.log_uniform = uniform_log_density(spec.act_dim, spec.max_action)
         # a tensor learning rate: the cosine schedule changes it in place, so a compiled update never retraces
         self.actor_lr = torch.tensor(config.actor_lr, device=device)
-        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=self.actor_lr, **_fast_adam(device))
-        self.alpha_optimizer = torch.optim.Adam([self.log_entropy_alpha], lr=config.alpha_lr, **_fast_adam(device))
+        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=self.actor_lr,
+                                                **_fast_adam(device, config.compile))
+        self.alpha_optimizer = torch.optim.Adam([self.log_entropy_alpha], lr=config.alpha_lr,
+                                                **_fast_adam(device, config.compile))
         self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=config.critic_lr,
-                                                 **_fast_adam(device))
+                                                 **_fast_adam(device, config.compile))
+        # what the update's one backward trains
+        self.params = [*self.critic.parameters(), *self.actor.parameters(), self.log_entropy_alpha]
         self.dynamics = make_dynamics(config, spec).to(device)
         self.dynamics_report: dict | None = None  # set once the ensemble is fitted or loaded
         self.termination: TerminationFn | None = None  # the env's rule (train() sets it); None: learned head
@@ -837,7 +850,11 @@ class Agent:
         self.obs_mean = torch.zeros(spec.obs_dim, device=device)
         self.obs_std = torch.ones(spec.obs_dim, device=device)
         self.step = 0
-        self._update = torch.compile(self._update_impl) if config.compile else self._update_impl
+        if config.compile:
+            torch._dynamo.config.trace_autograd_ops = True  # trace loss.backward() into the compiled step too
+        compile_mode = "reduce-overhead" if device.type == "cuda" else None  # on CUDA: replayed as CUDA graphs
+        self._update = (torch.compile(self._update_impl, mode=compile_mode, dynamic=False) if config.compile
+                        else self._update_impl)
 
     @property
     def dynamics_ready(self) -> bool:
@@ -880,6 +897,11 @@ class Agent:
             progress = min(self.step / self.config.max_steps, 1.0)
             self.actor_lr.fill_(self.config.actor_lr * 0.5 * (1.0 + math.cos(math.pi * progress)))
         self.step += 1
+        # outside the compiled step (torch.compile skips zero_grad)
+        self.critic_optimizer.zero_grad(set_to_none=True)
+        self.actor_optimizer.zero_grad(set_to_none=True)
+        self.alpha_optimizer.zero_grad(set_to_none=True)
+        # n_real: a Python int, the same every step of a run (one compiled graph)
         return {**self._update(obs, actions, rewards, next_obs, terminals, n_real), **self.rollout_stats}
 
     def _update_impl(self, obs: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor, next_obs: torch.Tensor,
@@ -931,25 +953,26 @@ class Agent:
         # automatic entropy tuning:  min_{log alpha} -log alpha E[ log pi(a|s) + H-bar ]
         entropy_loss = -(self.log_entropy_alpha * (log_pi.detach() + self.target_entropy)).mean()
 
-        # each loss reaches only its own parameters (the rest enter it detached): one backward for all
-        self.critic_optimizer.zero_grad(set_to_none=True)
-        self.actor_optimizer.zero_grad(set_to_none=True)
-        self.alpha_optimizer.zero_grad(set_to_none=True)
-        (critic_loss + actor_loss + entropy_loss).backward()
+        q_min = q_data.detach().min(0).values
+        q_real, q_model = q_min[:n_real].mean(), q_min[n_real:].mean()
+        logs = {  # read before the backward, which consumes the graph these values hang on
+            "train/critic_loss": critic_loss.detach(), "train/td_loss": td_loss.detach(),
+            "train/cql_gap": gap.detach().mean(), "train/actor_loss": actor_loss.detach(),
+            "train/entropy_alpha": entropy_alpha, "train/entropy": -log_pi.detach().mean(),
+            "train/q_real": q_real, "train/q_model": q_model, "train/q_model_minus_real": q_model - q_real,
+            "train/q_policy": q_policy.detach().mean()}
+
+        # each loss reaches only its own parameters (the rest enter it detached): one backward for all;
+        # inputs: the parameters trained, named (with --compile, torch 2.13's traced backward loses bare
+        # tensors such as log alpha when the step is recompiled)
+        (critic_loss + actor_loss + entropy_loss).backward(inputs=self.params)
         self.critic_optimizer.step()
         self.actor_optimizer.step()
         self.alpha_optimizer.step()
         with torch.no_grad():
             # Q' <- (1 - polyak) Q' + polyak Q
             torch._foreach_lerp_(list(self.target_critic.parameters()), list(self.critic.parameters()), cfg.polyak)
-
-        q_min = q_data.detach().min(0).values
-        q_real, q_model = q_min[:n_real].mean(), q_min[n_real:].mean()
-        return {"train/critic_loss": critic_loss.detach(), "train/td_loss": td_loss.detach(),
-                "train/cql_gap": gap.detach().mean(), "train/actor_loss": actor_loss.detach(),
-                "train/entropy_alpha": entropy_alpha, "train/entropy": -log_pi.detach().mean(),
-                "train/q_real": q_real, "train/q_model": q_model, "train/q_model_minus_real": q_model - q_real,
-                "train/q_policy": q_policy.detach().mean()}
+        return logs
 
     @torch.no_grad()
     def act(self, obs: torch.Tensor) -> torch.Tensor:
@@ -994,6 +1017,8 @@ class Agent:
         self.actor_optimizer.load_state_dict(state["actor_optimizer"])
         self.alpha_optimizer.load_state_dict(state["alpha_optimizer"])
         self.critic_optimizer.load_state_dict(state["critic_optimizer"])
+        _use_this_runs_adam([self.actor_optimizer, self.alpha_optimizer, self.critic_optimizer],
+                            self.device, self.config.compile)
         # the optimiser's saved lr replaced our tensor: point it back, so the schedule keeps driving it
         self.actor_optimizer.param_groups[0]["lr"] = self.actor_lr
         self.dynamics.load_state_dict(state["dynamics"])
@@ -1004,9 +1029,21 @@ class Agent:
         self.step = int(state["step"])
 
 
-def _fast_adam(device: torch.device) -> dict:
-    """Fused Adam (one kernel for all parameters) where this torch build has it, else foreach."""
+def _fast_adam(device: torch.device, compiled: bool) -> dict:
+    """Fused Adam (one kernel for all parameters) where this torch build has it, else foreach. Under --compile
+    the foreach Adam, which torch.compile traces into the step (it runs the fused one outside the graph), and
+    capturable: its step count stays a device tensor, as a CUDA graph needs."""
+    if compiled:
+        return {"foreach": True, "capturable": True}
     return {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}
+
+
+def _use_this_runs_adam(optimizers: list, device: torch.device, compiled: bool) -> None:
+    """Set this run's Adam implementation on loaded optimisers: they keep the flags they were saved with, and
+    --compile may differ on resume (both implementations keep the step count on the parameters' device)."""
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group.update({"fused": None, "foreach": None, "capturable": False, **_fast_adam(device, compiled)})
 
 
 # ---------------------------------------------------------------------------------------------------------

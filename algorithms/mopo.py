@@ -31,9 +31,17 @@ termination head on the dataset's terminals, else the run is refused.
 
 Per-dataset settings (the rollout horizon h and the penalty lambda as OfflineRL-Kit publishes them for the
 D4RL v2 sets, the original MOPO configs where it has none; the training length; the rollout batch; the cap on
-ensemble epochs) live in `DATASET_SETTINGS` below; flags override them. The SAC step could be compiled
-(`--compile`); the rollouts and the ensemble's fit are eager (one host sync per rollout round, to keep only
-the transitions before a termination, and one per ensemble epoch, for early stopping).
+ensemble epochs) live in `DATASET_SETTINGS` below; flags override them.
+
+--compile compiles the SAC step (forward, the two backwards, the three Adam steps, the target update; static
+shapes; pi's samples drawn on the device inside) and on CUDA replays it as CUDA graphs (mode reduce-overhead).
+torch.optim breaks the graph around every optimizer.step() on purpose, so the step runs as 6 graphs (critic
+forward+backward, its step, actor and temperature forward+backward, their two steps, the target update) back to
+back; zero_grad, the draw from the model buffer that mixes real and model rows, and the cosine learning rate run
+just before, outside the compiled step. The model rollouts run eagerly: which transitions a rollout keeps (those
+up to its first termination) is a data-dependent shape, read with one host sync per round, and a round comes
+only every `rollout_every` steps as h large batched forward passes, which compiling would barely speed up. The
+ensemble's fit runs eagerly too: once per run, with one host sync per epoch for early stopping.
 """
 
 from __future__ import annotations
@@ -780,10 +788,15 @@ class Agent:
         self.target_entropy = float(-spec.act_dim if config.target_entropy is None else config.target_entropy)
         # a tensor learning rate: the cosine schedule changes it in place, so a compiled update never retraces
         self.actor_lr = torch.tensor(config.actor_lr, device=device)
-        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=self.actor_lr, **_fast_adam(device))
+        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=self.actor_lr,
+                                                **_fast_adam(device, config.compile))
         self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=config.critic_lr,
-                                                 **_fast_adam(device))
-        self.alpha_optimizer = torch.optim.Adam([self.log_alpha], lr=config.alpha_lr, **_fast_adam(device))
+                                                 **_fast_adam(device, config.compile))
+        self.alpha_optimizer = torch.optim.Adam([self.log_alpha], lr=config.alpha_lr,
+                                                **_fast_adam(device, config.compile))
+        # what each of the update's two backwards trains
+        self.critic_params = list(self.critic.parameters())
+        self.actor_and_alpha = [*self.actor.parameters(), self.log_alpha]
         self.dynamics = make_dynamics(config, spec).to(device)
         self.dynamics_report: dict | None = None  # set once the ensemble is fitted or loaded
         self.termination: TerminationFn | None = None  # the env's rule (train() sets it); None: learned head
@@ -794,7 +807,11 @@ class Agent:
         self.obs_mean = torch.zeros(spec.obs_dim, device=device)
         self.obs_std = torch.ones(spec.obs_dim, device=device)
         self.step = 0
-        self._update = torch.compile(self._update_impl) if config.compile else self._update_impl
+        if config.compile:
+            torch._dynamo.config.trace_autograd_ops = True  # trace loss.backward() into the compiled step too
+        compile_mode = "reduce-overhead" if device.type == "cuda" else None  # on CUDA: replayed as CUDA graphs
+        self._update = (torch.compile(self._update_impl, mode=compile_mode, dynamic=False) if config.compile
+                        else self._update_impl)
 
     @property
     def dynamics_ready(self) -> bool:
@@ -836,6 +853,11 @@ class Agent:
             progress = min(self.step / self.config.max_steps, 1.0)
             self.actor_lr.fill_(self.config.actor_lr * 0.5 * (1.0 + math.cos(math.pi * progress)))
         self.step += 1
+        # outside the compiled step (torch.compile skips zero_grad); each loss below reaches only its own
+        # optimiser's parameters, so resetting all of them here equals resetting each before its backward
+        self.critic_optimizer.zero_grad(set_to_none=True)
+        self.actor_optimizer.zero_grad(set_to_none=True)
+        self.alpha_optimizer.zero_grad(set_to_none=True)
         return {**self._update(obs, actions, rewards, next_obs, terminals), **self.rollout_stats}
 
     def _update_impl(self, obs: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor, next_obs: torch.Tensor,
@@ -853,30 +875,31 @@ class Agent:
         q = self.critic(obs, actions)  # (2, B)
         # J_Q = E_(s,a,r~,s')~(f D + (1-f) D_model) [ (Q_i(s, a) - y)^2 ], both critics (summed)
         critic_loss = ((q - y) ** 2).mean(1).sum()
-        self.critic_optimizer.zero_grad(set_to_none=True)
-        critic_loss.backward()
+        # logged values are taken before each backward (which consumes the graph they hang on)
+        logs = {"train/critic_loss": critic_loss.detach(), "train/q_data": q.detach().min(0).values.mean()}
+        critic_loss.backward(inputs=self.critic_params)  # inputs: the parameters trained, named (see below)
         self.critic_optimizer.step()
 
         # --- actor: J_pi = E_s [ alpha log pi(a|s) - min_i Q_i(s, a) ],  a ~ pi(.|s) (the updated critics) ---
         pi_actions, log_prob = self.actor.sample(obs)
         q_pi = self.critic(obs, pi_actions, detach_weights=True).min(0).values
         actor_loss = (alpha * log_prob - q_pi).mean()
-        self.actor_optimizer.zero_grad(set_to_none=True)
-        actor_loss.backward()
-        self.actor_optimizer.step()
 
         # --- temperature: J(alpha) = E_a~pi [ -alpha (log pi(a|s) + H-bar) ] (through log alpha) ---
         alpha_loss = -(self.log_alpha * (log_prob.detach() + self.target_entropy)).mean()
-        self.alpha_optimizer.zero_grad(set_to_none=True)
-        alpha_loss.backward()
+        logs.update({"train/actor_loss": actor_loss.detach(), "train/alpha": alpha,
+                     "train/entropy": -log_prob.detach().mean(), "train/q_policy": q_pi.detach().mean()})
+        # the two losses touch disjoint parameters (alpha enters the actor's detached): one backward serves both;
+        # inputs: the parameters trained, named (with --compile, torch 2.13's traced backward loses bare tensors
+        # such as log_alpha when the step is recompiled)
+        (actor_loss + alpha_loss).backward(inputs=self.actor_and_alpha)
+        self.actor_optimizer.step()
         self.alpha_optimizer.step()
 
         with torch.no_grad():
             # Q' <- (1 - polyak) Q' + polyak Q
             torch._foreach_lerp_(list(self.critic_target.parameters()), list(self.critic.parameters()), cfg.polyak)
-        return {"train/critic_loss": critic_loss.detach(), "train/actor_loss": actor_loss.detach(),
-                "train/alpha": alpha, "train/entropy": -log_prob.detach().mean(),
-                "train/q_data": q.detach().min(0).values.mean(), "train/q_policy": q_pi.detach().mean()}
+        return logs
 
     @torch.no_grad()
     def act(self, obs: torch.Tensor) -> torch.Tensor:
@@ -920,6 +943,8 @@ class Agent:
         self.actor_optimizer.load_state_dict(state["actor_optimizer"])
         self.critic_optimizer.load_state_dict(state["critic_optimizer"])
         self.alpha_optimizer.load_state_dict(state["alpha_optimizer"])
+        _use_this_runs_adam([self.actor_optimizer, self.critic_optimizer, self.alpha_optimizer],
+                            self.device, self.config.compile)
         # the optimiser's saved lr replaced our tensor: point it back, so the schedule keeps driving it
         self.actor_optimizer.param_groups[0]["lr"] = self.actor_lr
         self.dynamics.load_state_dict(state["dynamics"])
@@ -930,9 +955,21 @@ class Agent:
         self.step = int(state["step"])
 
 
-def _fast_adam(device: torch.device) -> dict:
-    """Fused Adam (one kernel for all parameters) where this torch build has it, else foreach."""
+def _fast_adam(device: torch.device, compiled: bool) -> dict:
+    """Fused Adam (one kernel for all parameters) where this torch build has it, else foreach. Under --compile
+    the foreach Adam, which torch.compile traces into the step (it runs the fused one outside the graph), and
+    capturable: its step count stays a device tensor, as a CUDA graph needs."""
+    if compiled:
+        return {"foreach": True, "capturable": True}
     return {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}
+
+
+def _use_this_runs_adam(optimizers: list, device: torch.device, compiled: bool) -> None:
+    """Set this run's Adam implementation on loaded optimisers: they keep the flags they were saved with, and
+    --compile may differ on resume (both implementations keep the step count on the parameters' device)."""
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group.update({"fused": None, "foreach": None, "capturable": False, **_fast_adam(device, compiled)})
 
 
 # ---------------------------------------------------------------------------------------------------------
