@@ -32,9 +32,11 @@ def start_states(data: dict[str, np.ndarray], count: int = START_STATES, episode
     return np.stack([np.arctan2(first[:, 1], first[:, 0]), first[:, 2]], 1).astype(np.float64)
 
 
-def make_agent(algo: str, seed: int, hidden_dims: tuple[int, ...], batch_size: int, steps: int, **overrides):
+def make_agent(algo: str, seed: int, hidden_dims: tuple[int, ...], batch_size: int, steps: int,
+               spec: DataSpec = SPEC, **overrides):
     """The Agent of algorithms/<algo>.py with its Config's defaults, the test/* per-dataset settings for
-    fields left at None, and the given small sizes and overrides."""
+    fields left at None (those of `env` when given in `overrides`), and the given small sizes and overrides,
+    for data of shapes `spec` (default: the pendulum's)."""
     module = _import_algorithm(algo)
     fields = {f.name for f in dataclasses.fields(module.Config)}
     values = {"env": "test/pendulum-v0", "seed": seed, "device": "cpu", "max_steps": steps,
@@ -45,7 +47,7 @@ def make_agent(algo: str, seed: int, hidden_dims: tuple[int, ...], batch_size: i
         raise ValueError(f"{algo}.Config has no field(s) {sorted(unknown)}")
     config = apply_dataset_settings(module.Config(**values), module.DATASET_SETTINGS, quiet=True)
     torch.manual_seed(seed)
-    return module.Agent(config, SPEC, torch.device("cpu"))
+    return module.Agent(config, spec, torch.device("cpu"))
 
 
 def train_and_track(algo: str, data: dict[str, np.ndarray], steps: int, eval_every: int, gamma: float,
