@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import fnmatch
 import importlib
 import math
 import os
@@ -78,8 +77,7 @@ from common.datasets import (D4RL_TO_MINARI, DataSpec, OfflineDataset, TensorSam
                              flatten_observation, load_dataset)
 from common.errors import UserError, fail, run_cli  # noqa: E402
 from common.evaluation import evaluate, make_eval_envs  # noqa: E402
-from common.runs import (Run, merge_resumed, resolve_config, saved_config, setup,  # noqa: E402
-                         validate_config)
+from common.runs import Run, resolve_config, setup  # noqa: E402
 
 
 @dataclass
@@ -211,27 +209,14 @@ def is_gym_id(name: str) -> bool:
 
 
 def resolve_dagger_config(config: Config) -> Config:
-    """`common.runs.resolve_config`, also for a Gymnasium env id.
-
-    resolve_config looks --env up as a dataset name (for its DATASET_SETTINGS row); a Gymnasium id is none,
-    so for one its steps are taken here: resumed settings, validation, the settings row matched on the id.
-    """
-    if not is_gym_id(config.env):
-        if "/" not in config.env and config.env not in D4RL_TO_MINARI and re.search(r"-v\d+$", config.env):
-            close = ", ".join(difflib.get_close_matches(config.env, list(gym.registry), 3))
-            fail(f"--env '{config.env}' is neither a registered Gymnasium env id nor a dataset name"
-                 + (f"; did you mean: {close}?" if close else ""))
-        return resolve_config(config, DATASET_SETTINGS)
-    if config.resume and not getattr(config, "_resume_merged", False):
-        config = merge_resumed(config, *saved_config(config.resume))
-    validate_config(config)
-    row = next(settings for pattern, settings in DATASET_SETTINGS if fnmatch.fnmatch(config.env, pattern))
-    filled = {k: v for k, v in row.items() if getattr(config, k) is None}
-    if filled:
-        print("per-dataset settings: " + ", ".join(f"{k}={v}" for k, v in filled.items()), file=sys.stderr)
-    config = dataclasses.replace(config, **filled)
-    validate_config(config)
-    return config
+    """`common.runs.resolve_config`, after refusing an --env that is neither a dataset nor a Gymnasium id (a
+    Gymnasium id has no dataset row of its own: DATASET_SETTINGS patterns then match the id itself)."""
+    if not is_gym_id(config.env) and "/" not in config.env and config.env not in D4RL_TO_MINARI \
+            and re.search(r"-v\d+$", config.env):
+        close = ", ".join(difflib.get_close_matches(config.env, list(gym.registry), 3))
+        fail(f"--env '{config.env}' is neither a registered Gymnasium env id nor a dataset name"
+             + (f"; did you mean: {close}?" if close else ""))
+    return resolve_config(config, DATASET_SETTINGS)
 
 
 def interactive_env(config: Config) -> OfflineDataset:

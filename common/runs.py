@@ -272,12 +272,19 @@ def apply_dataset_settings(config: Any, table: list[tuple[str, dict]], quiet: bo
     """Fill the config fields left at None from the first row of `table` whose pattern matches.
 
     `table` rows are `(fnmatch pattern, {field: value})`, matched against `config.env` and against the
-    Minari id it resolves to (e.g. "antmaze-*", "D4RL/antmaze/*", "local/pendulum/*", "*"). Fields the user
+    Minari id it resolves to (or, for a registered Gymnasium env id, the id alone) (e.g. "antmaze-*", "D4RL/antmaze/*", "local/pendulum/*", "*"). Fields the user
     set on the command line are never changed. Prints what it filled, so the settings are visible.
     """
     from common.datasets import resolve_name
 
-    names = {config.env, resolve_name(config.env).minari_id}
+    try:
+        names = {config.env, resolve_name(config.env).minari_id}
+    except UserError:
+        import gymnasium as gym
+
+        if config.env not in gym.registry:
+            raise
+        names = {config.env}  # a Gymnasium env id (interactive files such as dagger.py): the patterns match it
     filled = {}
     for pattern, settings in table:
         if any(fnmatch.fnmatch(n, pattern) for n in names):
