@@ -73,3 +73,9 @@ def test_bench_harness_reports_rates_and_floor(tmp_path):
     assert "| bc | cpu | no |" in text and "Commit:" in text and "torch threads 1" in text
     assert "% of floor+overhead" in text and "sampling % of update" in text
     assert bench.main(["--algos", "no_such_algo", "--output", str(out)]) == 2
+
+
+def test_bench_table_cells_keep_small_rates_and_mark_what_does_not_apply():
+    assert bench._cell(0.153) == "0.153"  # a rollout round per second: 0.1 would hide a 50% difference
+    assert bench._cell(float("nan")) == "-"  # rollout rows have no overhead or sampling column
+    assert bench._cell(745.72) == "745.7" and bench._cell(1418.4, 0) == "1418" and bench._cell(64) == "64"
