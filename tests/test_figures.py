@@ -228,6 +228,9 @@ def test_runner_draws_a_figure_and_its_caption(tmp_path):
     assert (tmp_path / "3-expectile-regression.png").stat().st_size > 10_000
     readme = (tmp_path / "README.md").read_text()
     assert "Aside: Expectile regression" in readme and "tau = 0.5 is the mean" in readme
+    from common.runs import git_commit
+
+    assert f"at commit {git_commit()[:12]}" in readme  # the caption names the commit that drew it
     assert main(["no-such-figure", "--output", str(tmp_path)]) == 2
 
 

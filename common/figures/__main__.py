@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from common.checkpoint import atomic_write_text  # noqa: E402
+from common.runs import git_commit  # noqa: E402
 
 # name -> (figure number, module, PNG file name, slide(s) it reproduces, what it shows, claim from the numbers)
 FIGURES: dict[str, tuple] = {
@@ -169,7 +170,9 @@ def write_readme(output: Path, numbers: dict) -> None:
             entry = numbers[name]
             lines += [f"**Claim and number:** {claim(entry['numbers'])}", "",
                       f"(`common/figures/{module}.py`, {entry['cpu_seconds']:.0f} s CPU, {entry['wall_seconds']:.0f} s "
-                      f"wall when last drawn.)", ""]
+                      f"wall when last drawn, at commit {entry.get('commit', 'unrecorded')[:12]}"
+                      f"{'-dirty' if entry.get('commit', '').endswith('-dirty') else ''} on "
+                      f"{entry.get('date', 'an unrecorded date')}.)", ""]
         else:
             lines += ["(not drawn yet: run `make figures`)", ""]
     atomic_write_text(output / "README.md", "\n".join(lines))
@@ -198,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         result = importlib.import_module(f"common.figures.{module}").make(output / png)
         result = json.loads(json.dumps(result, default=float))  # as numbers.json keeps it (string keys)
         numbers[name] = {"numbers": result, "cpu_seconds": time.process_time() - cpu,
-                         "wall_seconds": time.perf_counter() - wall}
+                         "wall_seconds": time.perf_counter() - wall, "commit": git_commit(),
+                         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
         print(f"figure {number} ({name}): {output / png} in {numbers[name]['cpu_seconds']:.1f} s CPU "
               f"({numbers[name]['wall_seconds']:.1f} s wall)", flush=True)
         print("  " + FIGURES[name][5](result), flush=True)
