@@ -195,13 +195,14 @@ def main(argv: list[str] | None = None) -> int:
     output.mkdir(parents=True, exist_ok=True)
     store = output / "numbers.json"
     numbers = json.loads(store.read_text()) if store.is_file() else {}
+    commit = git_commit()  # before drawing: the PNGs this run writes are tracked files and would read as "dirty"
     for name in args.names or list(FIGURES):
         number, module, png, *_ = FIGURES[name]
         wall, cpu = time.perf_counter(), time.process_time()
         result = importlib.import_module(f"common.figures.{module}").make(output / png)
         result = json.loads(json.dumps(result, default=float))  # as numbers.json keeps it (string keys)
         numbers[name] = {"numbers": result, "cpu_seconds": time.process_time() - cpu,
-                         "wall_seconds": time.perf_counter() - wall, "commit": git_commit(),
+                         "wall_seconds": time.perf_counter() - wall, "commit": commit,
                          "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
         print(f"figure {number} ({name}): {output / png} in {numbers[name]['cpu_seconds']:.1f} s CPU "
               f"({numbers[name]['wall_seconds']:.1f} s wall)", flush=True)
