@@ -170,7 +170,7 @@ def test_runs_differing_in_settings_are_separate_rows(tmp_path):
     out = tmp_path / "scores.md"
     assert main(["--runs-dir", str(tmp_path), "--output", str(out), "--no-figures", "--reps", "200"]) == 0
     text = out.read_text()
-    assert f"| {B} | iql (expectile=0.7) | 1000 | 0, 1 | 15.0 ± 5.0 |" in text
+    assert f"| {B} | iql | 1000 | 0, 1 | 15.0 ± 5.0 |" in text  # 0.7: what iql.py picks for B, so no label
     assert f"| {B} | iql (expectile=0.9) | 1000 | 0, 1 | 80.0 ± 10.0 |" in text
 
 
@@ -191,3 +191,13 @@ def test_dirty_commits_stay_marked(tmp_path):
     out = tmp_path / "scores.md"
     assert main(["--runs-dir", str(tmp_path), "--output", str(out), "--no-figures"]) == 0
     assert "| 0123456789ab-dirty |" in out.read_text()
+
+
+def test_a_row_names_the_settings_its_runs_changed_from_the_files_defaults(tmp_path, dataset_a):
+    default = results.read_run(write_run(tmp_path, "iql", A, 0, 50.0))
+    changed = results.read_run(write_run(tmp_path, "iql", A, 1, 50.0, expectile=0.9, batch_size=64))
+    unknown = results.read_run(write_run(tmp_path, "no_such_algo", A, 0, 50.0, expectile=0.9))
+    assert results.changed_settings(default) == ""  # where, how long and how often it ran are not settings
+    assert results.changed_settings(changed) == "batch_size=64, expectile=0.9"
+    assert results.changed_settings(unknown) is None  # no file to compare with: the row keeps its plain label
+    assert {g.label for g in results.group_runs([default, changed])} == {"iql", "iql (batch_size=64, expectile=0.9)"}

@@ -231,6 +231,50 @@ def _variant_labels(signatures: list[str]) -> dict[str, str]:
     return {s: ", ".join(f"{k}={p.get(k)}" for k in keys) for s, p in parsed.items()}
 
 
+# Fields that say where, how long or how often a run measured, not what it trained: never a row's label.
+NOT_SETTINGS = WHERE_FIELDS | {"env", "seed", "max_steps", "eval_every", "eval_episodes", "log_every",
+                               "checkpoint_every"}
+_DEFAULTS: dict[tuple[str, str], dict | None] = {}
+
+
+def file_defaults(algo: str, env: str) -> dict | None:
+    """The settings `python algorithms/<algo>.py --env <env>` picks today (its Config defaults, then its
+    DATASET_SETTINGS row), as JSON values, leaving out those train() fills at run time; None when the file or
+    the dataset name cannot be read."""
+    if (algo, env) not in _DEFAULTS:
+        import contextlib
+        import io
+
+        try:
+            from common.checkpoint import _import_algorithm
+            from common.runs import apply_dataset_settings
+
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                module = _import_algorithm(algo)
+                config = module.Config(env=env)
+                if hasattr(module, "DATASET_SETTINGS"):
+                    config = apply_dataset_settings(config, module.DATASET_SETTINGS, quiet=True)
+            values = json.loads(json.dumps(dataclasses.asdict(config), default=str))
+            # None, or a file's FROM_DATA sentinel (dt.py: empty targets, scale 0): train() fills it from the data
+            from_data = json.loads(json.dumps(getattr(module, "FROM_DATA", {}), default=str))
+            _DEFAULTS[(algo, env)] = {k: v for k, v in values.items()
+                                      if v is not None and not (k in from_data and v == from_data[k])}
+        except (Exception, SystemExit):
+            _DEFAULTS[(algo, env)] = None
+    return _DEFAULTS[(algo, env)]
+
+
+def changed_settings(run: RunRecord) -> str | None:
+    """The run's settings that differ from what its file would pick for its dataset today (the flags it was
+    given, e.g. "warmup_steps=100"): "" when none, None when the file's defaults cannot be read."""
+    defaults = file_defaults(run.algo, run.env)
+    if defaults is None:
+        return None
+    config = json.loads(json.dumps(run.config, default=str))
+    return ", ".join(f"{k}={config[k]}" for k in sorted(config)
+                     if k not in NOT_SETTINGS and k in defaults and config[k] != defaults[k])
+
+
 def group_runs(runs: list[RunRecord]) -> list[Group]:
     """Rows over seeds; when one seed has several finished runs in a row, the newest counts (flagged)."""
     by_row: dict[tuple, list[RunRecord]] = defaultdict(list)
@@ -249,7 +293,8 @@ def group_runs(runs: list[RunRecord]) -> list[Group]:
             finished[r.seed] = r  # run folder names end in their start time: the newest wins
         unfinished = sorted((m for m in members if not m.finished and m.seed not in finished), key=lambda m: m.seed)
         missing = [s for s in expected if s not in finished and s not in {u.seed for u in unfinished}]
-        groups.append(Group(env, algo, steps, labels[(env, algo, steps)][sig],
+        changed = changed_settings(members[0])  # one signature: the same settings in every member
+        groups.append(Group(env, algo, steps, labels[(env, algo, steps)][sig] if changed is None else changed,
                             [finished[s] for s in sorted(finished)], unfinished, missing))
     return groups
 
@@ -626,7 +671,10 @@ def report(args: argparse.Namespace) -> int:
              "Final: the run's last evaluation (summary.json); best: the highest evaluation in its metrics.jsonl "
              "(optimistic: chosen with the evaluation episodes themselves). Each is the mean over the seeds "
              "listed ± the standard deviation over them (ddof 0) of each seed's mean over its evaluation "
-             "episodes. Flagged seeds (missing, unfinished, or skipped for corrupt metrics) are not averaged in.",
+             "episodes. Flagged seeds (missing, unfinished, or skipped for corrupt metrics) are not averaged in. "
+             "In parentheses after an algorithm: the settings its runs used that differ from what the file picks "
+             "for that dataset at the current commit (the flags they were given; the step budget, evaluation "
+             "cadence and where they ran are columns or left out).",
              "", *scores_table(groups, infos), "", provenance(groups, infos), ""]
     if skipped:
         lines += ["Skipped (corrupt or partial metrics, not averaged in): "
