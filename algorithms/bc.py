@@ -28,17 +28,19 @@ import math
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# the nearest folder above this file that holds common/ (this repository, or a project it was copied into)
+sys.path.insert(0, next((str(p) for p in Path(__file__).resolve().parents if (p / "common" / "__init__.py").is_file()),
+                        os.path.dirname(os.path.abspath(__file__))))
 from common.datasets import DataSpec, ObsNormalizer, TensorSampler, load_dataset  # noqa: E402
-from common.errors import run_cli  # noqa: E402
 from common.evaluation import evaluate, make_eval_envs  # noqa: E402
-from common.runs import Run, resolve_config, setup  # noqa: E402
+from common.runs import Run, resolve_config, run_cli, setup  # noqa: E402
 
 
 @dataclass

@@ -32,16 +32,21 @@ import math
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# the nearest folder above this file that holds common/ (this repository, or a project it was copied into)
+sys.path.insert(0, next((str(p) for p in Path(__file__).resolve().parents if (p / "common" / "__init__.py").is_file()),
+                        os.path.dirname(os.path.abspath(__file__))))
 from common.datasets import DataSpec, ObsNormalizer, TensorSampler, load_dataset  # noqa: E402
-from common.errors import fail, run_cli  # noqa: E402
+from common.errors import fail  # noqa: E402
 from common.evaluation import evaluate, make_eval_envs  # noqa: E402
-from common.runs import Run, apply_dataset_settings, resolve_config, setup  # noqa: E402
+from common.networks import CriticEnsemble  # noqa: E402
+from common.optim import adam, load_optimizer, update_step  # noqa: E402
+from common.runs import Run, apply_dataset_settings, resolve_config, run_cli, setup  # noqa: E402
 
 
 @dataclass
@@ -173,39 +178,6 @@ def mlp(in_dim: int, hidden_dims: tuple[int, ...], out_dim: int, dropout: float 
     return nn.Sequential(*layers)
 
 
-class VectorizedLinear(nn.Module):
-    """K independent linear layers applied as one batched matmul: (K, B, in) -> (K, B, out)."""
-
-    def __init__(self, in_dim: int, out_dim: int, ensemble_size: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(ensemble_size, in_dim, out_dim))
-        self.bias = nn.Parameter(torch.empty(ensemble_size, 1, out_dim))
-        bound = 1.0 / math.sqrt(in_dim)  # the same initialisation as nn.Linear, member by member
-        nn.init.uniform_(self.weight, -bound, bound)
-        nn.init.uniform_(self.bias, -bound, bound)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.baddbmm(self.bias, x, self.weight)
-
-
-class CriticEnsemble(nn.Module):
-    """Q_1..Q_K(s, a) in one network whose layers are `VectorizedLinear`: returns (K, batch)."""
-
-    def __init__(self, obs_dim: int, act_dim: int, hidden_dims: tuple[int, ...], ensemble_size: int = 2):
-        super().__init__()
-        self.ensemble_size = ensemble_size
-        layers, last = [], obs_dim + act_dim
-        for width in hidden_dims:
-            layers += [VectorizedLinear(last, width, ensemble_size), nn.ReLU()]
-            last = width
-        layers.append(VectorizedLinear(last, 1, ensemble_size))
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([obs, actions], dim=-1).unsqueeze(0).expand(self.ensemble_size, -1, -1)
-        return self.net(x).squeeze(-1)
-
-
 class Agent:
     """IQL's actor, value network V, twin critics Q_1, Q_2 with their targets, optimisers and update rule."""
 
@@ -227,19 +199,14 @@ class Agent:
         actor_params = list(self.actor.parameters()) + ([self.log_std] if self.gaussian else [])
         # a tensor learning rate: the cosine schedule changes it in place, so a compiled update never retraces
         self.actor_lr = torch.tensor(config.lr, device=device)
-        self.actor_optimizer = torch.optim.Adam(actor_params, lr=self.actor_lr,
-                                                **_fast_adam(device, config.compile))
-        self.value_optimizer = torch.optim.Adam(self.value.parameters(), lr=config.lr,
-                                                **_fast_adam(device, config.compile))
-        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=config.lr,
-                                                 **_fast_adam(device, config.compile))
+        self.actor_optimizer = adam(actor_params, self.actor_lr, config)
+        self.value_optimizer = adam(self.value.parameters(), config.lr, config)
+        self.critic_optimizer = adam(self.critic.parameters(), config.lr, config)
         self.step = 0  # updates done so far (drives the cosine schedule)
         self.params = [*self.value.parameters(), *self.critic.parameters(), *actor_params]  # what the loss trains
-        if config.compile:
-            torch._dynamo.config.trace_autograd_ops = True  # trace loss.backward() into the compiled step too
-        compile_mode = "reduce-overhead" if device.type == "cuda" else None  # on CUDA: replayed as CUDA graphs
-        self._update = (torch.compile(self._update_impl, mode=compile_mode, dynamic=False) if config.compile
-                        else self._update_impl)
+        # zero_grad of the three optimisers, then _update_impl (torch.compile'd whole under --compile)
+        self._update = update_step(self._update_impl, config, self.value_optimizer, self.critic_optimizer,
+                                   self.actor_optimizer)
 
     def mean_action(self, obs: torch.Tensor) -> torch.Tensor:
         """pi(s) = max_action * tanh(MLP(s)): the deterministic action, and the Gaussian's mean (CORL #38)."""
@@ -251,10 +218,6 @@ class Agent:
             progress = min(self.step / self.config.max_steps, 1.0)
             self.actor_lr.fill_(self.config.lr * 0.5 * (1.0 + math.cos(math.pi * progress)))
         self.step += 1
-        # outside the compiled step (torch.compile skips zero_grad)
-        self.value_optimizer.zero_grad(set_to_none=True)
-        self.critic_optimizer.zero_grad(set_to_none=True)
-        self.actor_optimizer.zero_grad(set_to_none=True)
         return self._update(batch["obs"], batch["actions"], batch["rewards"], batch["next_obs"],
                             batch["terminals"])
 
@@ -347,31 +310,12 @@ class Agent:
         self.value.load_state_dict(state["value"])
         self.critic.load_state_dict(state["critic"])
         self.target_critic.load_state_dict(state["target_critic"])
-        self.actor_optimizer.load_state_dict(state["actor_optimizer"])
-        self.value_optimizer.load_state_dict(state["value_optimizer"])
-        self.critic_optimizer.load_state_dict(state["critic_optimizer"])
-        _use_this_runs_adam([self.actor_optimizer, self.value_optimizer, self.critic_optimizer],
-                            self.device, self.config.compile)
+        load_optimizer(self.actor_optimizer, state["actor_optimizer"])
+        load_optimizer(self.value_optimizer, state["value_optimizer"])
+        load_optimizer(self.critic_optimizer, state["critic_optimizer"])
         # the optimiser's saved lr replaced our tensor: point it back, so the schedule keeps driving it
         self.actor_optimizer.param_groups[0]["lr"] = self.actor_lr
         self.step = int(state["step"])
-
-
-def _fast_adam(device: torch.device, compiled: bool) -> dict:
-    """Fused Adam (one kernel for all parameters) where this torch build has it, else foreach. Under --compile
-    the foreach Adam, which torch.compile traces into the step (it runs the fused one outside the graph), and
-    capturable: its step count stays a device tensor, as a CUDA graph needs."""
-    if compiled:
-        return {"foreach": True, "capturable": True}
-    return {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}
-
-
-def _use_this_runs_adam(optimizers: list, device: torch.device, compiled: bool) -> None:
-    """Set this run's Adam implementation on loaded optimisers: they keep the flags they were saved with, and
-    --compile may differ on resume (both implementations keep the step count on the parameters' device)."""
-    for optimizer in optimizers:
-        for group in optimizer.param_groups:
-            group.update({"fused": None, "foreach": None, "capturable": False, **_fast_adam(device, compiled)})
 
 
 def train(config: Config) -> dict:

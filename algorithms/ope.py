@@ -75,13 +75,15 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# the nearest folder above this file that holds common/ (this repository, or a project it was copied into)
+sys.path.insert(0, next((str(p) for p in Path(__file__).resolve().parents if (p / "common" / "__init__.py").is_file()),
+                        os.path.dirname(os.path.abspath(__file__))))
 from common.checkpoint import load_agent, load_checkpoint  # noqa: E402
 from common.datasets import (DataSpec, ObsNormalizer, TensorSampler, flatten_observation, load_dataset,  # noqa: E402
                              minari_root, resolve_name)
-from common.errors import UserError, fail, run_cli  # noqa: E402
+from common.errors import UserError, fail  # noqa: E402
 from common.evaluation import EVAL_SEED_OFFSET, make_eval_envs  # noqa: E402
-from common.runs import Run, resolve_config, setup  # noqa: E402
+from common.runs import Run, resolve_config, run_cli, setup  # noqa: E402
 
 
 @dataclass

@@ -55,6 +55,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Literal
 
 import gymnasium as gym
@@ -62,12 +63,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# the nearest folder above this file that holds common/ (this repository, or a project it was copied into)
+sys.path.insert(0, next((str(p) for p in Path(__file__).resolve().parents if (p / "common" / "__init__.py").is_file()),
+                        os.path.dirname(os.path.abspath(__file__))))
 from common.datasets import (DataSpec, OfflineDataset, TensorSampler, discounted_returns_to_go, flat_dim,  # noqa: E402
                              load_dataset)
-from common.errors import fail, run_cli  # noqa: E402
+from common.errors import fail  # noqa: E402
 from common.evaluation import evaluate, evaluate_stateful, make_eval_envs  # noqa: E402
-from common.runs import Run, apply_dataset_settings, resolve_config, setup  # noqa: E402
+from common.runs import Run, apply_dataset_settings, resolve_config, run_cli, setup  # noqa: E402
 
 PAPER_BATCH_SIZE = 16_384  # the authors' batch for gym RvS-R and antmaze RvS-G (kitchen: 256)
 PAPER_FRACTIONS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2)  # the sweep of the authors' analysis

@@ -30,20 +30,24 @@ zero_grad runs just before, outside the compiled step (torch.compile does not tr
 from __future__ import annotations
 
 import copy
-import math
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# the nearest folder above this file that holds common/ (this repository, or a project it was copied into)
+sys.path.insert(0, next((str(p) for p in Path(__file__).resolve().parents if (p / "common" / "__init__.py").is_file()),
+                        os.path.dirname(os.path.abspath(__file__))))
 from common.datasets import DataSpec, ObsNormalizer, TensorSampler, load_dataset  # noqa: E402
-from common.errors import fail, run_cli  # noqa: E402
+from common.errors import fail  # noqa: E402
 from common.evaluation import evaluate, make_eval_envs  # noqa: E402
-from common.runs import Run, resolve_config, setup  # noqa: E402
+from common.networks import CriticEnsemble  # noqa: E402
+from common.optim import adam, keep, load_optimizer, update_step  # noqa: E402
+from common.runs import Run, resolve_config, run_cli, setup  # noqa: E402
 
 
 @dataclass
@@ -138,48 +142,6 @@ class Actor(nn.Module):
         return self.max_action * torch.tanh(self.net(obs))
 
 
-class VectorizedLinear(nn.Module):
-    """K independent linear layers applied as one batched matmul: (K, B, in) -> (K, B, out)."""
-
-    def __init__(self, in_features: int, out_features: int, ensemble_size: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(ensemble_size, in_features, out_features))
-        self.bias = nn.Parameter(torch.empty(ensemble_size, 1, out_features))
-        # the same initialisation as nn.Linear, drawn independently for each member
-        bound = 1.0 / math.sqrt(in_features)
-        nn.init.uniform_(self.weight, -bound, bound)
-        nn.init.uniform_(self.bias, -bound, bound)
-
-
-class CriticEnsemble(nn.Module):
-    """K critics Q_theta_k(s, a) evaluated together; TD3's twin critics are K = 2."""
-
-    def __init__(self, obs_dim: int, act_dim: int, hidden_dims: tuple[int, ...], ensemble_size: int):
-        super().__init__()
-        dims = [obs_dim + act_dim, *hidden_dims, 1]
-        self.layers = nn.ModuleList(VectorizedLinear(i, o, ensemble_size) for i, o in zip(dims[:-1], dims[1:]))
-        self.ensemble_size = ensemble_size
-
-    def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """Q-values `(K, B)` for `obs (B, obs_dim)` and `actions (B, act_dim)`."""
-        x = torch.cat([obs, actions], -1).unsqueeze(0).expand(self.ensemble_size, -1, -1)
-        for i, layer in enumerate(self.layers):
-            x = torch.baddbmm(layer.bias, x, layer.weight)
-            if i < len(self.layers) - 1:
-                x = F.relu(x)
-        return x.squeeze(-1)
-
-    def q1(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """Q_theta1(s, a) alone, `(B,)`, differentiable in the action only: the actor's objective uses the
-        first critic (as TD3 and the paper's code), so the second costs neither forward nor backward."""
-        x = torch.cat([obs, actions], -1)
-        for i, layer in enumerate(self.layers):
-            x = torch.addmm(layer.bias[0].detach(), x, layer.weight[0].detach())
-            if i < len(self.layers) - 1:
-                x = F.relu(x)
-        return x.squeeze(-1)
-
-
 class Agent:
     """Actor, twin critics, their targets and optimisers, and the TD3+BC update."""
 
@@ -193,34 +155,25 @@ class Agent:
         self.actor_target = copy.deepcopy(self.actor).requires_grad_(False)
         self.critic = CriticEnsemble(spec.obs_dim, spec.act_dim, config.hidden_dims, 2).to(device)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
-        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=config.actor_lr,
-                                                **_fast_adam(device, config.compile))
-        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=config.critic_lr,
-                                                 **_fast_adam(device, config.compile))
+        self.actor_optimizer = adam(self.actor.parameters(), config.actor_lr, config)
+        self.critic_optimizer = adam(self.critic.parameters(), config.critic_lr, config)
         self.total_it = 0  # python int: choosing whether to update the actor needs no device sync
         zero = torch.zeros((), device=device)
         # the actor's logs from its last update (TD3 updates it every `policy_freq` steps)
         self.actor_logs = {"train/actor_loss": zero, "train/bc_loss": zero, "train/lambda": zero,
                            "train/q_policy": zero}
-        if config.compile:
-            torch._dynamo.config.trace_autograd_ops = True  # trace loss.backward() into the compiled step too
-        compile_mode = "reduce-overhead" if device.type == "cuda" else None  # on CUDA: replayed as CUDA graphs
-        self._update = (torch.compile(self._update_impl, mode=compile_mode, dynamic=False) if config.compile
-                        else self._update_impl)
+        # zero_grad of both optimisers, then _update_impl (torch.compile'd whole under --compile)
+        self._update = update_step(self._update_impl, config, self.critic_optimizer, self.actor_optimizer)
 
     def update(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         self.total_it += 1
         # Delayed policy updates: "if t mod d then" update phi and the target networks   (lecture: "Idea: TD3+BC")
         # (a Python bool: --compile compiles the step twice, with and without the actor update)
         update_actor = self.total_it % self.config.policy_freq == 0
-        # outside the compiled step (torch.compile skips zero_grad)
-        self.critic_optimizer.zero_grad(set_to_none=True)
-        self.actor_optimizer.zero_grad(set_to_none=True)
         logs = self._update(batch["obs"], batch["actions"], batch["rewards"], batch["next_obs"], batch["terminals"],
                             update_actor)
         if update_actor:
-            # kept for the steps in between: copies, since a CUDA graph's outputs are overwritten by its next replay
-            self.actor_logs = {key: logs[key].clone() for key in self.actor_logs}
+            self.actor_logs = keep({key: logs[key] for key in self.actor_logs})  # logged until the next
         return {**logs, **self.actor_logs}
 
     def _update_impl(self, obs, actions, rewards, next_obs, terminals, update_actor: bool) -> dict[str, torch.Tensor]:
@@ -290,28 +243,10 @@ class Agent:
         self.actor_target.load_state_dict(state["actor_target"])
         self.critic.load_state_dict(state["critic"])
         self.critic_target.load_state_dict(state["critic_target"])
-        self.actor_optimizer.load_state_dict(state["actor_optimizer"])
-        self.critic_optimizer.load_state_dict(state["critic_optimizer"])
-        _use_this_runs_adam([self.actor_optimizer, self.critic_optimizer], self.device, self.config.compile)
+        load_optimizer(self.actor_optimizer, state["actor_optimizer"])
+        load_optimizer(self.critic_optimizer, state["critic_optimizer"])
         self.total_it = int(state["total_it"])
         self.actor_logs = {k: v.to(self.device) for k, v in state["actor_logs"].items()}
-
-
-def _fast_adam(device: torch.device, compiled: bool) -> dict:
-    """Fused Adam (one kernel for all parameters) where this torch build has it, else foreach. Under --compile
-    the foreach Adam, which torch.compile traces into the step (it runs the fused one outside the graph), and
-    capturable: its step count stays a device tensor, as a CUDA graph needs."""
-    if compiled:
-        return {"foreach": True, "capturable": True}
-    return {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}
-
-
-def _use_this_runs_adam(optimizers: list, device: torch.device, compiled: bool) -> None:
-    """Set this run's Adam implementation on loaded optimisers: they keep the flags they were saved with, and
-    --compile may differ on resume (both implementations keep the step count on the parameters' device)."""
-    for optimizer in optimizers:
-        for group in optimizer.param_groups:
-            group.update({"fused": None, "foreach": None, "capturable": False, **_fast_adam(device, compiled)})
 
 
 def train(config: Config) -> dict:

@@ -16,6 +16,7 @@ Loading the final policy of a run (the README shows the same lines):
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import random
@@ -30,7 +31,18 @@ from common.errors import fail
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_POINTER = "checkpoint.path"  # in a run directory whose checkpoints live under --checkpoint-dir
-REPO_ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent  # the folder holding this common/: a repository, or a project
+
+
+# Flags renamed so that one concept has one name in every file (the lecture's symbols: gamma, tau): the old
+# spelling still works on the command line (common.runs.renamed_flags) and in the configs of older runs.
+RENAMED_FIELDS = {"discount": "gamma", "polyak": "tau"}
+
+
+def renamed_keys(saved: dict) -> dict:
+    """A saved config with the fields of `RENAMED_FIELDS` under their new names (runs made before a rename)."""
+    return {(RENAMED_FIELDS[key] if key in RENAMED_FIELDS and RENAMED_FIELDS[key] not in saved else key): value
+            for key, value in saved.items()}
 
 
 def rng_state() -> dict:
@@ -104,12 +116,40 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
         fail(f"cannot read checkpoint {file}: {type(err).__name__}: {err}")
 
 
-def _import_algorithm(algo: str):
-    """Import `algorithms/<algo>.py` as a module (the files are scripts, not a package)."""
-    file = REPO_ROOT / "algorithms" / f"{algo}.py"
-    if not file.is_file():
-        fail(f"checkpoint names algorithm '{algo}' but {file} does not exist")
-    spec = importlib.util.spec_from_file_location(f"algorithms_{algo}", file)
+def algorithm_file(algo: str, recorded: str | None = None) -> Path:
+    """The algorithm file named `algo`: the path a checkpoint recorded when it was written (relative to the
+    folder that holds this `common/`, or absolute), else `<that folder>/algorithms/<algo>.py` (this repository's
+    layout), else `<that folder>/<algo>.py` (a file copied flat beside `common/`). `UserError` when none exists.
+    """
+    candidates = []
+    if recorded:
+        candidates.append(Path(recorded) if Path(recorded).is_absolute() else ROOT / recorded)
+    candidates += [ROOT / "algorithms" / f"{algo}.py", ROOT / f"{algo}.py"]
+    for file in candidates:
+        if file.is_file():
+            return file
+    fail(f"algorithm '{algo}': none of {', '.join(str(c) for c in candidates)} exists (load the run where "
+         f"the file that trained it sits beside common/)")
+
+
+def recorded_algorithm_file(module_file: str) -> str:
+    """How a checkpoint records the file that wrote it: relative to the folder holding `common/` when inside
+    it (a repository or project moved elsewhere still finds it), else absolute."""
+    file = Path(module_file).resolve()
+    return str(file.relative_to(ROOT)) if file.is_relative_to(ROOT) else str(file)
+
+
+def import_algorithm(algo: str, recorded: str | None = None):
+    """Import an algorithm file as a module (the files are scripts, not a package): see `algorithm_file`.
+
+    This is the one place where `common/` runs an algorithm file, and only the file a checkpoint names or the
+    caller asks for: the core never imports an algorithm file by itself."""
+    file = algorithm_file(algo, recorded)
+    name = f"algorithms_{algo}"
+    loaded = sys.modules.get(name)
+    if loaded is not None and Path(getattr(loaded, "__file__", "")).resolve() == file.resolve():
+        return loaded
+    spec = importlib.util.spec_from_file_location(name, file)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
@@ -119,10 +159,11 @@ def _import_algorithm(algo: str):
 def load_agent(path: str | Path, device: str = "cpu"):
     """Rebuild the agent of a checkpoint: returns `(agent, checkpoint dict)`."""
     ckpt = load_checkpoint(path, map_location=device)
-    module = _import_algorithm(ckpt["algo"])
+    module = import_algorithm(ckpt["algo"], ckpt.get("algo_file"))
     from common.datasets import DataSpec
 
-    config = module.Config(**ckpt["config"])
+    fields = {f.name for f in dataclasses.fields(module.Config)}
+    config = module.Config(**{k: v for k, v in renamed_keys(ckpt["config"]).items() if k in fields})
     agent = module.Agent(config, DataSpec(**ckpt["spec"]), torch.device(device))
     agent.load_state_dict(ckpt["agent"])
     return agent, ckpt

@@ -36,7 +36,7 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal, Sequence
 from urllib.parse import urlparse
 
 import gymnasium as gym

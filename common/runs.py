@@ -26,14 +26,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import numpy as np
 import torch
 
-from common.checkpoint import (CHECKPOINT_NAME, CHECKPOINT_POINTER, atomic_write_text, find_checkpoint,
-                               load_checkpoint, rng_state, save_checkpoint, set_rng_state)
-from common.errors import UserError, fail
+from common.checkpoint import (CHECKPOINT_NAME, CHECKPOINT_POINTER, RENAMED_FIELDS, atomic_write_text,
+                               find_checkpoint, load_checkpoint, recorded_algorithm_file, renamed_keys, rng_state, save_checkpoint,
+                               set_rng_state)
+from common.errors import EXIT_USER_ERROR, UserError, fail
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("torch", "numpy", "gymnasium", "minari", "mujoco", "tyro", "wandb", "h5py")
@@ -120,7 +121,7 @@ def _same(a: Any, b: Any) -> bool:
 def saved_config(resume: str) -> tuple[dict, int]:
     """The config a run was made with (from its checkpoint) and the checkpoint's step."""
     ckpt = load_checkpoint(resume, map_location="cpu")
-    return dict(ckpt.get("config", {})), int(ckpt.get("step", 0))
+    return renamed_keys(dict(ckpt.get("config", {}))), int(ckpt.get("step", 0))
 
 
 def resume_conflicts(config: Any, saved: dict, given: set[str] | None = None) -> list[str]:
@@ -302,6 +303,43 @@ def apply_dataset_settings(config: Any, table: list[tuple[str, dict]], quiet: bo
     return dataclasses.replace(config, **filled)
 
 
+T = TypeVar("T")
+
+def run_cli(main: Callable[[T], object], config_type: type[T]) -> None:
+    """Parse `config_type` with tyro, run `main(config)`, turn `UserError` into one line + exit 2.
+
+    With `--resume RUN`, the flags are parsed on top of the resumed run's saved config (`cli_config`).
+    tyro itself already exits with status 2 and a short message for flags of the wrong type.
+    """
+    try:
+        config = cli_config(config_type, sys.argv[1:])
+        main(config)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER_ERROR)
+    except KeyboardInterrupt:
+        print("\ninterrupted: resume with --resume <run dir> (progress since the last checkpoint is lost)",
+              file=sys.stderr, flush=True)
+        sys.exit(130)
+
+
+def renamed_flags(config_type: type, argv: list[str]) -> list[str]:
+    """`argv` with the old spellings of renamed flags (`--discount`, `--polyak`) replaced by the new ones, each
+    with a one-line note; untouched where `config_type` has no field of the new name."""
+    fields = {f.name for f in dataclasses.fields(config_type)}
+    out = []
+    for token in argv:
+        flag, sep, value = token.partition("=")
+        old = flag[2:].replace("-", "_") if flag.startswith("--") else None
+        new = RENAMED_FIELDS.get(old)
+        if new is not None and new in fields and old not in fields:
+            print(f"note: {flag} is now {_flag(new)} (the lecture's symbol); the old name still works for now",
+                  file=sys.stderr, flush=True)
+            token = _flag(new) + sep + value
+        out.append(token)
+    return out
+
+
 def cli_config(config_type: type, argv: list[str]) -> Any:
     """Parse `argv` into `config_type`; with `--resume RUN`, on top of that run's saved config.
 
@@ -310,6 +348,7 @@ def cli_config(config_type: type, argv: list[str]) -> Any:
     """
     import tyro
 
+    argv = renamed_flags(config_type, argv)
     resume = _resume_argument(argv)
     if not resume:
         return tyro.cli(config_type, args=argv)
@@ -658,7 +697,8 @@ class Run:
             fail(f"non-finite network weights at step {step}; not overwriting the last checkpoint "
                  f"{self.checkpoint_path}")
         save_checkpoint(self.checkpoint_path, {
-            "step": step, "algo": self.algo, "config": self.config_dict, "agent": state,
+            "step": step, "algo": self.algo, "algo_file": _algorithm_file_of(agent), "config": self.config_dict,
+            "agent": state,
             "sampler": None if sampler is None else sampler.state_dict(), "rng": rng_state(),
             "normalizer": None if self.normalizer is None else self.normalizer.state_dict(),
             "spec": dataclasses.asdict(self.dataset.spec), "run_dir": str(self.dir),
@@ -685,6 +725,13 @@ class Run:
         print(f"{self.algo} on {self.dataset.name}, seed {self.config.seed}, {self.config.max_steps} steps: "
               f"{format_result(result, self.dataset)}", flush=True)
         return summary
+
+
+def _algorithm_file_of(agent: Any) -> str | None:
+    """The file that defines `agent`'s class, as a checkpoint records it (`load_agent` runs that file)."""
+    module = sys.modules.get(type(agent).__module__)
+    file = getattr(module, "__file__", None)
+    return recorded_algorithm_file(file) if file else None
 
 
 def _walk_tensors(obj: Any) -> Iterator[torch.Tensor]:

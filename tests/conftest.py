@@ -178,9 +178,9 @@ def run_config(config_type, env: str, tmp_path: Path, **overrides):
 
 def load_algorithm(name: str):
     """Import `algorithms/<name>.py` (the algorithm files are scripts, not a package)."""
-    from common.checkpoint import _import_algorithm
+    from common.checkpoint import import_algorithm
 
-    return _import_algorithm(name)
+    return import_algorithm(name)
 
 
 def random_batch(n: int, obs_dim: int, act_dim: int, max_action: float, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -17,8 +17,8 @@ from conftest import load_algorithm, rollout_episodes, run_config
 
 from common.checkpoint import CHECKPOINT_NAME, CHECKPOINT_POINTER, find_checkpoint
 from common.datasets import load_dataset, minari_root as minari_root_of, remove_stale_staging, save_episodes
-from common.errors import UserError, run_cli
-from common.runs import new_run_dir
+from common.errors import UserError
+from common.runs import new_run_dir, run_cli
 
 bc = load_algorithm("bc")
 

@@ -15,7 +15,6 @@ import contextlib
 import io
 import tempfile
 
-import numpy as np
 
 HORIZONS = (25, 50, 100, 200)
 SEEDS = (0, 1)

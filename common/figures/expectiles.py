@@ -61,9 +61,9 @@ def make(path) -> dict:
     import matplotlib.pyplot as plt
     import torch
 
-    from common.checkpoint import _import_algorithm
+    from common.checkpoint import import_algorithm
 
-    expectile_loss = _import_algorithm("iql").expectile_loss
+    expectile_loss = import_algorithm("iql").expectile_loss
     x, y = sample()
     phi = features(x)
     fits = {tau: fit_expectile(phi, y, tau) for tau in TAUS}

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from common.checkpoint import _import_algorithm
+from common.checkpoint import import_algorithm
 from common.figures.tabular import TabularMDP, finite_horizon_values, sample_episodes
 
 N_STATES = 6
@@ -69,7 +69,7 @@ def sweep(targets=TARGETS, episodes: int = EPISODES, repeats: int = REPEATS, see
     out["max_ratio"] = []
     for p, truth in zip(targets, out["true"]):
         log_ratio = np.where(actions == 1, np.log(p / P_BEHAVIOUR), np.log((1 - p) / (1 - P_BEHAVIOUR)))
-        estimates = _import_algorithm("ope").importance_sampling_estimates(log_ratio, rewards, 1.0)
+        estimates = import_algorithm("ope").importance_sampling_estimates(log_ratio, rewards, 1.0)
         for name in ESTIMATORS:
             e = estimates[name]
             out[name]["bias"].append(float(e.mean() - truth))

@@ -16,7 +16,6 @@ states, against the true discounted return of the same policy from the same stat
 
 from __future__ import annotations
 
-import numpy as np
 
 from common.figures.offline_training import train_and_track
 from common.figures.toy_control import rollout_dataset

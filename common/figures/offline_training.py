@@ -16,7 +16,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from common.checkpoint import _import_algorithm
+from common.checkpoint import import_algorithm
 from common.datasets import DataSpec, ObsNormalizer, TensorSampler
 from common.figures.toy_control import MAX_TORQUE, discounted_return
 from common.runs import apply_dataset_settings
@@ -37,7 +37,7 @@ def make_agent(algo: str, seed: int, hidden_dims: tuple[int, ...], batch_size: i
     """The Agent of algorithms/<algo>.py with its Config's defaults, the test/* per-dataset settings for
     fields left at None (those of `env` when given in `overrides`), and the given small sizes and overrides,
     for data of shapes `spec` (default: the pendulum's)."""
-    module = _import_algorithm(algo)
+    module = import_algorithm(algo)
     fields = {f.name for f in dataclasses.fields(module.Config)}
     values = {"env": "test/pendulum-v0", "seed": seed, "device": "cpu", "max_steps": steps,
               "batch_size": batch_size, **{k: v for k, v in overrides.items() if k in fields}}
@@ -58,7 +58,7 @@ def train_and_track(algo: str, data: dict[str, np.ndarray], steps: int, eval_eve
     times `reward_scale` as in training). `gamma` is the discount of both (passed to the file's own discount
     field). Returns {"steps", "q", "true"} as arrays."""
     torch.manual_seed(seed)
-    discount_field = "discount" if "discount" in {f.name for f in dataclasses.fields(_import_algorithm(algo).Config)} \
+    discount_field = "discount" if "discount" in {f.name for f in dataclasses.fields(import_algorithm(algo).Config)} \
         else "gamma"
     agent = make_agent(algo, seed, hidden_dims, batch_size, steps, **{discount_field: gamma}, **overrides)
     normalizer = ObsNormalizer.from_data(data["obs"])

@@ -43,7 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from common.checkpoint import _import_algorithm  # noqa: E402
+from common.checkpoint import import_algorithm  # noqa: E402
 from common.datasets import DataSpec, TensorSampler  # noqa: E402
 from common.runs import apply_dataset_settings, git_commit, tune_cpu_allocator  # noqa: E402
 
@@ -79,7 +79,7 @@ def batch_source(name: str, spec: DataSpec, config, device: torch.device, seed: 
     """Where the benchmark's batches come from: the algorithm file's own
     `synthetic_batch_source(spec, config, device, seed)` when it defines one (a sequence model samples
     windows of episodes, not transitions), else `synthetic_batch_source` above."""
-    own = getattr(_import_algorithm(name), "synthetic_batch_source", None)
+    own = getattr(import_algorithm(name), "synthetic_batch_source", None)
     return own(spec, config, device, seed) if own else synthetic_batch_source(spec, device, seed)
 
 
@@ -111,7 +111,7 @@ def make_agent(name: str, device: torch.device, compile_update: bool, tiny: bool
     """The file's Agent at its default sizes, or (`tiny`) with every hidden layer TINY_WIDTH wide and
     batch TINY_BATCH: the same operations in the same order with next to no arithmetic. `fields_after`:
     Config fields set last, those the file has (tests/test_compile.py gives warm-up phases 2 steps)."""
-    module = _import_algorithm(name)
+    module = import_algorithm(name)
     fields = {f.name for f in dataclasses.fields(module.Config)}
     overrides = {"max_steps": 1_000_000, "device": str(device), "compile": compile_update}
     if tiny:

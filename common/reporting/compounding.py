@@ -40,7 +40,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from common.checkpoint import _import_algorithm, load_agent  # noqa: E402
+from common.checkpoint import import_algorithm, load_agent  # noqa: E402
 from common.envs.pendulum import pendulum_expert  # noqa: E402,F401  (the experiment's expert)
 from common.errors import UserError, fail  # noqa: E402
 from common.evaluation import evaluate  # noqa: E402
@@ -117,7 +117,7 @@ def mean_std(values, digits: int = 2) -> str:
 
 def experiment(args) -> dict:
     """Every (method, H, seed) run; returns {method: {H: [summary per seed]}} and the expert's returns."""
-    dagger = _import_algorithm("dagger")
+    dagger = import_algorithm("dagger")
     runs = {m: {h: [] for h in args.horizons} for m in METHODS}
     expert = {h: [] for h in args.horizons}
     for h in args.horizons:

@@ -246,11 +246,11 @@ def file_defaults(algo: str, env: str) -> dict | None:
         import io
 
         try:
-            from common.checkpoint import _import_algorithm
+            from common.checkpoint import import_algorithm
             from common.runs import apply_dataset_settings
 
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                module = _import_algorithm(algo)
+                module = import_algorithm(algo)
                 config = module.Config(env=env)
                 if hasattr(module, "DATASET_SETTINGS"):
                     config = apply_dataset_settings(config, module.DATASET_SETTINGS, quiet=True)

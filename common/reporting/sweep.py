@@ -54,7 +54,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from common.checkpoint import CHECKPOINT_NAME, _import_algorithm, atomic_write_text, find_checkpoint  # noqa: E402
+from common.checkpoint import import_algorithm, atomic_write_text, find_checkpoint  # noqa: E402
 from common.errors import EXIT_USER_ERROR, UserError, fail  # noqa: E402
 
 ALGORITHMS = sorted(p.stem for p in (ROOT / "algorithms").glob("*.py") if not p.stem.startswith("_"))
@@ -418,7 +418,7 @@ def run_trial(space: dict) -> None:
               f"{' (resuming ' + params['resume'] + ')' if params['resume'] else ''}", flush=True)
         start = time.perf_counter()
         try:
-            module = _import_algorithm(params["algo"])
+            module = import_algorithm(params["algo"])
             module.Run = reporting_run(module.Run, report, Path(params["run_dir_file"]))
             argv = params["argv"] + (["--resume", params["resume"]] if params["resume"] else [])
             config = cli_config(module.Config, argv)
@@ -579,7 +579,7 @@ def sweep(argv: list[str]) -> int:
     device = None if args.gpus_per_trial > 0 else "cpu"
     trials = [Trial(a, e, s, tuple(flags)) for a in dict.fromkeys(args.algos) for e in dict.fromkeys(args.envs)
               for s in dict.fromkeys(args.seeds)]
-    modules = {algo: _import_algorithm(algo) for algo in dict.fromkeys(args.algos)}
+    modules = {algo: import_algorithm(algo) for algo in dict.fromkeys(args.algos)}
     configs = {t: resolved_config(modules[t.algo], t.argv(runs_dir, args.threads, device, not args.no_download))
                for t in trials}
     check_datasets(list(dict.fromkeys(args.envs)), download=not args.no_download)
