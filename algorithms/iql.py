@@ -104,10 +104,11 @@ class Config:
     log-likelihood (the paper); or deterministic pi(s) trained by weighted squared error (a CORL option)"""
     actor_dropout: float | None = None
     """dropout rate after each hidden layer of the actor (None: from DATASET_SETTINGS; 0.1 Adroit/Kitchen)"""
-    discount: float = 0.99
+    gamma: float = 0.99
     """gamma in the TD target r + gamma (1 - done) V(s')"""
-    polyak: float = 0.005
-    """Polyak rate of the target critics: Q_target <- (1 - polyak) Q_target + polyak Q (often called tau)"""
+    tau: float = 0.005
+    """Polyak rate tau of the target critics: Q_target <- (1 - tau) Q_target + tau Q (not the expectile: that is
+    --expectile)"""
     hidden_dims: tuple[int, ...] = (256, 256)
     """hidden layer sizes of the actor, the value network and each critic (the paper's 256x256)"""
     lr: float = 3e-4
@@ -234,7 +235,7 @@ class Agent:
             q_data, q_policy = target_q[:obs.shape[0]], target_q[obs.shape[0]:]
             next_v = self.value(next_obs).squeeze(-1)
             # y = r + gamma (1 - done) V(s')   (terminations only: a time-limit truncation bootstraps)
-            td_target = rewards + cfg.discount * (1.0 - terminals) * next_v
+            td_target = rewards + cfg.gamma * (1.0 - terminals) * next_v
 
         # L_V = E_(s,a)~D [ l2^tau( Q_target(s,a) - V(s) ) ]   (lecture: "Implicit Q-Learning")
         v = self.value(obs).squeeze(-1)
@@ -277,9 +278,9 @@ class Agent:
         self.critic_optimizer.step()
         self.actor_optimizer.step()
         with torch.no_grad():
-            # Q_target <- (1 - polyak) Q_target + polyak Q
+            # Q_target <- (1 - tau) Q_target + tau Q
             torch._foreach_lerp_(list(self.target_critic.parameters()), list(self.critic.parameters()),
-                                 cfg.polyak)
+                                 cfg.tau)
         return logs
 
     @torch.no_grad()

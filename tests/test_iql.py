@@ -112,7 +112,7 @@ def _agent(**overrides) -> "iql.Agent":
 @pytest.mark.parametrize("policy", ["gaussian", "deterministic"])
 def test_update_losses_match_the_paper_computed_by_hand(policy):
     # a large beta and a small clip, so that many weights are clipped and the clip is visible in the loss
-    agent = _agent(policy=policy, beta=50.0, max_weight=2.0, discount=0.9)
+    agent = _agent(policy=policy, beta=50.0, max_weight=2.0, gamma=0.9)
     b = _batch()
     with torch.no_grad():
         q_target = agent.target_critic(b["obs"], b["actions"])  # (2, n)
@@ -142,7 +142,7 @@ def test_update_losses_match_the_paper_computed_by_hand(policy):
 
 
 def test_update_moves_every_network_and_targets_by_polyak():
-    agent = _agent(polyak=0.25)
+    agent = _agent(tau=0.25)
     before = {name: [p.detach().clone() for p in net.parameters()]
               for name, net in [("actor", agent.actor), ("value", agent.value), ("critic", agent.critic)]}
     target_before = [p.detach().clone() for p in agent.target_critic.parameters()]
