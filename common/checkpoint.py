@@ -1,11 +1,18 @@
-"""Checkpoints: atomic writes, RNG capture, and loading a trained policy back.
+"""Checkpoints: atomic writes, RNG capture, safe loading, and loading a trained policy back.
 
-A checkpoint is one `torch.save`d dict:
-  step, algo, config (dict), agent (networks + optimisers), sampler (its generator), rng (python, numpy,
-  torch CPU and CUDA states), normalizer (obs mean/std or None), spec (DataSpec as a dict),
-  run_dir.
+A checkpoint is one `torch.save`d dict of tensors and plain values only (dicts, lists, tuples, numbers,
+strings, None), format 2:
+  format, step, algo, algo_file (the file that wrote it), config (dict), agent (networks + optimisers),
+  sampler (its generator), rng (python, numpy, torch CPU and CUDA states; numpy's key as a tensor),
+  normalizer (obs mean/std tensors, or None), spec (DataSpec as a dict), run_dir, wandb_id.
 It is written to `<path>.tmp`, flushed to disk, then renamed over `<path>` (`os.replace` is atomic), so a
-crash or kill during the write leaves the previous checkpoint intact.
+crash or kill during the write leaves the previous checkpoint intact; a failed write (disk full) removes the
+temporary file and stops with one line.
+
+Loading never runs code from the file: `torch.load(weights_only=True)`, whose unpickler accepts tensors and
+plain values and refuses every other class or function. The one addition (`SAFE_GLOBALS`) is numpy's
+array reconstruction, so that checkpoints of format 1 (numpy arrays in the RNG state and the normaliser) still
+load; it rebuilds arrays and can call nothing else. A file holding anything more is refused in one line.
 
 Loading the final policy of a run (the README shows the same lines):
 
@@ -19,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import pickle
 import random
 import sys
 from pathlib import Path
@@ -45,9 +53,43 @@ def renamed_keys(saved: dict) -> dict:
             for key, value in saved.items()}
 
 
+FORMAT = 2  # 1: numpy arrays in rng and normalizer (loaded through SAFE_GLOBALS); 2: tensors and plain values
+
+
+def _numpy_array_globals() -> list:
+    """numpy's array reconstruction (the unpickler's whole need for a plain ndarray of numbers): the functions
+    and classes a format-1 checkpoint names. They build arrays and dtypes and can call nothing else."""
+    multiarray = getattr(np, "_core", None) or np.core
+    dtype_classes = [getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith("DType")
+                     and not name.startswith(("Object", "Void", "String", "Str", "Bytes", "DateTime", "TimeDelta"))]
+    return [multiarray.multiarray._reconstruct, np.ndarray, np.dtype, *dtype_classes]
+
+
+SAFE_GLOBALS = _numpy_array_globals()
+
+
+def safe_load(file: str | Path, map_location: Any = "cpu", what: str = "checkpoint") -> Any:
+    """`torch.load` that runs no code from the file: tensors, plain values and numpy arrays only.
+
+    Anything else (a pickled class or function: a crafted file could run arbitrary code) is refused with one
+    line (`UserError`) before a single object of it is built."""
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(file, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        detail = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line or "Unsupported" in line),
+                      str(err).splitlines()[0] if str(err) else "")
+        fail(f"refusing to load {what} {file}: it holds more than tensors and plain values ({detail}); "
+             f"files are loaded without running code from them, so a file that needs it is not loaded")
+    except Exception as err:
+        fail(f"cannot read {what} {file}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+
+
 def rng_state() -> dict:
-    """Every global RNG state a training step may touch."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every global RNG state a training step may touch, as tensors and plain values."""
+    kind, key, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(key.copy()), pos, has_gauss, cached),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -55,25 +97,46 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, key, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(key, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def check_plain(state: Any, where: str = "state") -> None:
+    """`TypeError` naming the first value in `state` that is not a tensor or a plain value (what
+    `safe_load` would refuse): a programming error in an agent's `state_dict`, caught when it is saved."""
+    if isinstance(state, dict):
+        for key, value in state.items():
+            if not isinstance(key, (str, int)):
+                raise TypeError(f"{where}: key {key!r} is a {type(key).__name__}, not str or int")
+            check_plain(value, f"{where}.{key}")
+    elif isinstance(state, (list, tuple)):
+        for i, value in enumerate(state):
+            check_plain(value, f"{where}[{i}]")
+    elif not isinstance(state, (torch.Tensor, str, int, float, bool, type(None))):
+        raise TypeError(f"{where} is a {type(state).__module__}.{type(state).__name__}: a checkpoint holds only "
+                        f"tensors and plain values (it is loaded with weights_only=True)")
+
+
 def save_checkpoint(path: str | Path, state: dict) -> Path:
-    """Write `state` to `path` atomically (temporary file, fsync, rename). Returns the path."""
+    """Write `state` (tensors and plain values) to `path` atomically: temporary file, fsync, rename. A failed
+    write (disk full, file size limit, permissions) removes the temporary file and stops with one line."""
     path = Path(path)
+    check_plain(state, "checkpoint")
+    tmp = path.with_name(path.name + ".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as err:
-        fail(f"cannot write checkpoint {path}: {err.strerror or err}")
+    except (OSError, RuntimeError) as err:  # torch.save reports a failed write as RuntimeError
+        tmp.unlink(missing_ok=True)
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
+        fail(f"cannot write checkpoint {path}: {reason} (is the disk full? the previous checkpoint is intact)")
     return path
 
 
@@ -89,31 +152,35 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def find_checkpoint(path: str | Path) -> Path:
-    """The checkpoint file `path` names: the file itself, `<run dir>/checkpoint.pt`, or the file a run
-    directory's `checkpoint.path` points to (runs made with `--checkpoint-dir`); `UserError` when none."""
+    """The newest checkpoint `path` names: the file itself, or for a run directory the file its
+    `checkpoint.path` points to (runs that wrote under `--checkpoint-dir`; the pointer is updated after every
+    checkpoint written there and removed after one written into the run directory), else
+    `<run dir>/checkpoint.pt`. `UserError` when none, or when the pointer's target is gone (an older
+    checkpoint is never taken silently in its place)."""
     path = Path(path)
     if path.is_file() and path.name != CHECKPOINT_POINTER:
         return path
-    candidate = path / CHECKPOINT_NAME
-    if candidate.is_file():
-        return candidate
-    pointer = path / CHECKPOINT_POINTER
+    own, pointer = path / CHECKPOINT_NAME, path / CHECKPOINT_POINTER
     if pointer.is_file():
         target = Path(pointer.read_text().strip())
         if target.is_file():
             return target
-        fail(f"run directory {path} keeps its checkpoint at {target}, which does not exist (was the "
-             f"--checkpoint-dir moved or deleted?)")
+        older = f"; an older checkpoint is {own}: pass that file to --resume to continue from it" \
+            if own.is_file() else ""
+        fail(f"run directory {path} keeps its newest checkpoint at {target}, which does not exist (was the "
+             f"--checkpoint-dir moved or deleted?){older}")
+    if own.is_file():
+        return own
     fail(f"no checkpoint at {path} (expected a run directory holding {CHECKPOINT_NAME}, or the file)")
 
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
     """Read a checkpoint written by `save_checkpoint` (a run directory or the file itself)."""
     file = find_checkpoint(path)
-    try:
-        return torch.load(file, map_location=map_location, weights_only=False)
-    except Exception as err:
-        fail(f"cannot read checkpoint {file}: {type(err).__name__}: {err}")
+    ckpt = safe_load(file, map_location, "checkpoint")
+    if not isinstance(ckpt, dict) or "step" not in ckpt or "agent" not in ckpt:
+        fail(f"{file} is not a checkpoint of this library (no step and agent in it)")
+    return ckpt
 
 
 def algorithm_file(algo: str, recorded: str | None = None) -> Path:

@@ -32,6 +32,7 @@ import os
 import re
 import shutil
 import socket
+import subprocess
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -251,11 +252,16 @@ class ObsNormalizer:
         return ((obs - self.mean) / self.std).astype(np.float32)
 
     def state_dict(self) -> dict:
-        return {"mean": self.mean, "std": self.std}
+        """mean and std as tensors (a checkpoint holds tensors and plain values only)."""
+        return {"mean": torch.from_numpy(self.mean.copy()), "std": torch.from_numpy(self.std.copy())}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "ObsNormalizer":
-        return cls(state["mean"], state["std"])
+        """From `state_dict()`'s tensors, or the numpy arrays of checkpoints of format 1."""
+        def array(value):
+            return value.cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+
+        return cls(array(state["mean"]), array(state["std"]))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -529,13 +535,23 @@ EMBEDDED_PRESET = "pendulum"  # the embedded default suite: built on first use, 
 
 
 def _build_embedded_default(minari_id: str) -> None:
-    """Build `local/pendulum/*` on first use, so the default `--env` works on a fresh machine."""
-    from common.build import recipe
+    """Build `local/pendulum/*` on first use, so the default `--env` works on a fresh machine.
 
+    The one seam between this core and the dataset builder: the builder runs as a command,
+    `python -m common.build pendulum --skip-existing`, in a child process (its progress shows in this
+    terminal), so the core imports no tool. A copy of the library without `common/build/` gets one line
+    saying what to copy or build."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "common" / "build" / "__main__.py").is_file():
+        fail(f"'{minari_id}' is part of the embedded default suite and is not built, and the dataset builder "
+             f"(common/build/) is not in {root / 'common'}: copy the whole common/ folder, or build the suite where "
+             f"the builder is and point MINARI_DATASETS_PATH at it")
     print(f"'{minari_id}' is part of the embedded default suite and is not built yet: building "
           f"local/{EMBEDDED_PRESET}/* now (a few minutes on one core; `make datasets` does the same)",
           file=sys.stderr, flush=True)
-    if recipe.main([EMBEDDED_PRESET, "--skip-existing"]) != 0:
+    command = [sys.executable, "-m", "common.build", EMBEDDED_PRESET, "--skip-existing"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    if subprocess.run(command, env=env).returncode != 0:
         fail(f"building the embedded default suite failed; run `{LOCAL_PRESET_HINT.format(preset=EMBEDDED_PRESET)}` "
              f"to see why")
 

@@ -47,6 +47,7 @@ class CriticEnsemble(nn.Module):
         dims = [obs_dim + act_dim, *hidden_dims, 1]
         self.layers = nn.ModuleList(VectorizedLinear(i, o, ensemble_size) for i, o in zip(dims[:-1], dims[1:]))
         self.ensemble_size = ensemble_size
+        self._register_load_state_dict_pre_hook(_sequential_keys_to_layers)
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor, detach_weights: bool = False) -> torch.Tensor:
         """Q-values (K, B). `detach_weights`: differentiable in the inputs only, never into the critics' weights
@@ -69,3 +70,11 @@ class CriticEnsemble(nn.Module):
             if i < len(self.layers) - 1:
                 x = F.relu(x)
         return x.squeeze(-1)
+
+
+def _sequential_keys_to_layers(state_dict, prefix, *args) -> None:
+    """Checkpoints written before the ensemble was shared kept some critics as `nn.Sequential(linear, ReLU,
+    ...)`, keys `net.<2i>.weight`: they load as `layers.<i>.weight`."""
+    for key in [k for k in state_dict if k.startswith(prefix + "net.")]:
+        index, rest = key[len(prefix) + 4:].split(".", 1)
+        state_dict[f"{prefix}layers.{int(index) // 2}.{rest}"] = state_dict.pop(key)

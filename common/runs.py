@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterator, TypeVar
 import numpy as np
 import torch
 
+from common.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from common.checkpoint import (CHECKPOINT_NAME, CHECKPOINT_POINTER, RENAMED_FIELDS, atomic_write_text,
                                find_checkpoint, load_checkpoint, recorded_algorithm_file, renamed_keys, rng_state, save_checkpoint,
                                set_rng_state)
@@ -514,7 +515,9 @@ class Run:
         self._excluded_time = 0.0  # evaluation and checkpoint time, left out of steps/s
         resume_ckpt = None
         if getattr(config, "resume", None):
-            resume_ckpt = load_checkpoint(config.resume, map_location=device)
+            # read (and checked) before anything of the run is written
+            self._resume_file = find_checkpoint(config.resume)
+            resume_ckpt = load_checkpoint(self._resume_file, map_location=device)
             self._check_resume_compatible(resume_ckpt)
         self._resume_ckpt = resume_ckpt
         created = False
@@ -525,23 +528,23 @@ class Run:
                 self.dir = new_run_dir(Path(config.runs_dir) / algo / dataset.name.replace("/", "-"),
                                        str(config.seed))
                 created = True
+                self._write_config()
             self.checkpoint_path = self._checkpoint_location()
-            (self.dir / "config.json").write_text(json.dumps(self.config_dict, indent=2, default=str))
-            (self.dir / "versions.json").write_text(json.dumps(versions(device), indent=2))
-            if resume_ckpt is not None:
-                self._truncate_metrics(resume_ckpt["step"])
-            self.metrics_file = open(self.dir / "metrics.jsonl", "a")
+            self.metrics_file = None
         except OSError as err:
             if created:
                 shutil.rmtree(self.dir, ignore_errors=True)
             where = getattr(self, "dir", Path(config.runs_dir))
             fail(f"cannot write the run directory {where}: {err.strerror or err} (choose another with --runs-dir)")
         _remove_stale_tmp(self.checkpoint_path)
+        if resume_ckpt is None:
+            self._open_metrics()
         if config.track:
             try:
                 self._init_wandb(resume_ckpt)
             except Exception as err:
-                self.metrics_file.close()
+                if self.metrics_file is not None:
+                    self.metrics_file.close()
                 if created:
                     shutil.rmtree(self.dir, ignore_errors=True)
                 if isinstance(err, UserError):
@@ -550,22 +553,26 @@ class Run:
         print(f"run directory: {self.dir}", file=sys.stderr, flush=True)
 
     # --- set-up -------------------------------------------------------------------------------------
+    def _write_config(self) -> None:
+        (self.dir / "config.json").write_text(json.dumps(self.config_dict, indent=2, default=str))
+        (self.dir / "versions.json").write_text(json.dumps(versions(self.device), indent=2))
+
+    def _open_metrics(self) -> None:
+        self.metrics_file = open(self.dir / "metrics.jsonl", "a")
+
     def _checkpoint_location(self) -> Path:
-        """Where this run's checkpoint.pt goes: the run directory, or under --checkpoint-dir in a folder of
-        its own (runs sharing one --checkpoint-dir never overwrite each other's), recorded in the run
-        directory's `checkpoint.path` so that `--resume RUN_DIR` finds it."""
+        """Where this run's checkpoints go: the run directory, or under --checkpoint-dir in a folder of its own
+        (`<checkpoint-dir>/<algo>/<dataset>/<run>/`: runs sharing one --checkpoint-dir never overwrite each
+        other's). Nothing is written here: the run directory's `checkpoint.path` pointer is updated only after
+        a checkpoint has been written (`save_checkpoint`), so it always names the newest one."""
         if not self.config.checkpoint_dir:
-            (self.dir / CHECKPOINT_POINTER).unlink(missing_ok=True)
             return self.dir / CHECKPOINT_NAME
-        pointer = self.dir / CHECKPOINT_POINTER
-        if pointer.is_file():
-            previous = Path(pointer.read_text().strip())
-            if previous.is_relative_to(Path(self.config.checkpoint_dir).resolve()):
-                return previous  # a resumed run keeps writing where it wrote before
         rel = self.dir.resolve().relative_to(self.dir.resolve().parents[2])  # <algo>/<dataset>/<run>
         path = Path(self.config.checkpoint_dir).resolve() / rel / CHECKPOINT_NAME
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(pointer, str(path) + "\n")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            fail(f"--checkpoint-dir {self.config.checkpoint_dir} cannot be written: {err.strerror or err}")
         return path
 
     def _check_resume_compatible(self, ckpt: dict) -> None:
@@ -612,12 +619,27 @@ class Run:
         ckpt = self._resume_ckpt
         if ckpt is None:
             return 0
-        agent.load_state_dict(ckpt["agent"])
+        try:
+            agent.load_state_dict(ckpt["agent"])
+        except (RuntimeError, KeyError, ValueError, TypeError) as err:
+            fail(f"--resume {self._resume_file}: its saved {self.algo} state does not fit this version of "
+                 f"{self.algo}.py ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); the run "
+                 f"was made by another version of the file (nothing was written)")
         if sampler is not None and ckpt.get("sampler") is not None:
             sampler.load_state_dict(ckpt["sampler"])
         set_rng_state(ckpt["rng"])
-        print(f"resumed from step {ckpt['step']} ({find_checkpoint(self.config.resume)})", file=sys.stderr)
+        # everything read: only now does the run directory change (config, metrics after the checkpoint's step)
+        try:
+            self._write_config()
+            self._truncate_metrics(ckpt["step"])
+            self._open_metrics()
+        except OSError as err:
+            fail(f"cannot write the run directory {self.dir}: {err.strerror or err}")
+        print(f"resumed from step {ckpt['step']} ({self._resume_file})", file=sys.stderr)
         self._last_log_step = ckpt["step"]
+        if self._resume_file.resolve() != self.checkpoint_path.resolve():
+            # a new --checkpoint-dir (or the run directory again) receives the newest checkpoint right away
+            self.save_checkpoint(int(ckpt["step"]), agent, sampler)
         return int(ckpt["step"])
 
     def steps(self, start: int) -> Iterator[int]:
@@ -696,14 +718,24 @@ class Run:
         if tensors and not bool(torch.stack([t.isfinite().all() for t in tensors]).all()):
             fail(f"non-finite network weights at step {step}; not overwriting the last checkpoint "
                  f"{self.checkpoint_path}")
+        pointer = self.dir / CHECKPOINT_POINTER
         save_checkpoint(self.checkpoint_path, {
-            "step": step, "algo": self.algo, "algo_file": _algorithm_file_of(agent), "config": self.config_dict,
+            "format": CHECKPOINT_FORMAT, "step": step, "algo": self.algo, "algo_file": _algorithm_file_of(agent), "config": self.config_dict,
             "agent": state,
             "sampler": None if sampler is None else sampler.state_dict(), "rng": rng_state(),
             "normalizer": None if self.normalizer is None else self.normalizer.state_dict(),
             "spec": dataclasses.asdict(self.dataset.spec), "run_dir": str(self.dir),
             "wandb_id": None if self.wandb is None else self.wandb.id,
         })
+        # the run directory names its newest checkpoint: a pointer when it lies under --checkpoint-dir, none
+        # when it is the run directory's own checkpoint.pt (find_checkpoint prefers the pointer)
+        try:
+            if self.checkpoint_path.parent.resolve() == self.dir.resolve():
+                pointer.unlink(missing_ok=True)
+            else:
+                atomic_write_text(pointer, str(self.checkpoint_path) + "\n")
+        except OSError as err:
+            fail(f"cannot write {pointer}: {err.strerror or err}")
 
     def finish(self, result: dict, extra: dict | None = None) -> dict:
         """Write summary.json, print the closing line, close files."""

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 
 from common.datasets import (D4RL_REFERENCE_SCORES, D4RL_TO_MINARI, ObsNormalizer, TensorSampler,
                              discounted_returns_to_go, flatten_observation, load_dataset,
@@ -267,18 +270,22 @@ def test_sampler_is_seeded_and_restorable():
 
 
 def test_embedded_default_is_built_on_first_use(minari_root, monkeypatch):
-    from common.build import recipe
+    """The core runs the builder as a command in a child process (it imports no tool), for the pendulum suite
+    only; a failed build is one line."""
+    import common.datasets as datasets
 
     calls = []
 
-    def fake_build(argv):
-        calls.append(argv)
-        return 2  # as a failed build would
+    def fake_run(command, env=None, **kwargs):
+        calls.append((command, env))
+        return subprocess.CompletedProcess(command, 2)  # as a failed build would
 
-    monkeypatch.setattr(recipe, "main", fake_build)
+    monkeypatch.setattr(datasets.subprocess, "run", fake_run)
     with pytest.raises(UserError, match="building the embedded default suite failed"):
         load_dataset("local/pendulum/medium-replay-v0")
-    assert calls == [["pendulum", "--skip-existing"]]
+    (command, env), = calls
+    assert command[1:] == ["-m", "common.build", "pendulum", "--skip-existing"]
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(ROOT)  # this copy's builder, wherever the user runs
     with pytest.raises(UserError, match="not built"):  # other local suites are never built implicitly
         load_dataset("local/hopper/medium-replay-v0")
     assert len(calls) == 1

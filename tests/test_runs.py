@@ -291,3 +291,111 @@ def test_load_policy_works_outside_the_repository(finished_run, tmp_path):
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "(1,)"
+
+
+# --- checkpoints under a changed --checkpoint-dir: the newest is always the one resumed ----------------
+
+
+def checkpoint_step(run: Path) -> int:
+    from common.checkpoint import load_checkpoint
+
+    return int(load_checkpoint(run)["step"])
+
+
+def last_metrics_step(run: Path) -> int:
+    return json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+
+
+def test_extending_under_a_checkpoint_dir_then_resuming_without_it_continues_from_the_newest(
+        finished_run, tmp_path, capsys):
+    run = copy_run(finished_run, tmp_path)  # its checkpoint.pt (step 300) lies in the run directory
+    elsewhere = tmp_path / "elsewhere"
+    code, err = cli(["--resume", str(run), "--max-steps", "400", "--checkpoint-dir", str(elsewhere)], capsys)
+    assert code == 0, err
+    assert find_checkpoint(run).is_relative_to(elsewhere.resolve()) and checkpoint_step(run) == 400
+    # the older run-directory checkpoint (step 300) is still there, but never taken in place of the newest
+    code, err = cli(["--resume", str(run), "--max-steps", "500"], capsys)
+    assert code == 0, err
+    assert "resumed from step 400" in err
+    assert checkpoint_step(run) == 500 and last_metrics_step(run) == 500
+
+
+def test_a_new_checkpoint_dir_on_resume_receives_the_newest_checkpoint_and_nothing_is_written_first(
+        finished_run, tmp_path, capsys):
+    run = copy_run(finished_run, tmp_path)
+    config_before = (run / "config.json").read_text()
+    new_dir = tmp_path / "new-ckpt"
+    # a resume that fails after reading (max-steps below the run's) leaves everything as it was
+    code, err = cli(["--resume", str(run), "--max-steps", "200", "--checkpoint-dir", str(new_dir)], capsys)
+    assert code == 2
+    assert (run / "config.json").read_text() == config_before and not (run / CHECKPOINT_POINTER).exists()
+    assert checkpoint_step(run) == 300
+    # a working resume to a new --checkpoint-dir: the newest checkpoint moves there at once and later resumes work
+    code, err = cli(["--resume", str(run), "--max-steps", "400", "--checkpoint-dir", str(new_dir)], capsys)
+    assert code == 0, err
+    assert find_checkpoint(run).is_relative_to(new_dir.resolve()) and checkpoint_step(run) == 400
+    code, err = cli(["--resume", str(run), "--max-steps", "450"], capsys)
+    assert code == 0, err
+    assert checkpoint_step(run) == 450
+
+
+def test_a_newest_checkpoint_that_was_moved_away_is_not_replaced_silently_by_an_older_one(
+        finished_run, tmp_path, capsys):
+    run = copy_run(finished_run, tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    code, err = cli(["--resume", str(run), "--max-steps", "400", "--checkpoint-dir", str(elsewhere)], capsys)
+    assert code == 0, err
+    shutil.rmtree(elsewhere)
+    code, err = cli(["--resume", str(run), "--max-steps", "500"], capsys)
+    assert code == 2 and "does not exist" in err and str(run / CHECKPOINT_NAME) in err
+    assert last_metrics_step(run) == 400  # nothing was rewritten
+
+
+# --- files a user is handed never run code when loaded ---------------------------------------------------
+
+
+class _WritesAFile:
+    """Unpickling this calls open(path, 'w'): what a crafted checkpoint could do."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_crafted_checkpoint_is_refused_without_running_its_code(finished_run, tmp_path, capsys):
+    from common.checkpoint import load_policy
+
+    run = copy_run(finished_run, tmp_path)
+    marker = tmp_path / "pwned"
+    ckpt = torch.load(run / CHECKPOINT_NAME, weights_only=True)
+    ckpt["agent"]["payload"] = _WritesAFile(str(marker))
+    torch.save(ckpt, run / CHECKPOINT_NAME)
+    code, err = cli(["--resume", str(run), "--max-steps", "400"], capsys)
+    assert code == 2 and "refusing to load" in err and "Traceback" not in err
+    assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1
+    with pytest.raises(UserError, match="refusing to load"):
+        load_policy(run)
+    assert not marker.exists()
+
+
+def test_checkpoints_hold_only_tensors_and_plain_values(finished_run):
+    ckpt = torch.load(finished_run / CHECKPOINT_NAME, weights_only=True)  # no allow-list needed: format 2
+    assert ckpt["format"] == 2 and isinstance(ckpt["normalizer"]["mean"], torch.Tensor)
+
+
+def test_a_failed_checkpoint_write_is_one_line_and_leaves_no_temporary_file(tmp_path, pendulum_expert_id, capsys,
+                                                                            monkeypatch):
+    """Disk full: torch.save raises RuntimeError (not OSError) when a write fails."""
+    import common.checkpoint as checkpoint
+
+    def full_disk(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    runs = tmp_path / "runs"
+    code, err = cli(base_flags(pendulum_expert_id, runs) + ["--max-steps", "20"], capsys)
+    assert code == 2 and "cannot write checkpoint" in err and "Traceback" not in err
+    assert not list(runs.rglob("*.tmp"))
