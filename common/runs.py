@@ -376,6 +376,9 @@ def cli_config(config_type: type, argv: list[str]) -> Any:
 def _resume_argument(argv: list[str]) -> str | None:
     """The value of `--resume X` / `--resume=X` in `argv`, if any."""
     for i, token in enumerate(argv):
+        if token == "--resume" and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            fail("--resume needs a value: the run directory (or checkpoint file) to continue, e.g. "
+                 "--resume runs/iql/<dataset>/<run>")
         if token == "--resume" and i + 1 < len(argv):
             value = argv[i + 1]
             return None if value == "None" else value
@@ -492,6 +495,9 @@ def _to_float(value: Any) -> float:
     return float(value)
 
 
+_RUN_LOCKS: dict[str, Any] = {}  # run directory -> its open, flock-ed .lock file, while this process trains it
+
+
 class Run:
     """One training run: directory, metrics, wandb, progress, checkpoints and resume.
 
@@ -513,6 +519,7 @@ class Run:
         self._last_log_time = time.perf_counter()
         self._last_log_step = 0
         self._excluded_time = 0.0  # evaluation and checkpoint time, left out of steps/s
+        self._evaluated_steps: set[int] = set()  # steps whose evaluation row a resumed run keeps
         resume_ckpt = None
         if getattr(config, "resume", None):
             # read (and checked) before anything of the run is written
@@ -524,10 +531,12 @@ class Run:
         try:
             if resume_ckpt is not None:
                 self.dir = resumed_run_dir(config.resume, resume_ckpt)
+                self._lock()
             else:
                 self.dir = new_run_dir(Path(config.runs_dir) / algo / dataset.name.replace("/", "-"),
                                        str(config.seed))
                 created = True
+                self._lock()
                 self._write_config()
             self.checkpoint_path = self._checkpoint_location()
             self.metrics_file = None
@@ -553,6 +562,28 @@ class Run:
         print(f"run directory: {self.dir}", file=sys.stderr, flush=True)
 
     # --- set-up -------------------------------------------------------------------------------------
+    def _lock(self) -> None:
+        """Hold an exclusive lock on the run directory while this process trains in it: a second `--resume`
+        of the same run fails in one line instead of interleaving two runs' checkpoints and metrics. The
+        operating system releases the lock when the process ends, however it ends; within one process a
+        later Run of the same directory (after an earlier one stopped with an error) takes it over."""
+        key = str(self.dir.resolve())
+        previous = _RUN_LOCKS.pop(key, None)
+        if previous is not None:
+            previous.close()
+        lock_file = open(self.dir / ".lock", "a+")
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock
+            return
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _RUN_LOCKS[key] = lock_file
+        except OSError:
+            lock_file.close()
+            fail(f"run directory {self.dir} is being trained by another process right now; wait for it to end "
+                 f"(or stop it) before resuming it")
+
     def _write_config(self) -> None:
         (self.dir / "config.json").write_text(json.dumps(self.config_dict, indent=2, default=str))
         (self.dir / "versions.json").write_text(json.dumps(versions(self.device), indent=2))
@@ -588,7 +619,8 @@ class Run:
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop metrics logged after the checkpoint's step (the resumed run logs them again), and a partial
-        last line that a kill during a write leaves behind."""
+        last line that a kill during a write leaves behind. Remembers the steps whose evaluation is kept, so
+        that resuming a finished run does not append its final evaluation a second time."""
         path = self.dir / "metrics.jsonl"
         if not path.exists():
             return
@@ -600,6 +632,8 @@ class Run:
                 continue  # a line cut by a kill: the resumed run writes that step again
             if isinstance(entry, dict) and entry.get("step", 0) <= step:
                 kept.append(line)
+                if any(key.startswith("eval/") for key in entry):
+                    self._evaluated_steps.add(entry["step"])
         atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     def _init_wandb(self, resume_ckpt: dict | None) -> None:
@@ -692,7 +726,8 @@ class Run:
         from common.evaluation import eval_log_entries
 
         entries = eval_log_entries(result)
-        self._write(step, entries)
+        if step not in self._evaluated_steps:  # a resumed finished run evaluates again: one row per step
+            self._write(step, entries)
         score = entries.get("eval/normalized_score_mean")
         self.progress.extra = (f" | eval score {score:.1f}" if score is not None
                                else f" | eval return {entries['eval/return_mean']:.1f}")
@@ -751,6 +786,9 @@ class Run:
                    "git_commit": git_commit(), "run_dir": str(self.dir), **(extra or {})}
         (self.dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self.metrics_file.close()
+        lock = _RUN_LOCKS.pop(str(self.dir.resolve()), None)
+        if lock is not None:
+            lock.close()
         if self.wandb is not None:
             self.wandb.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float))})
             self.wandb.finish()

@@ -399,3 +399,38 @@ def test_a_failed_checkpoint_write_is_one_line_and_leaves_no_temporary_file(tmp_
     code, err = cli(base_flags(pendulum_expert_id, runs) + ["--max-steps", "20"], capsys)
     assert code == 2 and "cannot write checkpoint" in err and "Traceback" not in err
     assert not list(runs.rglob("*.tmp"))
+
+
+def test_resuming_a_finished_run_writes_its_final_evaluation_once(finished_run, tmp_path, capsys):
+    run = copy_run(finished_run, tmp_path)
+    for _ in range(2):
+        code, err = cli(["--resume", str(run)], capsys)
+        assert code == 0, err
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert sum(1 for r in rows if r["step"] == 300 and "eval/return_mean" in r) == 1
+
+
+def test_a_run_directory_is_trained_by_one_process_at_a_time(finished_run, tmp_path):
+    import os
+    import subprocess
+
+    from conftest import ROOT
+
+    run = copy_run(finished_run, tmp_path)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
+        "print('locked', flush=True); time.sleep(60)"), str(run / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"  # as a second training process holds it
+        proc = subprocess.run([sys.executable, str(ROOT / "algorithms" / "bc.py"), "--resume", str(run),
+                               "--max-steps", "400"], capture_output=True, text=True, timeout=120,
+                              env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    finally:
+        holder.kill()
+    assert proc.returncode == 2 and "another process" in proc.stderr and "Traceback" not in proc.stderr
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 300
+
+
+def test_resume_without_a_value_says_so(capsys):
+    code, err = cli(["--resume", "--max-steps", "300"], capsys)
+    assert code == 2 and "--resume needs a value" in err
