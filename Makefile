@@ -80,5 +80,6 @@ results: install
 figures: install
 	$(PY) -m common.figures
 
+# every run and sweep, but not runs/datasets (the builder's build folders: DAgger's default expert lives there)
 clean-runs:
-	rm -rf runs
+	@if [ -d runs ]; then find runs -mindepth 1 -maxdepth 1 ! -name datasets -exec rm -rf {} +; fi

@@ -144,6 +144,7 @@ def run_sweep(*args: str, timeout: int = 60) -> subprocess.CompletedProcess:
     (["--algos", "bc", "--envs", "hopper-medum-v2"], "did you mean: hopper-medium-v2"),
     (["--algos", "bc", "--envs", "ENV", "--", "--no-such-flag", "1"], "bc.py does not accept these flags"),
     (["--algos", "bc", "--envs", "ENV", "--", "--seed", "3"], "--seed is chosen by the sweep"),
+    (["--algos", "bc", "--envs", "ENV", "--name", "../../x"], "one folder name"),  # never outside the runs dir
 ])
 def test_bad_input_fails_before_anything_starts(argv, message, tmp_path, pendulum_expert_id, capsys):
     argv = [a.replace("ENV", pendulum_expert_id) for a in argv]

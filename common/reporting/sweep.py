@@ -41,6 +41,7 @@ import difflib
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -569,6 +570,9 @@ def sweep(argv: list[str]) -> int:
     if args.address is None and cpus_per_trial > cores:
         fail(f"each trial asks for {cpus_per_trial:g} CPUs but this machine has {cores}; lower --threads or "
              f"--cpus-per-trial")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.name) or ".." in args.name:
+        fail(f"--name {args.name!r}: a sweep's name is one folder name (letters, digits, '.', '_', '-'), kept under "
+             f"<runs-dir>/sweeps/")
     check_algorithms(args.algos)
     check_flags(flags)
     from common.datasets import resolve_name
