@@ -21,7 +21,7 @@ the minimum of the twin critics; Q(s, a) on dataset actions is also the twin min
 (the paper's code runs with alpha = 0).
 
 Networks. The defaults follow CORL's AWAC (the implementation behind the published-scores table): actor
-and critics with three hidden layers of 256, lambda = 1, batch 256, Adam 3e-4, Polyak 0.005. The paper's
+and critics with three hidden layers of 256, lambda = 1, batch 256, Adam 3e-4, Polyak rate tau 0.005. The paper's
 code (rlkit examples/awac/mujoco) used a 4x256 actor, 2x256 critics, batch 1024 and policy weight decay
 1e-4: `--actor-hidden-dims 256 256 256 256 --critic-hidden-dims 256 256 --batch-size 1024`. The actor is a
 Gaussian with a state-independent log-std (as both) and a tanh-bounded mean (as the paper's code, rlkit's
@@ -49,6 +49,8 @@ sys.path.insert(0, next((str(p) for p in Path(__file__).resolve().parents if (p 
 from common.datasets import DataSpec, ObsNormalizer, TensorSampler, load_dataset  # noqa: E402
 from common.errors import fail  # noqa: E402
 from common.evaluation import evaluate, make_eval_envs  # noqa: E402
+from common.networks import CriticEnsemble  # noqa: E402
+from common.optim import adam, load_optimizer, update_step  # noqa: E402
 from common.runs import Run, apply_dataset_settings, resolve_config, run_cli, setup  # noqa: E402
 
 
@@ -98,10 +100,10 @@ class Config:
     max_weight) per sample (CORL)"""
     max_weight: float = 100.0
     """clip of exp(A / lambda) with --weighting exp (CORL's 100; unused by batch-softmax)"""
-    discount: float = 0.99
+    gamma: float = 0.99
     """gamma in the TD target r + gamma (1 - done) min_k Q_target,k(s', a'), a' ~ pi(.|s')"""
-    polyak: float = 0.005
-    """Polyak rate of the target critics: Q_target <- (1 - polyak) Q_target + polyak Q"""
+    tau: float = 0.005
+    """Polyak rate tau of the target critics: Q_target <- (1 - tau) Q_target + tau Q"""
     actor_hidden_dims: tuple[int, ...] = (256, 256, 256)
     """hidden layer sizes of the Gaussian actor (CORL: 3x256; the paper's code: 4x256)"""
     critic_hidden_dims: tuple[int, ...] = (256, 256, 256)
@@ -137,39 +139,6 @@ def mlp(in_dim: int, hidden_dims: tuple[int, ...], out_dim: int) -> nn.Sequentia
     return nn.Sequential(*layers)
 
 
-class VectorizedLinear(nn.Module):
-    """K independent linear layers applied as one batched matmul: (K, B, in) -> (K, B, out)."""
-
-    def __init__(self, in_dim: int, out_dim: int, ensemble_size: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(ensemble_size, in_dim, out_dim))
-        self.bias = nn.Parameter(torch.empty(ensemble_size, 1, out_dim))
-        bound = 1.0 / math.sqrt(in_dim)  # the same initialisation as nn.Linear, member by member
-        nn.init.uniform_(self.weight, -bound, bound)
-        nn.init.uniform_(self.bias, -bound, bound)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.baddbmm(self.bias, x, self.weight)
-
-
-class CriticEnsemble(nn.Module):
-    """Q_1..Q_K(s, a) in one network whose layers are `VectorizedLinear`: returns (K, batch)."""
-
-    def __init__(self, obs_dim: int, act_dim: int, hidden_dims: tuple[int, ...], ensemble_size: int = 2):
-        super().__init__()
-        self.ensemble_size = ensemble_size
-        layers, last = [], obs_dim + act_dim
-        for width in hidden_dims:
-            layers += [VectorizedLinear(last, width, ensemble_size), nn.ReLU()]
-            last = width
-        layers.append(VectorizedLinear(last, 1, ensemble_size))
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([obs, actions], dim=-1).unsqueeze(0).expand(self.ensemble_size, -1, -1)
-        return self.net(x).squeeze(-1)
-
-
 class Agent:
     """AWAC's Gaussian actor, twin critics with their targets, optimisers and update rule."""
 
@@ -183,16 +152,11 @@ class Agent:
         self.log_std = nn.Parameter(torch.zeros(spec.act_dim, device=device))
         self.critic = CriticEnsemble(spec.obs_dim, spec.act_dim, config.critic_hidden_dims).to(device)
         self.target_critic = copy.deepcopy(self.critic).requires_grad_(False)
-        self.actor_optimizer = torch.optim.Adam(list(self.actor.parameters()) + [self.log_std], lr=config.lr,
-                                                **_fast_adam(device, config.compile))
-        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=config.lr,
-                                                 **_fast_adam(device, config.compile))
+        self.actor_optimizer = adam(list(self.actor.parameters()) + [self.log_std], config.lr, config)
+        self.critic_optimizer = adam(self.critic.parameters(), config.lr, config)
         self.params = [*self.critic.parameters(), *self.actor.parameters(), self.log_std]  # what the loss trains
-        if config.compile:
-            torch._dynamo.config.trace_autograd_ops = True  # trace loss.backward() into the compiled step too
-        compile_mode = "reduce-overhead" if device.type == "cuda" else None  # on CUDA: replayed as CUDA graphs
-        self._update = (torch.compile(self._update_impl, mode=compile_mode, dynamic=False) if config.compile
-                        else self._update_impl)
+        # zero_grad of both optimisers, then _update_impl (torch.compile'd whole under --compile)
+        self._update = update_step(self._update_impl, config, self.critic_optimizer, self.actor_optimizer)
 
     def mean_action(self, obs: torch.Tensor) -> torch.Tensor:
         """The Gaussian's mean max_action * tanh(MLP(s)), also the deterministic evaluation action."""
@@ -204,9 +168,6 @@ class Agent:
         return (mean + std * torch.randn_like(mean)).clamp(-self.max_action, self.max_action)
 
     def update(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        # outside the compiled step (torch.compile skips zero_grad)
-        self.critic_optimizer.zero_grad(set_to_none=True)
-        self.actor_optimizer.zero_grad(set_to_none=True)
         return self._update(batch["obs"], batch["actions"], batch["rewards"], batch["next_obs"],
                             batch["terminals"])
 
@@ -218,7 +179,7 @@ class Agent:
             # y = r + gamma (1 - done) min_k Q_target,k(s', a'),  a' ~ pi(.|s')   (Q of the current policy)
             next_actions = self.sample_action(self.mean_action(next_obs))
             next_q = self.target_critic(next_obs, next_actions).min(dim=0).values
-            td_target = rewards + cfg.discount * (1.0 - terminals) * next_q
+            td_target = rewards + cfg.gamma * (1.0 - terminals) * next_q
             # V(s) = E_{a~pi(.|s)} Q(s, a), one sample per state (the paper's code)
             q_policy = self.critic(obs, self.sample_action(policy_mean.detach())).min(dim=0).values
 
@@ -255,9 +216,8 @@ class Agent:
         self.critic_optimizer.step()
         self.actor_optimizer.step()
         with torch.no_grad():
-            # Q_target <- (1 - polyak) Q_target + polyak Q
-            torch._foreach_lerp_(list(self.target_critic.parameters()), list(self.critic.parameters()),
-                                 cfg.polyak)
+            # Q_target <- (1 - tau) Q_target + tau Q
+            torch._foreach_lerp_(list(self.target_critic.parameters()), list(self.critic.parameters()), cfg.tau)
         return logs
 
     @torch.no_grad()
@@ -282,26 +242,8 @@ class Agent:
             self.log_std.copy_(state["log_std"])
         self.critic.load_state_dict(state["critic"])
         self.target_critic.load_state_dict(state["target_critic"])
-        self.actor_optimizer.load_state_dict(state["actor_optimizer"])
-        self.critic_optimizer.load_state_dict(state["critic_optimizer"])
-        _use_this_runs_adam([self.actor_optimizer, self.critic_optimizer], self.device, self.config.compile)
-
-
-def _fast_adam(device: torch.device, compiled: bool) -> dict:
-    """Fused Adam (one kernel for all parameters) where this torch build has it, else foreach. Under --compile
-    the foreach Adam, which torch.compile traces into the step (it runs the fused one outside the graph), and
-    capturable: its step count stays a device tensor, as a CUDA graph needs."""
-    if compiled:
-        return {"foreach": True, "capturable": True}
-    return {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}
-
-
-def _use_this_runs_adam(optimizers: list, device: torch.device, compiled: bool) -> None:
-    """Set this run's Adam implementation on loaded optimisers: they keep the flags they were saved with, and
-    --compile may differ on resume (both implementations keep the step count on the parameters' device)."""
-    for optimizer in optimizers:
-        for group in optimizer.param_groups:
-            group.update({"fused": None, "foreach": None, "capturable": False, **_fast_adam(device, compiled)})
+        load_optimizer(self.actor_optimizer, state["actor_optimizer"])
+        load_optimizer(self.critic_optimizer, state["critic_optimizer"])
 
 
 def train(config: Config) -> dict:

@@ -55,6 +55,7 @@ sys.path.insert(0, next((str(p) for p in Path(__file__).resolve().parents if (p 
 from common.datasets import DataSpec, ObsNormalizer, OfflineDataset, TensorSampler, load_dataset  # noqa: E402
 from common.errors import fail  # noqa: E402
 from common.evaluation import evaluate, make_eval_envs  # noqa: E402
+from common.optim import adam, load_optimizer, update_step  # noqa: E402
 from common.runs import Run, apply_dataset_settings, resolve_config, run_cli, setup  # noqa: E402
 
 
@@ -104,7 +105,7 @@ class Config:
     """standardise A over the minibatch, (A - mean) / (std + 1e-5), before exp(A / beta) (released code)"""
     max_weight: float = 20.0
     """clip of the weight: min(exp(A / beta), max_weight) (the paper's and the code's 20)"""
-    discount: float = 0.99
+    gamma: float = 0.99
     """gamma in the Monte Carlo return G_t = sum_k gamma^(k-t) r_k"""
     hidden_dims: tuple[int, ...] = (256, 256)
     """hidden layer sizes of the policy and of the value network"""
@@ -127,27 +128,6 @@ DATASET_SETTINGS: list[tuple[str, dict]] = [
 
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # keeps the Gaussian's variance in a sane range
 ADV_EPS = 1e-5  # the released code's epsilon in (A - mean) / (std + eps)
-
-
-def monte_carlo_returns(dataset: OfflineDataset, discount: float) -> dict[str, np.ndarray]:
-    """Flat transitions with `returns_to_go` G_t, discounted and summed within each episode only.
-
-    Returns the arrays `obs`, `actions`, `returns_to_go`, `final_obs` (the episode's last observation s_T)
-    and `tail_discount` (gamma^(T-t) if the episode was truncated, else 0), N_total rows each. Episodes
-    are never joined: the last step of an episode has G = r, whatever the next episode in the file holds.
-    """
-    data = dataset.transitions(returns_to_go_gamma=discount)
-    # for --bootstrap-truncations: each row's episode-final observation s_T and gamma^(T - t), the latter
-    # zero unless the episode was truncated (a termination has nothing after it to bootstrap from)
-    final_obs, tail_discount = [], []
-    for ep in dataset.episodes:
-        n = len(ep)
-        final_obs.append(np.repeat(ep.observations[-1:], n, axis=0))
-        truncated = bool(ep.truncations[-1]) and not bool(ep.terminations[-1])
-        tail_discount.append(discount ** np.arange(n, 0, -1, dtype=np.float64) * truncated)
-    return {"obs": data["obs"], "actions": data["actions"], "returns_to_go": data["returns_to_go"],
-            "final_obs": np.concatenate(final_obs).astype(np.float32),
-            "tail_discount": np.concatenate(tail_discount).astype(np.float32)}
 
 
 def advantage_weights(advantage: torch.Tensor, beta: float, max_weight: float,
@@ -182,16 +162,11 @@ class Agent:
         # V(s) = return_mean + return_std * value(s): the network regresses standardised returns
         self.return_mean = torch.zeros((), device=device)
         self.return_std = torch.ones((), device=device)
-        self.actor_optimizer = torch.optim.Adam(list(self.actor.parameters()) + [self.log_std], lr=config.lr,
-                                                **_fast_adam(device, config.compile))
-        self.value_optimizer = torch.optim.Adam(self.value.parameters(), lr=config.lr,
-                                                **_fast_adam(device, config.compile))
+        self.actor_optimizer = adam(list(self.actor.parameters()) + [self.log_std], config.lr, config)
+        self.value_optimizer = adam(self.value.parameters(), config.lr, config)
         self.params = [*self.value.parameters(), *self.actor.parameters(), self.log_std]  # what the loss trains
-        if config.compile:
-            torch._dynamo.config.trace_autograd_ops = True  # trace loss.backward() into the compiled step too
-        compile_mode = "reduce-overhead" if device.type == "cuda" else None  # on CUDA: replayed as CUDA graphs
-        self._update = (torch.compile(self._update_impl, mode=compile_mode, dynamic=False) if config.compile
-                        else self._update_impl)
+        # zero_grad of both optimisers, then _update_impl (torch.compile'd whole under --compile)
+        self._update = update_step(self._update_impl, config, self.value_optimizer, self.actor_optimizer)
 
     def set_return_scale(self, returns: np.ndarray) -> None:
         """Standardise V's regression target with the dataset's return mean and std (train() calls it)."""
@@ -203,9 +178,6 @@ class Agent:
         return self.max_action * torch.tanh(self.actor(obs))
 
     def update(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        # outside the compiled step (torch.compile skips zero_grad)
-        self.value_optimizer.zero_grad(set_to_none=True)
-        self.actor_optimizer.zero_grad(set_to_none=True)
         return self._update(batch["obs"], batch["actions"], batch["returns_to_go"],
                             batch.get("final_obs"), batch.get("tail_discount"))
 
@@ -271,26 +243,29 @@ class Agent:
             self.log_std.copy_(state["log_std"])
             self.return_mean.copy_(state["return_mean"])
             self.return_std.copy_(state["return_std"])
-        self.actor_optimizer.load_state_dict(state["actor_optimizer"])
-        self.value_optimizer.load_state_dict(state["value_optimizer"])
-        _use_this_runs_adam([self.actor_optimizer, self.value_optimizer], self.device, self.config.compile)
+        load_optimizer(self.actor_optimizer, state["actor_optimizer"])
+        load_optimizer(self.value_optimizer, state["value_optimizer"])
 
 
-def _fast_adam(device: torch.device, compiled: bool) -> dict:
-    """Fused Adam (one kernel for all parameters) where this torch build has it, else foreach. Under --compile
-    the foreach Adam, which torch.compile traces into the step (it runs the fused one outside the graph), and
-    capturable: its step count stays a device tensor, as a CUDA graph needs."""
-    if compiled:
-        return {"foreach": True, "capturable": True}
-    return {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}
+def monte_carlo_returns(dataset: OfflineDataset, gamma: float) -> dict[str, np.ndarray]:
+    """Flat transitions with `returns_to_go` G_t, discounted and summed within each episode only.
 
-
-def _use_this_runs_adam(optimizers: list, device: torch.device, compiled: bool) -> None:
-    """Set this run's Adam implementation on loaded optimisers: they keep the flags they were saved with, and
-    --compile may differ on resume (both implementations keep the step count on the parameters' device)."""
-    for optimizer in optimizers:
-        for group in optimizer.param_groups:
-            group.update({"fused": None, "foreach": None, "capturable": False, **_fast_adam(device, compiled)})
+    Returns the arrays `obs`, `actions`, `returns_to_go`, `final_obs` (the episode's last observation s_T)
+    and `tail_discount` (gamma^(T-t) if the episode was truncated, else 0), N_total rows each. Episodes
+    are never joined: the last step of an episode has G = r, whatever the next episode in the file holds.
+    """
+    data = dataset.transitions(returns_to_go_gamma=gamma)
+    # for --bootstrap-truncations: each row's episode-final observation s_T and gamma^(T - t), the latter
+    # zero unless the episode was truncated (a termination has nothing after it to bootstrap from)
+    final_obs, tail_discount = [], []
+    for ep in dataset.episodes:
+        n = len(ep)
+        final_obs.append(np.repeat(ep.observations[-1:], n, axis=0))
+        truncated = bool(ep.truncations[-1]) and not bool(ep.terminations[-1])
+        tail_discount.append(gamma ** np.arange(n, 0, -1, dtype=np.float64) * truncated)
+    return {"obs": data["obs"], "actions": data["actions"], "returns_to_go": data["returns_to_go"],
+            "final_obs": np.concatenate(final_obs).astype(np.float32),
+            "tail_discount": np.concatenate(tail_discount).astype(np.float32)}
 
 
 def train(config: Config) -> dict:
@@ -299,7 +274,7 @@ def train(config: Config) -> dict:
     dataset = load_dataset(config.env, download=config.download)
     if dataset.discrete:
         fail(f"awr.py is for continuous actions; '{config.env}' has discrete actions")
-    data = monte_carlo_returns(dataset, config.discount)
+    data = monte_carlo_returns(dataset, config.gamma)
     normalizer = ObsNormalizer.from_data(data["obs"]) if config.normalize_obs else None
     obs = normalizer(data["obs"]) if normalizer else data["obs"]
     arrays = {"obs": obs, "actions": data["actions"], "returns_to_go": data["returns_to_go"]}

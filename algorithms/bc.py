@@ -16,10 +16,7 @@ Gaussian with a tanh-bounded mean and a state-independent log-std), and for disc
 categorical head (cross-entropy), chosen automatically.
 Per-dataset settings (training length) live in `DATASET_SETTINGS` below; flags override them.
 
---compile compiles the whole update (forward, backward, the Adam step; static shapes) and on CUDA replays it
-as CUDA graphs (mode reduce-overhead). torch.optim breaks the graph around every optimizer.step() on purpose,
-so the step runs as 2 graphs (forward+backward, Adam step) back to back; zero_grad runs just before, outside
-the compiled step (torch.compile does not trace it).
+--compile compiles the whole update (common/optim.py).
 """
 
 from __future__ import annotations
@@ -40,6 +37,7 @@ sys.path.insert(0, next((str(p) for p in Path(__file__).resolve().parents if (p 
                         os.path.dirname(os.path.abspath(__file__))))
 from common.datasets import DataSpec, ObsNormalizer, TensorSampler, load_dataset  # noqa: E402
 from common.evaluation import evaluate, make_eval_envs  # noqa: E402
+from common.optim import adam, load_optimizer, update_step  # noqa: E402
 from common.runs import Run, resolve_config, run_cli, setup  # noqa: E402
 
 
@@ -130,20 +128,16 @@ class Agent:
         # state-independent log-std of the Gaussian head (unused by the other heads)
         self.log_std = nn.Parameter(torch.zeros(spec.act_dim, device=device))
         self.params = list(self.policy.parameters()) + ([self.log_std] if self.gaussian else [])
-        self.optimizer = torch.optim.Adam(self.params, lr=config.lr, **_fast_adam(device, config.compile))
+        self.optimizer = adam(self.params, config.lr, config)
         self.max_action = spec.max_action
-        if config.compile:
-            torch._dynamo.config.trace_autograd_ops = True  # trace loss.backward() into the compiled step too
-        compile_mode = "reduce-overhead" if device.type == "cuda" else None  # on CUDA: replayed as CUDA graphs
-        self._update = (torch.compile(self._update_impl, mode=compile_mode, dynamic=False) if config.compile
-                        else self._update_impl)
+        # zero_grad, then _update_impl (torch.compile'd whole under --compile)
+        self._update = update_step(self._update_impl, config, self.optimizer)
 
     def mean_action(self, obs: torch.Tensor) -> torch.Tensor:
         """pi(s) = max_action * tanh(MLP(s)) (continuous heads: the Gaussian's mean is bounded too)."""
         return self.max_action * torch.tanh(self.policy(obs))
 
     def update(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        self.optimizer.zero_grad(set_to_none=True)  # outside the compiled step: torch.compile skips zero_grad
         return self._update(batch["obs"], batch["actions"])
 
     def _update_impl(self, obs: torch.Tensor, actions: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -183,25 +177,7 @@ class Agent:
         self.policy.load_state_dict(state["policy"])
         with torch.no_grad():
             self.log_std.copy_(state["log_std"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        _use_this_runs_adam([self.optimizer], self.device, self.config.compile)
-
-
-def _fast_adam(device: torch.device, compiled: bool) -> dict:
-    """Fused Adam (one kernel for all parameters) where this torch build has it, else foreach. Under --compile
-    the foreach Adam, which torch.compile traces into the step (it runs the fused one outside the graph), and
-    capturable: its step count stays a device tensor, as a CUDA graph needs."""
-    if compiled:
-        return {"foreach": True, "capturable": True}
-    return {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}
-
-
-def _use_this_runs_adam(optimizers: list, device: torch.device, compiled: bool) -> None:
-    """Set this run's Adam implementation on loaded optimisers: they keep the flags they were saved with, and
-    --compile may differ on resume (both implementations keep the step count on the parameters' device)."""
-    for optimizer in optimizers:
-        for group in optimizer.param_groups:
-            group.update({"fused": None, "foreach": None, "capturable": False, **_fast_adam(device, compiled)})
+        load_optimizer(self.optimizer, state["optimizer"])
 
 
 def train(config: Config) -> dict:

@@ -34,9 +34,7 @@ Per-dataset settings (training length) live in `DATASET_SETTINGS`; robomimic tra
 1024-1024 MLPs on robot demonstrations; here every head uses bc.py's 256-256 and 3e-4, so that the heads
 and bc.py's l2 head differ only in the distribution class.
 
---compile compiles the whole update (forward, backward, the Adam step; static shapes) and on CUDA replays it
-as CUDA graphs (mode reduce-overhead), as bc.py does; zero_grad runs just before, outside the compiled step.
-act() is not compiled (its random draws use the private generator).
+--compile compiles the whole update (common/optim.py); act() is not compiled (its draws use the private generator).
 """
 
 from __future__ import annotations
@@ -58,6 +56,7 @@ sys.path.insert(0, next((str(p) for p in Path(__file__).resolve().parents if (p 
 from common.datasets import DataSpec, ObsNormalizer, TensorSampler, load_dataset  # noqa: E402
 from common.errors import fail  # noqa: E402
 from common.evaluation import evaluate, make_eval_envs  # noqa: E402
+from common.optim import adam, load_optimizer, update_step  # noqa: E402
 from common.runs import Run, resolve_config, run_cli, setup  # noqa: E402
 
 
@@ -146,22 +145,6 @@ def mlp(in_dim: int, hidden_dims: tuple[int, ...], out_dim: int) -> nn.Sequentia
         last = width
     layers.append(nn.Linear(last, out_dim))
     return nn.Sequential(*layers)
-
-
-def check_config(config: Config) -> None:
-    """One clear line for head settings that cannot work (before any data is read or folder made)."""
-    if config.num_modes < 1:
-        fail(f"--num-modes must be at least 1 (the mixture's components), got {config.num_modes}")
-    if config.min_std <= 0:
-        fail(f"--min-std must be positive (the mixture's smallest scale), got {config.min_std}")
-    if config.num_bins < 2:
-        fail(f"--num-bins must be at least 2 (bins per action dimension), got {config.num_bins}")
-    if config.latent_dim is not None and config.latent_dim < 1:
-        fail(f"--latent-dim must be at least 1 (or left unset for 2 |A|), got {config.latent_dim}")
-    if config.kl_weight < 0:
-        fail(f"--kl-weight must be >= 0, got {config.kl_weight}")
-    if config.lr <= 0:
-        fail(f"--lr must be positive, got {config.lr}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -265,18 +248,14 @@ class Agent:
         self.policy.to(device)
         self.centres = bin_centres(config.num_bins, device)
         self.params = list(self.policy.parameters())
-        self.optimizer = torch.optim.Adam(self.params, lr=config.lr, **_fast_adam(device, config.compile))
+        self.optimizer = adam(self.params, config.lr, config)
         # act() draws from this private generator (see the docstring), never from the training RNG
         self.act_generator = torch.Generator(device=device)
         self.reset_sampling()
-        if config.compile:
-            torch._dynamo.config.trace_autograd_ops = True  # trace loss.backward() into the compiled step too
-        compile_mode = "reduce-overhead" if device.type == "cuda" else None  # on CUDA: replayed as CUDA graphs
-        self._update = (torch.compile(self._update_impl, mode=compile_mode, dynamic=False) if config.compile
-                        else self._update_impl)
+        # zero_grad, then _update_impl (torch.compile'd whole under --compile)
+        self._update = update_step(self._update_impl, config, self.optimizer)
 
     def update(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        self.optimizer.zero_grad(set_to_none=True)  # outside the compiled step: torch.compile skips zero_grad
         return self._update(batch["obs"], batch["actions"])
 
     def _update_impl(self, obs: torch.Tensor, actions: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -347,25 +326,23 @@ class Agent:
 
     def load_state_dict(self, state: dict) -> None:
         self.policy.load_state_dict(state["policy"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        _use_this_runs_adam([self.optimizer], self.device, self.config.compile)
+        load_optimizer(self.optimizer, state["optimizer"])
 
 
-def _fast_adam(device: torch.device, compiled: bool) -> dict:
-    """Fused Adam (one kernel for all parameters) where this torch build has it, else foreach. Under --compile
-    the foreach Adam, which torch.compile traces into the step (it runs the fused one outside the graph), and
-    capturable: its step count stays a device tensor, as a CUDA graph needs."""
-    if compiled:
-        return {"foreach": True, "capturable": True}
-    return {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}
-
-
-def _use_this_runs_adam(optimizers: list, device: torch.device, compiled: bool) -> None:
-    """Set this run's Adam implementation on loaded optimisers: they keep the flags they were saved with, and
-    --compile may differ on resume (both implementations keep the step count on the parameters' device)."""
-    for optimizer in optimizers:
-        for group in optimizer.param_groups:
-            group.update({"fused": None, "foreach": None, "capturable": False, **_fast_adam(device, compiled)})
+def check_config(config: Config) -> None:
+    """One clear line for head settings that cannot work (before any data is read or folder made)."""
+    if config.num_modes < 1:
+        fail(f"--num-modes must be at least 1 (the mixture's components), got {config.num_modes}")
+    if config.min_std <= 0:
+        fail(f"--min-std must be positive (the mixture's smallest scale), got {config.min_std}")
+    if config.num_bins < 2:
+        fail(f"--num-bins must be at least 2 (bins per action dimension), got {config.num_bins}")
+    if config.latent_dim is not None and config.latent_dim < 1:
+        fail(f"--latent-dim must be at least 1 (or left unset for 2 |A|), got {config.latent_dim}")
+    if config.kl_weight < 0:
+        fail(f"--kl-weight must be >= 0, got {config.kl_weight}")
+    if config.lr <= 0:
+        fail(f"--lr must be positive, got {config.lr}")
 
 
 def train(config: Config) -> dict:

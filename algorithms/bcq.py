@@ -15,16 +15,11 @@ tau = 0.005, batch 100); only the training length is per dataset, in `DATASET_SE
 is the library's 256. The decode-time latent clip (`--latent-clip`, 0.5 in the reference code) can be too
 narrow on some data (NeoRL issue #9): widen it there.
 
---compile compiles the whole update (forward, backward, the VAE's, critics' and perturbation model's Adam
-steps, both target updates; static shapes; latents drawn on the device inside) and on CUDA replays it as CUDA
-graphs (mode reduce-overhead). torch.optim breaks the graph around every optimizer.step() on purpose, so the
-step runs as 7 graphs (three forward+backward and three Adam steps, the target updates) back to back;
-zero_grad runs just before, outside the compiled step (torch.compile does not trace it).
+--compile compiles the whole update, latents drawn on the device inside (common/optim.py).
 """
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 from dataclasses import dataclass
@@ -40,6 +35,8 @@ sys.path.insert(0, next((str(p) for p in Path(__file__).resolve().parents if (p 
 from common.datasets import DataSpec, ObsNormalizer, TensorSampler, load_dataset  # noqa: E402
 from common.errors import fail  # noqa: E402
 from common.evaluation import evaluate, make_eval_envs  # noqa: E402
+from common.networks import CriticEnsemble  # noqa: E402
+from common.optim import adam, load_optimizer, update_step  # noqa: E402
 from common.runs import Run, resolve_config, run_cli, setup  # noqa: E402
 
 
@@ -135,49 +132,6 @@ def mlp(in_dim: int, hidden_dims: tuple[int, ...], out_dim: int) -> nn.Sequentia
     return nn.Sequential(*layers)
 
 
-class VectorizedLinear(nn.Module):
-    """K independent linear layers applied as one batched matmul: (K, B, in) -> (K, B, out)."""
-
-    def __init__(self, in_features: int, out_features: int, ensemble_size: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(ensemble_size, in_features, out_features))
-        self.bias = nn.Parameter(torch.empty(ensemble_size, 1, out_features))
-        bound = 1.0 / math.sqrt(in_features)  # nn.Linear's default initialisation, per member
-        nn.init.uniform_(self.weight, -bound, bound)
-        nn.init.uniform_(self.bias, -bound, bound)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.baddbmm(self.bias, x, self.weight)
-
-
-class TwinCritic(nn.Module):
-    """Q_theta1 and Q_theta2 in one ensemble: (s, a) -> (2, B) Q-values."""
-
-    def __init__(self, obs_dim: int, act_dim: int, hidden_dims: tuple[int, ...]):
-        super().__init__()
-        layers, last = [], obs_dim + act_dim
-        for width in hidden_dims:
-            layers += [VectorizedLinear(last, width, NUM_CRITICS), nn.ReLU()]
-            last = width
-        layers.append(VectorizedLinear(last, 1, NUM_CRITICS))
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([obs, actions], -1).unsqueeze(0).expand(NUM_CRITICS, -1, -1)
-        return self.net(x).squeeze(-1)
-
-    def q1(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """Q_theta1(s, a) alone, `(B,)`, differentiable in the action only (the perturbation model's
-        objective): the second critic costs nothing and no gradient reaches the critic's weights."""
-        x = torch.cat([obs, actions], -1)
-        for layer in self.net:
-            if isinstance(layer, VectorizedLinear):
-                x = torch.addmm(layer.bias[0].detach(), x, layer.weight[0].detach())
-            else:
-                x = layer(x)
-        return x.squeeze(-1)
-
-
 class Perturbation(nn.Module):
     """xi_phi(s, a, Phi) in [-Phi, Phi] * max_action; forward gives a + xi, clipped to the action bounds."""
 
@@ -236,35 +190,26 @@ class Agent:
                                 config.latent_clip).to(device)
         self.perturbation = Perturbation(obs_dim, act_dim, config.actor_hidden_dims, self.max_action,
                                          config.max_perturbation).to(device)
-        self.critic = TwinCritic(obs_dim, act_dim, config.critic_hidden_dims).to(device)
+        self.critic = CriticEnsemble(obs_dim, act_dim, config.critic_hidden_dims, NUM_CRITICS).to(device)
         self.perturbation_target = Perturbation(obs_dim, act_dim, config.actor_hidden_dims, self.max_action,
                                                 config.max_perturbation).to(device)
-        self.critic_target = TwinCritic(obs_dim, act_dim, config.critic_hidden_dims).to(device)
+        self.critic_target = CriticEnsemble(obs_dim, act_dim, config.critic_hidden_dims, NUM_CRITICS).to(device)
         self.perturbation_target.load_state_dict(self.perturbation.state_dict())
         self.critic_target.load_state_dict(self.critic.state_dict())
         for p in [*self.perturbation_target.parameters(), *self.critic_target.parameters()]:
             p.requires_grad_(False)
-        self.vae_optimizer = torch.optim.Adam(self.vae.parameters(), lr=config.vae_lr,
-                                              **_fast_adam(device, config.compile))
-        self.actor_optimizer = torch.optim.Adam(self.perturbation.parameters(), lr=config.actor_lr,
-                                                **_fast_adam(device, config.compile))
-        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=config.critic_lr,
-                                                 **_fast_adam(device, config.compile))
+        self.vae_optimizer = adam(self.vae.parameters(), config.vae_lr, config)
+        self.actor_optimizer = adam(self.perturbation.parameters(), config.actor_lr, config)
+        self.critic_optimizer = adam(self.critic.parameters(), config.critic_lr, config)
         # act() draws its latents from this private generator, reseeded on every call: the policy is then
         # a deterministic function of the state, and evaluation leaves the training RNG untouched.
         self.act_generator = torch.Generator(device=device)
-        if config.compile:
-            torch._dynamo.config.trace_autograd_ops = True  # trace loss.backward() into the compiled step too
-        compile_mode = "reduce-overhead" if device.type == "cuda" else None  # on CUDA: replayed as CUDA graphs
-        self._update = (torch.compile(self._update_impl, mode=compile_mode, dynamic=False) if config.compile
-                        else self._update_impl)
+        # zero_grad of the three optimisers, then _update_impl (torch.compile'd whole under --compile); each
+        # loss reaches only its own optimiser's parameters, so one reset before all equals one before each
+        self._update = update_step(self._update_impl, config, self.vae_optimizer, self.critic_optimizer,
+                                   self.actor_optimizer)
 
     def update(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        # outside the compiled step (torch.compile skips zero_grad); each loss below reaches only its own
-        # optimiser's parameters, so resetting all of them here equals resetting each before its backward
-        self.vae_optimizer.zero_grad(set_to_none=True)
-        self.critic_optimizer.zero_grad(set_to_none=True)
-        self.actor_optimizer.zero_grad(set_to_none=True)
         return self._update(batch["obs"], batch["actions"], batch["rewards"], batch["next_obs"],
                             batch["terminals"])
 
@@ -364,33 +309,14 @@ class Agent:
         self.critic.load_state_dict(state["critic"])
         self.perturbation_target.load_state_dict(state["perturbation_target"])
         self.critic_target.load_state_dict(state["critic_target"])
-        self.vae_optimizer.load_state_dict(state["vae_optimizer"])
-        self.actor_optimizer.load_state_dict(state["actor_optimizer"])
-        self.critic_optimizer.load_state_dict(state["critic_optimizer"])
-        _use_this_runs_adam([self.vae_optimizer, self.actor_optimizer, self.critic_optimizer],
-                            self.device, self.config.compile)
+        load_optimizer(self.vae_optimizer, state["vae_optimizer"])
+        load_optimizer(self.actor_optimizer, state["actor_optimizer"])
+        load_optimizer(self.critic_optimizer, state["critic_optimizer"])
 
 
 def soft_update(target: nn.Module, online: nn.Module, tau: float) -> None:
     """theta' <- tau * theta + (1 - tau) * theta' for every parameter."""
     torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), tau)
-
-
-def _fast_adam(device: torch.device, compiled: bool) -> dict:
-    """Fused Adam (one kernel for all parameters) where this torch build has it, else foreach. Under --compile
-    the foreach Adam, which torch.compile traces into the step (it runs the fused one outside the graph), and
-    capturable: its step count stays a device tensor, as a CUDA graph needs."""
-    if compiled:
-        return {"foreach": True, "capturable": True}
-    return {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}
-
-
-def _use_this_runs_adam(optimizers: list, device: torch.device, compiled: bool) -> None:
-    """Set this run's Adam implementation on loaded optimisers: they keep the flags they were saved with, and
-    --compile may differ on resume (both implementations keep the step count on the parameters' device)."""
-    for optimizer in optimizers:
-        for group in optimizer.param_groups:
-            group.update({"fused": None, "foreach": None, "capturable": False, **_fast_adam(device, compiled)})
 
 
 def train(config: Config) -> dict:

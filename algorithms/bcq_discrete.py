@@ -15,11 +15,8 @@ non-Atari tasks (`--target-update-every N` switches to its Atari rule, a hard co
 The reference uses Adam 3e-4 and batch 64 on those tasks; the library's batch size is 256.
 Only the training length is per dataset, in `DATASET_SETTINGS` below.
 
---compile compiles the whole update (forward, backward, the Adam step, the Polyak target update; static
-shapes) and on CUDA replays it as CUDA graphs (mode reduce-overhead); the hard copy of `--target-update-every`
-runs between steps, outside. torch.optim breaks the graph around every optimizer.step() on purpose, so the
-step runs as 3 graphs (forward+backward, Adam step, target update) back to back; zero_grad runs just before,
-outside the compiled step (torch.compile does not trace it).
+--compile compiles the whole update with its Polyak target update (common/optim.py); the hard copy of
+`--target-update-every` runs between steps, outside it.
 """
 
 from __future__ import annotations
@@ -39,6 +36,7 @@ sys.path.insert(0, next((str(p) for p in Path(__file__).resolve().parents if (p 
 from common.datasets import DataSpec, ObsNormalizer, TensorSampler, load_dataset  # noqa: E402
 from common.errors import fail  # noqa: E402
 from common.evaluation import evaluate, make_eval_envs  # noqa: E402
+from common.optim import adam, load_optimizer, update_step  # noqa: E402
 from common.runs import Run, resolve_config, run_cli, setup  # noqa: E402
 
 DISCRETE_ONLY = True  # the benchmark builds this agent for a discrete action set
@@ -153,16 +151,12 @@ class Agent:
         # G: logits of pi_beta(a|s); no ReLU on the output layer (a ReLU there was BCQ issue #6)
         self.imitation = mlp(spec.obs_dim, config.hidden_dims, spec.act_dim).to(device)
         params = [*self.q_network.parameters(), *self.imitation.parameters()]
-        self.optimizer = torch.optim.Adam(params, lr=config.lr, **_fast_adam(device, config.compile))
+        self.optimizer = adam(params, config.lr, config)
         self.steps = 0  # counts updates, for the periodic target copy
-        if config.compile:
-            torch._dynamo.config.trace_autograd_ops = True  # trace loss.backward() into the compiled step too
-        compile_mode = "reduce-overhead" if device.type == "cuda" else None  # on CUDA: replayed as CUDA graphs
-        self._update = (torch.compile(self._update_impl, mode=compile_mode, dynamic=False) if config.compile
-                        else self._update_impl)
+        # zero_grad, then _update_impl (torch.compile'd whole under --compile)
+        self._update = update_step(self._update_impl, config, self.optimizer)
 
     def update(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        self.optimizer.zero_grad(set_to_none=True)  # outside the compiled step: torch.compile skips zero_grad
         logs = self._update(batch["obs"], batch["actions"], batch["rewards"], batch["next_obs"],
                             batch["terminals"])
         self.steps += 1
@@ -228,26 +222,8 @@ class Agent:
         self.q_network.load_state_dict(state["q_network"])
         self.q_target.load_state_dict(state["q_target"])
         self.imitation.load_state_dict(state["imitation"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        _use_this_runs_adam([self.optimizer], self.device, self.config.compile)
+        load_optimizer(self.optimizer, state["optimizer"])
         self.steps = int(state["steps"])
-
-
-def _fast_adam(device: torch.device, compiled: bool) -> dict:
-    """Fused Adam (one kernel for all parameters) where this torch build has it, else foreach. Under --compile
-    the foreach Adam, which torch.compile traces into the step (it runs the fused one outside the graph), and
-    capturable: its step count stays a device tensor, as a CUDA graph needs."""
-    if compiled:
-        return {"foreach": True, "capturable": True}
-    return {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}
-
-
-def _use_this_runs_adam(optimizers: list, device: torch.device, compiled: bool) -> None:
-    """Set this run's Adam implementation on loaded optimisers: they keep the flags they were saved with, and
-    --compile may differ on resume (both implementations keep the step count on the parameters' device)."""
-    for optimizer in optimizers:
-        for group in optimizer.param_groups:
-            group.update({"fused": None, "foreach": None, "capturable": False, **_fast_adam(device, compiled)})
 
 
 def train(config: Config) -> dict:

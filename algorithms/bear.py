@@ -40,12 +40,13 @@ Evaluation uses the mean action max_action * tanh(mu(s)) (deterministic, as `act
 instead picks the best of 10 sampled actions by Q_1.
 Per-dataset settings (kernel, sigma, warm-up length, training length) live in `DATASET_SETTINGS` below;
 flags override them.
+
+--compile compiles the whole update (common/optim.py); the warm-up phase is a second graph.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 import os
 import sys
 from dataclasses import dataclass
@@ -62,6 +63,8 @@ sys.path.insert(0, next((str(p) for p in Path(__file__).resolve().parents if (p 
 from common.datasets import DataSpec, ObsNormalizer, TensorSampler, load_dataset  # noqa: E402
 from common.errors import fail  # noqa: E402
 from common.evaluation import evaluate, make_eval_envs  # noqa: E402
+from common.networks import CriticEnsemble  # noqa: E402
+from common.optim import adam, load_optimizer, update_step  # noqa: E402
 from common.runs import Run, resolve_config, run_cli, setup  # noqa: E402
 
 
@@ -259,43 +262,6 @@ class BehaviorVAE(nn.Module):
         return self.max_action * torch.tanh(raw), raw
 
 
-class VectorizedLinear(nn.Module):
-    """K independent linear layers applied as one batched matmul: (K, B, in) -> (K, B, out)."""
-
-    def __init__(self, in_features: int, out_features: int, ensemble_size: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(ensemble_size, in_features, out_features))
-        self.bias = nn.Parameter(torch.empty(ensemble_size, 1, out_features))
-        # the same initialisation as nn.Linear, drawn independently for each member
-        bound = 1.0 / math.sqrt(in_features)
-        nn.init.uniform_(self.weight, -bound, bound)
-        nn.init.uniform_(self.bias, -bound, bound)
-
-
-class CriticEnsemble(nn.Module):
-    """The Q-ensemble {Q_theta_i}_{i=1..K} evaluated together."""
-
-    def __init__(self, obs_dim: int, act_dim: int, hidden_dims: tuple[int, ...], ensemble_size: int):
-        super().__init__()
-        dims = [obs_dim + act_dim, *hidden_dims, 1]
-        self.layers = nn.ModuleList(VectorizedLinear(i, o, ensemble_size) for i, o in zip(dims[:-1], dims[1:]))
-        self.ensemble_size = ensemble_size
-
-    def forward(self, obs: torch.Tensor, actions: torch.Tensor, detach_weights: bool = False) -> torch.Tensor:
-        """Q-values `(K, B)` for `obs (B, obs_dim)` and `actions (B, act_dim)`.
-
-        `detach_weights`: the actor's loss differentiates through the action only, never into the critics.
-        """
-        x = torch.cat([obs, actions], -1).unsqueeze(0).expand(self.ensemble_size, -1, -1)
-        for i, layer in enumerate(self.layers):
-            weight, bias = (layer.weight.detach(), layer.bias.detach()) if detach_weights else (layer.weight,
-                                                                                                 layer.bias)
-            x = torch.baddbmm(bias, x, weight)
-            if i < len(self.layers) - 1:
-                x = F.relu(x)
-        return x.squeeze(-1)
-
-
 class Agent:
     """Q-ensemble, actor, their targets, the behaviour VAE, the Lagrange multiplier and the BEAR-QL update."""
 
@@ -316,29 +282,20 @@ class Agent:
         self.behavior_vae = BehaviorVAE(spec.obs_dim, spec.act_dim, config.vae_hidden_dims,
                                         spec.max_action).to(device)
         self.lagrange_log_alpha = torch.tensor(float(config.initial_log_alpha), device=device, requires_grad=True)
-        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=config.critic_lr,
-                                                 **_fast_adam(device, config.compile))
-        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=config.actor_lr,
-                                                **_fast_adam(device, config.compile))
-        self.vae_optimizer = torch.optim.Adam(self.behavior_vae.parameters(), lr=config.vae_lr,
-                                              **_fast_adam(device, config.compile))
+        self.critic_optimizer = adam(self.critic.parameters(), config.critic_lr, config)
+        self.actor_optimizer = adam(self.actor.parameters(), config.actor_lr, config)
+        self.vae_optimizer = adam(self.behavior_vae.parameters(), config.vae_lr, config)
         self.actor_and_lagrange = [*self.actor.parameters(), self.lagrange_log_alpha]  # what one backward trains
-        self.lagrange_optimizer = torch.optim.Adam([self.lagrange_log_alpha], lr=config.lagrange_lr,
-                                                   **_fast_adam(device, config.compile))
+        self.lagrange_optimizer = adam([self.lagrange_log_alpha], config.lagrange_lr, config)
         self.total_it = 0  # python int: the warm-up switch needs no device sync
-        if config.compile:
-            torch._dynamo.config.trace_autograd_ops = True  # trace loss.backward() into the compiled step too
-        compile_mode = "reduce-overhead" if device.type == "cuda" else None  # on CUDA: replayed as CUDA graphs
-        self._update = (torch.compile(self._update_impl, mode=compile_mode, dynamic=False) if config.compile
-                        else self._update_impl)
+        # zero_grad of the four optimisers, then _update_impl (torch.compile'd whole under --compile); each loss
+        # reaches only its own optimiser's parameters, so one reset before all equals one before each
+        self._update = update_step(self._update_impl, config, self.vae_optimizer, self.critic_optimizer,
+                                   self.actor_optimizer, self.lagrange_optimizer)
 
     def update(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         self.total_it += 1
         warmup = self.total_it <= self.warmup_steps  # a Python bool: compiled as two graphs, warm-up and main
-        # outside the compiled step (torch.compile skips zero_grad); each loss below reaches only its own
-        # optimiser's parameters, so resetting all of them here equals resetting each before its backward
-        for optimizer in (self.vae_optimizer, self.critic_optimizer, self.actor_optimizer, self.lagrange_optimizer):
-            optimizer.zero_grad(set_to_none=True)
         return self._update(batch["obs"], batch["actions"], batch["rewards"], batch["next_obs"],
                             batch["terminals"], warmup)
 
@@ -433,12 +390,10 @@ class Agent:
         self.behavior_vae.load_state_dict(state["behavior_vae"])
         with torch.no_grad():
             self.lagrange_log_alpha.copy_(state["lagrange_log_alpha"])
-        self.critic_optimizer.load_state_dict(state["critic_optimizer"])
-        self.actor_optimizer.load_state_dict(state["actor_optimizer"])
-        self.vae_optimizer.load_state_dict(state["vae_optimizer"])
-        self.lagrange_optimizer.load_state_dict(state["lagrange_optimizer"])
-        _use_this_runs_adam([self.critic_optimizer, self.actor_optimizer, self.vae_optimizer, self.lagrange_optimizer],
-                            self.device, self.config.compile)
+        load_optimizer(self.critic_optimizer, state["critic_optimizer"])
+        load_optimizer(self.actor_optimizer, state["actor_optimizer"])
+        load_optimizer(self.vae_optimizer, state["vae_optimizer"])
+        load_optimizer(self.lagrange_optimizer, state["lagrange_optimizer"])
         self.total_it = int(state["total_it"])
 
 
@@ -446,23 +401,6 @@ def _per_dataset(config: Config, name: str):
     """A per-dataset field's value; the catch-all row's (D4RL) value where nothing filled it (e.g. the bench)."""
     value = getattr(config, name)
     return DATASET_SETTINGS[-1][1][name] if value is None else value
-
-
-def _fast_adam(device: torch.device, compiled: bool) -> dict:
-    """Fused Adam (one kernel for all parameters) where this torch build has it, else foreach. Under --compile
-    the foreach Adam, which torch.compile traces into the step (it runs the fused one outside the graph), and
-    capturable: its step count stays a device tensor, as a CUDA graph needs."""
-    if compiled:
-        return {"foreach": True, "capturable": True}
-    return {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}
-
-
-def _use_this_runs_adam(optimizers: list, device: torch.device, compiled: bool) -> None:
-    """Set this run's Adam implementation on loaded optimisers: they keep the flags they were saved with, and
-    --compile may differ on resume (both implementations keep the step count on the parameters' device)."""
-    for optimizer in optimizers:
-        for group in optimizer.param_groups:
-            group.update({"fused": None, "foreach": None, "capturable": False, **_fast_adam(device, compiled)})
 
 
 def train(config: Config) -> dict:

@@ -21,6 +21,8 @@ reference code (github.com/aviralkumar2907/CQL, d4rl/examples/cql_mujoco_new.py)
 3e-5, no BC warm-up, raw rewards (every locomotion config but hopper-medium-v2, which rescales by the return
 range) and orthogonal initialisation (`--orthogonal-init`). Antmaze uses the Lagrange variant with tau 5,
 alpha 5, 40k BC warm-up steps and policy lr 1e-4 (the reference README).
+
+--compile compiles the whole update (common/optim.py); the BC warm-up is a second graph.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ sys.path.insert(0, next((str(p) for p in Path(__file__).resolve().parents if (p 
 from common.datasets import DataSpec, ObsNormalizer, TensorSampler, load_dataset  # noqa: E402
 from common.errors import fail  # noqa: E402
 from common.evaluation import evaluate, make_eval_envs  # noqa: E402
+from common.networks import CriticEnsemble, VectorizedLinear  # noqa: E402
+from common.optim import adam, load_optimizer, update_step  # noqa: E402
 from common.runs import Run, resolve_config, run_cli, setup  # noqa: E402
 
 
@@ -108,10 +112,11 @@ class Config:
     """Adam learning rate of the actor and of the entropy temperature (None: from DATASET_SETTINGS, 1e-4)"""
     critic_lr: float = 3e-4
     """Adam learning rate of the twin critics and of log alpha' (paper: 3e-4)"""
-    discount: float = 0.99
+    gamma: float = 0.99
     """gamma, the discount in the Bellman target r + gamma * (1 - done) * Q'(s', a')"""
-    polyak: float = 5e-3
-    """target network update Q' <- (1 - polyak) Q' + polyak Q every step (reference code: 5e-3)"""
+    tau: float = 5e-3
+    """Polyak rate tau of the target critics: Q' <- (1 - tau) Q' + tau Q every step (reference code: 5e-3; not
+    the Lagrange threshold: that is --lagrange-threshold)"""
     hidden_dims: tuple[int, ...] = (256, 256, 256)
     """hidden layer sizes of the actor and of each critic (reference code: 3 x 256)"""
     target_entropy: float | None = None
@@ -162,38 +167,6 @@ def mlp(in_dim: int, hidden_dims: tuple[int, ...], out_dim: int) -> nn.Sequentia
         last = width
     layers.append(nn.Linear(last, out_dim))
     return nn.Sequential(*layers)
-
-
-class VectorizedLinear(nn.Module):
-    """K independent linear layers applied as one batched matmul: (K, N, in) -> (K, N, out)."""
-
-    def __init__(self, in_features: int, out_features: int, ensemble_size: int):
-        super().__init__()
-        bound = 1.0 / math.sqrt(in_features)  # nn.Linear's default initialisation, per member
-        self.weight = nn.Parameter(torch.empty(ensemble_size, in_features, out_features).uniform_(-bound, bound))
-        self.bias = nn.Parameter(torch.empty(ensemble_size, 1, out_features).uniform_(-bound, bound))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.baddbmm(self.bias, x, self.weight)
-
-
-class CriticEnsemble(nn.Module):
-    """K critics Q_k(s, a) evaluated together: every layer is one `baddbmm` over the K members."""
-
-    def __init__(self, obs_dim: int, act_dim: int, hidden_dims: tuple[int, ...], num_critics: int = 2):
-        super().__init__()
-        self.num_critics = num_critics
-        layers, last = [], obs_dim + act_dim
-        for width in hidden_dims:
-            layers += [VectorizedLinear(last, width, num_critics), nn.ReLU()]
-            last = width
-        layers.append(VectorizedLinear(last, 1, num_critics))
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """obs (N, obs_dim), actions (N, act_dim) -> Q values (K, N)."""
-        x = torch.cat([obs, actions], dim=-1)
-        return self.net(x.unsqueeze(0).expand(self.num_critics, -1, -1)).squeeze(-1)
 
 
 class TanhGaussianActor(nn.Module):
@@ -277,20 +250,6 @@ def cql_logsumexp(q_uniform: torch.Tensor, q_policy: torch.Tensor, q_policy_next
     return temperature * torch.logsumexp(weighted / temperature, dim=-1)
 
 
-def resolve_lagrange(config: Config) -> tuple[bool, float]:
-    """(Lagrange variant on?, tau): on with --lagrange or with a positive per-dataset lagrange_threshold."""
-    tau = config.lagrange_threshold
-    if tau is not None and tau > 0:
-        return True, float(tau)
-    return bool(config.lagrange), LAGRANGE_THRESHOLD_DEFAULT
-
-
-def _with_catch_all_settings(config: Config) -> Config:
-    """Fill per-dataset fields still at None from the catch-all row (agents built without a dataset: bench)."""
-    catch_all = DATASET_SETTINGS[-1][1]
-    return dataclasses.replace(config, **{k: v for k, v in catch_all.items() if getattr(config, k) is None})
-
-
 class Agent:
     """Tanh-Gaussian actor, twin critics (one ensemble), their targets, the temperatures and the CQL(H) update."""
 
@@ -317,26 +276,18 @@ class Agent:
         # Each loss below touches only its own parameters (the others enter it detached), so the actor shares an
         # optimiser with log alpha_ent (both at policy_lr, as in the reference code) and the critics share one
         # with log alpha' (both at critic_lr): per-parameter Adam makes this the same as separate optimisers.
-        self.actor_optimizer = torch.optim.Adam(list(self.actor.parameters()) + [self.log_entropy_alpha],
-                                                lr=config.policy_lr, **_fast_adam(device, config.compile))
-        self.critic_optimizer = torch.optim.Adam(list(self.critic.parameters()) + [self.lagrange_log_alpha],
-                                                 lr=config.critic_lr, **_fast_adam(device, config.compile))
+        self.actor_optimizer = adam([*self.actor.parameters(), self.log_entropy_alpha], config.policy_lr, config)
+        self.critic_optimizer = adam([*self.critic.parameters(), self.lagrange_log_alpha], config.critic_lr, config)
         self.step = 0
         # what the update's one backward trains (log alpha' only in the Lagrange variant)
         self.params = [*self.critic.parameters(), *self.actor.parameters(), self.log_entropy_alpha,
                        *([self.lagrange_log_alpha] if self.use_lagrange else [])]
-        if config.compile:
-            torch._dynamo.config.trace_autograd_ops = True  # trace loss.backward() into the compiled step too
-        compile_mode = "reduce-overhead" if device.type == "cuda" else None  # on CUDA: replayed as CUDA graphs
-        self._update = (torch.compile(self._update_impl, mode=compile_mode, dynamic=False) if config.compile
-                        else self._update_impl)
+        # zero_grad of both optimisers, then _update_impl (torch.compile'd whole under --compile)
+        self._update = update_step(self._update_impl, config, self.critic_optimizer, self.actor_optimizer)
 
     def update(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         bc_warmup = self.step < self.config.bc_steps  # a Python bool: compiled as two graphs, warm-up and main
         self.step += 1
-        # outside the compiled step (torch.compile skips zero_grad)
-        self.critic_optimizer.zero_grad(set_to_none=True)
-        self.actor_optimizer.zero_grad(set_to_none=True)
         return self._update(batch["obs"], batch["actions"], batch["rewards"], batch["next_obs"],
                             batch["terminals"], bc_warmup)
 
@@ -359,7 +310,7 @@ class Agent:
             target_q = self.target_critic(next_obs, next_actions[:, 0]).min(0).values
             if cfg.backup_entropy:
                 target_q = target_q - entropy_alpha * next_log_prob[:, 0]
-            target = rewards + cfg.discount * (1.0 - terminals) * target_q
+            target = rewards + cfg.gamma * (1.0 - terminals) * target_q
 
         # --- one critic pass over every action CQL needs, all at the state s: the dataset action, n uniform
         # actions, n actions from pi(.|s) and n from pi(.|s'), i.e. (1 + 3n) actions per state, obs repeated
@@ -409,8 +360,7 @@ class Agent:
         # The critic is read with detached weights (the actor loss must not train Q) and before its update, as in
         # the reference code; so all losses share one backward pass (and one compiled graph with --compile).
         log_pi = pi_log_prob[:, 0]
-        frozen_critic = {name: p.detach() for name, p in self.critic.named_parameters()}
-        q_policy = torch.func.functional_call(self.critic, frozen_critic, (obs, pi_actions[:, 0])).min(0).values
+        q_policy = self.critic(obs, pi_actions[:, 0], detach_weights=True).min(0).values
         if bc_warmup:
             data_u = torch.atanh((actions / self.max_action).clamp(-1.0 + ATANH_EPS, 1.0 - ATANH_EPS))
             actor_loss = (entropy_alpha * log_pi - tanh_gaussian_log_prob(data_u, mean, log_std,
@@ -441,9 +391,9 @@ class Agent:
         self.critic_optimizer.step()
         self.actor_optimizer.step()
 
-        # Q' <- (1 - polyak) Q' + polyak Q
+        # Q' <- (1 - tau) Q' + tau Q
         with torch.no_grad():
-            torch._foreach_lerp_(list(self.target_critic.parameters()), list(self.critic.parameters()), cfg.polyak)
+            torch._foreach_lerp_(list(self.target_critic.parameters()), list(self.critic.parameters()), cfg.tau)
         return logs
 
     @torch.no_grad()
@@ -471,27 +421,23 @@ class Agent:
         with torch.no_grad():
             self.log_entropy_alpha.copy_(state["log_entropy_alpha"])
             self.lagrange_log_alpha.copy_(state["lagrange_log_alpha"])
-        self.actor_optimizer.load_state_dict(state["actor_optimizer"])
-        self.critic_optimizer.load_state_dict(state["critic_optimizer"])
-        _use_this_runs_adam([self.actor_optimizer, self.critic_optimizer], self.device, self.config.compile)
+        load_optimizer(self.actor_optimizer, state["actor_optimizer"])
+        load_optimizer(self.critic_optimizer, state["critic_optimizer"])
         self.step = int(state["step"])
 
 
-def _fast_adam(device: torch.device, compiled: bool) -> dict:
-    """Fused Adam (one kernel for all parameters) where this torch build has it, else foreach. Under --compile
-    the foreach Adam, which torch.compile traces into the step (it runs the fused one outside the graph), and
-    capturable: its step count stays a device tensor, as a CUDA graph needs."""
-    if compiled:
-        return {"foreach": True, "capturable": True}
-    return {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}
+def resolve_lagrange(config: Config) -> tuple[bool, float]:
+    """(Lagrange variant on?, tau): on with --lagrange or with a positive per-dataset lagrange_threshold."""
+    threshold = config.lagrange_threshold
+    if threshold is not None and threshold > 0:
+        return True, float(threshold)
+    return bool(config.lagrange), LAGRANGE_THRESHOLD_DEFAULT
 
 
-def _use_this_runs_adam(optimizers: list, device: torch.device, compiled: bool) -> None:
-    """Set this run's Adam implementation on loaded optimisers: they keep the flags they were saved with, and
-    --compile may differ on resume (both implementations keep the step count on the parameters' device)."""
-    for optimizer in optimizers:
-        for group in optimizer.param_groups:
-            group.update({"fused": None, "foreach": None, "capturable": False, **_fast_adam(device, compiled)})
+def _with_catch_all_settings(config: Config) -> Config:
+    """Fill per-dataset fields still at None from the catch-all row (agents built without a dataset: bench)."""
+    catch_all = DATASET_SETTINGS[-1][1]
+    return dataclasses.replace(config, **{k: v for k, v in catch_all.items() if getattr(config, k) is None})
 
 
 def train(config: Config) -> dict:

@@ -16,6 +16,9 @@ re-implementation, BY571/CQL issue #5, which makes the term push all actions dow
 TD loss: Huber by default (`--td-loss mse` for the squared error). Target network: Polyak averaging every
 step, or a hard copy every `--target-update-period` steps (DQN style).
 Per-dataset settings (training length) live in `DATASET_SETTINGS` below; flags override them.
+
+--compile compiles the whole update with its Polyak target update (common/optim.py); the hard copy of
+`--target-update-period` runs between steps, outside it.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ sys.path.insert(0, next((str(p) for p in Path(__file__).resolve().parents if (p 
 from common.datasets import DataSpec, ObsNormalizer, TensorSampler, load_dataset  # noqa: E402
 from common.errors import fail  # noqa: E402
 from common.evaluation import evaluate, make_eval_envs  # noqa: E402
+from common.optim import adam, load_optimizer, update_step  # noqa: E402
 from common.runs import Run, resolve_config, run_cli, setup  # noqa: E402
 
 DISCRETE_ONLY = True  # bench gives this file a discrete DataSpec
@@ -86,12 +90,13 @@ class Config:
     4.0 with 1%; 0 gives plain offline double DQN)"""
     lr: float = 3e-4
     """Adam learning rate of the Q-network"""
-    discount: float = 0.99
+    gamma: float = 0.99
     """gamma in the target r + gamma * (1 - done) * Q'(s', argmax_a' Q(s', a'))"""
     td_loss: Literal["huber", "mse"] = "huber"
     """loss on the TD error: Huber (smooth L1 with delta 1, as DQN) or the squared error"""
-    polyak: float = 5e-3
-    """target network update Q' <- (1 - polyak) Q' + polyak Q every step (when target_update_period is 0)"""
+    tau: float = 5e-3
+    """Polyak rate tau of the target network: Q' <- (1 - tau) Q' + tau Q every step (when target_update_period
+    is 0)"""
     target_update_period: int = 0
     """copy Q into Q' every this many steps instead of Polyak averaging (0: Polyak; DQN uses 8000 frames)"""
     hidden_dims: tuple[int, ...] = (256, 256)
@@ -137,17 +142,12 @@ class Agent:
         self.config, self.spec, self.device = config, spec, device
         self.q_network = mlp(spec.obs_dim, config.hidden_dims, spec.act_dim).to(device)
         self.target_network = copy.deepcopy(self.q_network).requires_grad_(False)
-        self.optimizer = torch.optim.Adam(self.q_network.parameters(), lr=config.lr,
-                                          **_fast_adam(device, config.compile))
+        self.optimizer = adam(self.q_network.parameters(), config.lr, config)
         self.step = 0
-        if config.compile:
-            torch._dynamo.config.trace_autograd_ops = True  # trace loss.backward() into the compiled step too
-        compile_mode = "reduce-overhead" if device.type == "cuda" else None  # on CUDA: replayed as CUDA graphs
-        self._update = (torch.compile(self._update_impl, mode=compile_mode, dynamic=False) if config.compile
-                        else self._update_impl)
+        # zero_grad, then _update_impl (torch.compile'd whole under --compile)
+        self._update = update_step(self._update_impl, config, self.optimizer)
 
     def update(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        self.optimizer.zero_grad(set_to_none=True)  # outside the compiled step: torch.compile skips zero_grad
         logs = self._update(batch["obs"], batch["actions"], batch["rewards"], batch["next_obs"],
                             batch["terminals"])
         self.step += 1
@@ -167,7 +167,7 @@ class Agent:
             #   T Q(s,a) = r + gamma (1 - done) Q'(s', argmax_a' Q(s', a'))   (terminations only, not timeouts)
             next_actions = self.q_network(next_obs).argmax(dim=1, keepdim=True)
             next_q = self.target_network(next_obs).gather(1, next_actions).squeeze(1)
-            target = rewards + cfg.discount * (1.0 - terminals) * next_q
+            target = rewards + cfg.gamma * (1.0 - terminals) * next_q
         # 1/2 E_(s,a,s')~D [ (Q(s,a) - T Q(s,a))^2 ]   (lecture: "Conservative Evaluation"; Huber by default)
         if cfg.td_loss == "huber":
             td_loss = F.smooth_l1_loss(q_data, target)
@@ -183,9 +183,9 @@ class Agent:
         loss.backward()
         self.optimizer.step()
         if cfg.target_update_period <= 0:
-            with torch.no_grad():  # Q' <- (1 - polyak) Q' + polyak Q
+            with torch.no_grad():  # Q' <- (1 - tau) Q' + tau Q
                 torch._foreach_lerp_(list(self.target_network.parameters()), list(self.q_network.parameters()),
-                                     cfg.polyak)
+                                     cfg.tau)
         return logs
 
     @torch.no_grad()
@@ -205,26 +205,8 @@ class Agent:
     def load_state_dict(self, state: dict) -> None:
         self.q_network.load_state_dict(state["q_network"])
         self.target_network.load_state_dict(state["target_network"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        _use_this_runs_adam([self.optimizer], self.device, self.config.compile)
+        load_optimizer(self.optimizer, state["optimizer"])
         self.step = int(state["step"])
-
-
-def _fast_adam(device: torch.device, compiled: bool) -> dict:
-    """Fused Adam (one kernel for all parameters) where this torch build has it, else foreach. Under --compile
-    the foreach Adam, which torch.compile traces into the step (it runs the fused one outside the graph), and
-    capturable: its step count stays a device tensor, as a CUDA graph needs."""
-    if compiled:
-        return {"foreach": True, "capturable": True}
-    return {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}
-
-
-def _use_this_runs_adam(optimizers: list, device: torch.device, compiled: bool) -> None:
-    """Set this run's Adam implementation on loaded optimisers: they keep the flags they were saved with, and
-    --compile may differ on resume (both implementations keep the step count on the parameters' device)."""
-    for optimizer in optimizers:
-        for group in optimizer.param_groups:
-            group.update({"fused": None, "foreach": None, "capturable": False, **_fast_adam(device, compiled)})
 
 
 def train(config: Config) -> dict:

@@ -16,11 +16,7 @@ Usage:
 Continuous actions only. SAC's hyperparameters are not tuned per dataset; only the training length differs,
 for the small local and test datasets, in `DATASET_SETTINGS` below; flags override it.
 
---compile compiles the whole update (forward, backward, the three Adam steps, the target update; static
-shapes; pi's samples drawn on the device inside) and on CUDA replays it as CUDA graphs (mode reduce-overhead).
-torch.optim breaks the graph around every optimizer.step() on purpose, so the step runs as 6 graphs (critic
-forward+backward, its step, actor and temperature forward+backward, their two steps, the target update) back
-to back; zero_grad runs just before, outside the compiled step (torch.compile does not trace it).
+--compile compiles the whole update, pi's samples drawn on the device inside (common/optim.py).
 """
 
 from __future__ import annotations
@@ -42,6 +38,8 @@ sys.path.insert(0, next((str(p) for p in Path(__file__).resolve().parents if (p 
 from common.datasets import DataSpec, ObsNormalizer, TensorSampler, load_dataset  # noqa: E402
 from common.errors import fail  # noqa: E402
 from common.evaluation import evaluate, make_eval_envs  # noqa: E402
+from common.networks import CriticEnsemble  # noqa: E402
+from common.optim import adam, load_optimizer, update_step  # noqa: E402
 from common.runs import Run, resolve_config, run_cli, setup  # noqa: E402
 
 
@@ -148,43 +146,6 @@ class TanhGaussianActor(nn.Module):
         return self.max_action * torch.tanh(mean)
 
 
-class VectorizedLinear(nn.Module):
-    """K independent linear layers applied as one batched matmul: (K, B, in) -> (K, B, out)."""
-
-    def __init__(self, in_features: int, out_features: int, ensemble_size: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(ensemble_size, in_features, out_features))
-        self.bias = nn.Parameter(torch.empty(ensemble_size, 1, out_features))
-        # the same initialisation as nn.Linear, drawn independently for each member
-        bound = 1.0 / math.sqrt(in_features)
-        nn.init.uniform_(self.weight, -bound, bound)
-        nn.init.uniform_(self.bias, -bound, bound)
-
-
-class CriticEnsemble(nn.Module):
-    """K critics Q_theta_k(s, a) evaluated together; SAC's twin critics are K = 2."""
-
-    def __init__(self, obs_dim: int, act_dim: int, hidden_dims: tuple[int, ...], ensemble_size: int):
-        super().__init__()
-        dims = [obs_dim + act_dim, *hidden_dims, 1]
-        self.layers = nn.ModuleList(VectorizedLinear(i, o, ensemble_size) for i, o in zip(dims[:-1], dims[1:]))
-        self.ensemble_size = ensemble_size
-
-    def forward(self, obs: torch.Tensor, actions: torch.Tensor, detach_weights: bool = False) -> torch.Tensor:
-        """Q-values `(K, B)` for `obs (B, obs_dim)` and `actions (B, act_dim)`.
-
-        `detach_weights`: the actor's loss differentiates through the action only, never into the critics.
-        """
-        x = torch.cat([obs, actions], -1).unsqueeze(0).expand(self.ensemble_size, -1, -1)
-        for i, layer in enumerate(self.layers):
-            weight, bias = (layer.weight.detach(), layer.bias.detach()) if detach_weights else (layer.weight,
-                                                                                                 layer.bias)
-            x = torch.baddbmm(bias, x, weight)
-            if i < len(self.layers) - 1:
-                x = F.relu(x)
-        return x.squeeze(-1)
-
-
 class Agent:
     """Actor, twin critics, target critics, the temperature and the SAC update."""
 
@@ -197,25 +158,16 @@ class Agent:
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         self.log_alpha = torch.tensor(math.log(config.initial_alpha), device=device, requires_grad=True)
         self.target_entropy = float(-spec.act_dim if config.target_entropy is None else config.target_entropy)
-        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=config.actor_lr,
-                                                **_fast_adam(device, config.compile))
-        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=config.critic_lr,
-                                                 **_fast_adam(device, config.compile))
-        self.alpha_optimizer = torch.optim.Adam([self.log_alpha], lr=config.alpha_lr,
-                                                **_fast_adam(device, config.compile))
+        self.actor_optimizer = adam(self.actor.parameters(), config.actor_lr, config)
+        self.critic_optimizer = adam(self.critic.parameters(), config.critic_lr, config)
+        self.alpha_optimizer = adam([self.log_alpha], config.alpha_lr, config)
         self.actor_and_alpha = [*self.actor.parameters(), self.log_alpha]  # what the second backward trains
-        if config.compile:
-            torch._dynamo.config.trace_autograd_ops = True  # trace loss.backward() into the compiled step too
-        compile_mode = "reduce-overhead" if device.type == "cuda" else None  # on CUDA: replayed as CUDA graphs
-        self._update = (torch.compile(self._update_impl, mode=compile_mode, dynamic=False) if config.compile
-                        else self._update_impl)
+        # zero_grad of the three optimisers, then _update_impl (torch.compile'd whole under --compile); each loss
+        # reaches only its own optimiser's parameters, so one reset up front equals one before each backward
+        self._update = update_step(self._update_impl, config, self.critic_optimizer, self.actor_optimizer,
+                                   self.alpha_optimizer)
 
     def update(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        # outside the compiled step (torch.compile skips zero_grad); each loss below reaches only its own
-        # optimiser's parameters, so resetting all of them here equals resetting each before its backward
-        self.critic_optimizer.zero_grad(set_to_none=True)
-        self.actor_optimizer.zero_grad(set_to_none=True)
-        self.alpha_optimizer.zero_grad(set_to_none=True)
         return self._update(batch["obs"], batch["actions"], batch["rewards"], batch["next_obs"],
                             batch["terminals"])
 
@@ -281,28 +233,9 @@ class Agent:
         self.critic_target.load_state_dict(state["critic_target"])
         with torch.no_grad():
             self.log_alpha.copy_(state["log_alpha"])
-        self.actor_optimizer.load_state_dict(state["actor_optimizer"])
-        self.critic_optimizer.load_state_dict(state["critic_optimizer"])
-        self.alpha_optimizer.load_state_dict(state["alpha_optimizer"])
-        _use_this_runs_adam([self.actor_optimizer, self.critic_optimizer, self.alpha_optimizer],
-                            self.device, self.config.compile)
-
-
-def _fast_adam(device: torch.device, compiled: bool) -> dict:
-    """Fused Adam (one kernel for all parameters) where this torch build has it, else foreach. Under --compile
-    the foreach Adam, which torch.compile traces into the step (it runs the fused one outside the graph), and
-    capturable: its step count stays a device tensor, as a CUDA graph needs."""
-    if compiled:
-        return {"foreach": True, "capturable": True}
-    return {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}
-
-
-def _use_this_runs_adam(optimizers: list, device: torch.device, compiled: bool) -> None:
-    """Set this run's Adam implementation on loaded optimisers: they keep the flags they were saved with, and
-    --compile may differ on resume (both implementations keep the step count on the parameters' device)."""
-    for optimizer in optimizers:
-        for group in optimizer.param_groups:
-            group.update({"fused": None, "foreach": None, "capturable": False, **_fast_adam(device, compiled)})
+        load_optimizer(self.actor_optimizer, state["actor_optimizer"])
+        load_optimizer(self.critic_optimizer, state["critic_optimizer"])
+        load_optimizer(self.alpha_optimizer, state["alpha_optimizer"])
 
 
 def train(config: Config) -> dict:

@@ -38,7 +38,7 @@ def test_update_losses_match_the_paper_computed_by_hand(weighting):
     torch.manual_seed(0)
     config = awac.Config(env="test/pendulum/mixed-v0", device="cpu", max_steps=10, actor_hidden_dims=(32, 32),
                          critic_hidden_dims=(32, 32), temperature=0.1, weighting=weighting, max_weight=3.0,
-                         discount=0.9)
+                         gamma=0.9)
     agent = awac.Agent(config, SPEC, torch.device("cpu"))
     b = _batch()
     # replay the update's two draws from the global RNG: a' ~ pi(.|s'), then a ~ pi(.|s) for V(s)
@@ -74,7 +74,7 @@ def test_update_losses_match_the_paper_computed_by_hand(weighting):
 
 def test_sampled_actions_stay_inside_the_bounds_and_targets_move_by_polyak():
     torch.manual_seed(0)
-    agent = awac.Agent(awac.Config(env="test/pendulum/mixed-v0", device="cpu", max_steps=10, polyak=0.5,
+    agent = awac.Agent(awac.Config(env="test/pendulum/mixed-v0", device="cpu", max_steps=10, tau=0.5,
                                    actor_hidden_dims=(16,), critic_hidden_dims=(16,)), SPEC, torch.device("cpu"))
     with torch.no_grad():
         agent.log_std.fill_(2.0)  # a very wide Gaussian

@@ -124,7 +124,7 @@ def test_awr_beats_the_behaviour_policy_on_mixed_data(tmp_path, pendulum_mixed_i
     # (gamma 0.9) keeps the Monte Carlo advantages' variance low enough for 3000 steps; with gamma 0.99 AWR
     # needs ~15k steps here, and without the truncation bootstrap it stays below the behaviour return.
     result = awr.train(run_config(awr.Config, pendulum_mixed_id, tmp_path, max_steps=3000, hidden_dims=(64, 64),
-                                  lr=1e-3, discount=0.9, eval_episodes=10))
+                                  lr=1e-3, gamma=0.9, eval_episodes=10))
     behaviour = behaviour_return(pendulum_mixed_id)  # about -955
     assert result["return_mean"] > behaviour + 150, (result["return_mean"], behaviour)
     assert math.isfinite(result["return_mean"])

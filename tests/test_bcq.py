@@ -75,7 +75,7 @@ def test_perturbation_stays_within_phi_and_actions_within_bounds():
 def critic_member(critic, k: int, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
     """Critic k evaluated alone with plain matmuls: x W_k + b_k per layer, ReLU between."""
     x = torch.cat([obs, actions], -1)
-    layers = [m for m in critic.net if isinstance(m, bcq.VectorizedLinear)]
+    layers = list(critic.layers)
     for i, layer in enumerate(layers):
         x = x @ layer.weight[k] + layer.bias[k, 0]
         if i < len(layers) - 1:

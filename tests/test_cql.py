@@ -162,10 +162,10 @@ def test_dataset_settings_are_the_reference_codes():
 def test_orthogonal_init_gives_orthogonal_members():
     agent = cql.Agent(tiny_config(orthogonal_init=True, hidden_dims=(16, 16)), DataSpec(4, 2, 1.0, False),
                       torch.device("cpu"))
-    first = agent.critic.net[0].weight  # (K, in, out) with in = 6 < out = 16: orthonormal rows, times gain^2 = 2
+    first = agent.critic.layers[0].weight  # (K, in, out) with in = 6 < out = 16: orthonormal rows, times gain^2 = 2
     for member in first:
         assert torch.allclose(member @ member.T, 2.0 * torch.eye(member.shape[0]), atol=1e-5)
-    assert torch.count_nonzero(agent.critic.net[0].bias) == 0
+    assert torch.count_nonzero(agent.critic.layers[0].bias) == 0
     last = agent.actor.net[-1].weight
     assert last.abs().max() < 0.05  # output layer gain 1e-2
 
@@ -192,9 +192,9 @@ def test_resume_continues_with_the_same_numbers(tmp_path, pendulum_mixed_id):
 # --- the lecture's claim and learning ----------------------------------------------------------------------
 
 # Settings for the short runs below: small networks and batches so that a run costs seconds, and a faster
-# target network (polyak 0.1) and learning rates so that Q travels from its initial 0 to the scale of the
+# target network (tau 0.1) and learning rates so that Q travels from its initial 0 to the scale of the
 # returns (about -260 with gamma = 0.99) within ~1000 steps.
-FAST = dict(hidden_dims=(64, 64), batch_size=64, policy_lr=1e-3, critic_lr=1e-3, polyak=0.1)
+FAST = dict(hidden_dims=(64, 64), batch_size=64, policy_lr=1e-3, critic_lr=1e-3, tau=0.1)
 
 
 def q_on_policy_actions(dataset_id: str, steps: int, seed: int = 0, **overrides) -> tuple[float, float]:
@@ -206,7 +206,7 @@ def q_on_policy_actions(dataset_id: str, steps: int, seed: int = 0, **overrides)
                              "rewards": data["rewards"], "next_obs": normalizer(data["next_obs"]),
                              "terminals": data["terminals"]}, "cpu", seed)
     torch.manual_seed(seed)
-    config = tiny_config(**{**FAST, "discount": 0.99, **overrides})
+    config = tiny_config(**{**FAST, "gamma": 0.99, **overrides})
     agent = cql.Agent(config, dataset.spec, torch.device("cpu"))
     for _ in range(steps):
         agent.update(sampler.sample(config.batch_size))
