@@ -549,7 +549,9 @@ def _build_embedded_default(minari_id: str) -> None:
     print(f"'{minari_id}' is part of the embedded default suite and is not built yet: building "
           f"local/{EMBEDDED_PRESET}/* now (a few minutes on one core; `make datasets` does the same)",
           file=sys.stderr, flush=True)
-    command = [sys.executable, "-m", "common.build", EMBEDDED_PRESET, "--skip-existing"]
+    # -P: the current directory is not put first on the path, so this copy's common/ (first on PYTHONPATH) is the
+    # one that runs, even where the user's own project has a package named common
+    command = [sys.executable, "-P", "-m", "common.build", EMBEDDED_PRESET, "--skip-existing"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), *filter(None, [os.environ.get("PYTHONPATH")])]))
     if subprocess.run(command, env=env).returncode != 0:
         fail(f"building the embedded default suite failed; run `{LOCAL_PRESET_HINT.format(preset=EMBEDDED_PRESET)}` "

@@ -284,7 +284,7 @@ def test_embedded_default_is_built_on_first_use(minari_root, monkeypatch):
     with pytest.raises(UserError, match="building the embedded default suite failed"):
         load_dataset("local/pendulum/medium-replay-v0")
     (command, env), = calls
-    assert command[1:] == ["-m", "common.build", "pendulum", "--skip-existing"]
+    assert command[1:] == ["-P", "-m", "common.build", "pendulum", "--skip-existing"]
     assert env["PYTHONPATH"].split(os.pathsep)[0] == str(ROOT)  # this copy's builder, wherever the user runs
     with pytest.raises(UserError, match="not built"):  # other local suites are never built implicitly
         load_dataset("local/hopper/medium-replay-v0")
