@@ -70,11 +70,15 @@ def report(tmp_path_factory, dataset_a):
     root = tmp_path_factory.mktemp("results")
     runs = root / "runs"
     for seed, final, mid in ((0, 60.0, 65.0), (1, 70.0, 50.0), (2, 80.0, 90.0)):
-        write_run(runs, "iql", A, seed, final, {500: mid})
+        # seed 2 was made before --discount became --gamma: one row all the same
+        write_run(runs, "iql", A, seed, final, {500: mid}, **({"discount": 0.99} if seed == 2 else {"gamma": 0.99}))
     write_run(runs, "bc", A, 0, 40.0)
     write_run(runs, "bc", A, 1, 50.0)
     write_run(runs, "bc", A, 2, None, finished=False)
     write_run(runs, "iql", B, 0, 20.0)
+    nan_final = write_run(runs, "iql", B, 1, 20.0)  # its summary's final score NaN: skipped, never averaged in
+    summary = json.loads((nan_final / "summary.json").read_text())
+    (nan_final / "summary.json").write_text(json.dumps({**summary, "normalized_score_mean": float("nan")}))
     write_run(runs, "iql", B, 2, 30.0)
     for seed, final in ((0, 10.0), (1, 20.0), (2, 60.0)):
         write_run(runs, "bc", B, seed, final)
@@ -90,7 +94,7 @@ def report(tmp_path_factory, dataset_a):
     code = main(["--runs-dir", str(runs), "--output", str(out), "--reps", "2000",
                  "--published", str(published)])
     return {"code": code, "text": out.read_text(), "figures": out.with_suffix(""), "runs": runs,
-            "corrupt": corrupt, "partial": partial}
+            "corrupt": corrupt, "partial": partial, "nan_final": nan_final}
 
 
 def row(text: str, env: str, algo: str) -> str:
@@ -104,7 +108,7 @@ def test_rows_equal_the_hand_computed_means_and_stds(report):
     assert row(text, A, "iql") == (f"| {A} | iql | 1000 | 0, 1, 2 | 70.0 ± 8.2 | 75.0 ± 10.8 | 55.0 | "
                                    f"-30.0 ± 8.2 | 10 | - | abc123def456 |")
     assert row(text, A, "bc") == (f"| {A} | bc | 1000 | 0, 1 | 45.0 ± 5.0 | 45.0 ± 5.0 | 55.0 | -55.0 ± 5.0 | 10 | "
-                                  f"seed 2 unfinished (step 500 of 1000) | abc123def456 |")
+                                  f"seed 2 unfinished (logged to step 500, no checkpoint, of 1000 steps) | abc123def456 |")
     assert row(text, B, "iql") == (f"| {B} | iql | 1000 | 0, 2 | 25.0 ± 5.0 | 25.0 ± 5.0 | n/a | -75.0 ± 5.0 | 10 | "
                                    f"seed 1 missing | abc123def456 |")
     # bc on B: 10 20 60 -> 30.0 ± sqrt(1400/3) = 21.6; the corrupt (999) and partial (999) runs are not in it
@@ -115,8 +119,9 @@ def test_corrupt_and_partial_metrics_are_skipped_with_a_warning_naming_them(repo
     text = report["text"]
     assert f"`{report['corrupt']}` (metrics.jsonl line 4 is not JSON)" in text
     assert f"`{report['partial']}` (metrics.jsonl has no evaluation at the final step 1000 (partial metrics))" in text
+    assert f"`{report['nan_final']}` (summary.json holds a non-finite final score)" in text
     runs, skipped = results.collect_runs([report["runs"]])
-    assert {p for p, _ in skipped} == {report["corrupt"], report["partial"]}
+    assert {p for p, _ in skipped} == {report["corrupt"], report["partial"], report["nan_final"]}
     assert f"warning: skipping {report['corrupt']}" in capsys.readouterr().err
 
 

@@ -23,7 +23,7 @@ TRANSITIONS = 10_000
 NOISE = 0.3
 STEPS = 1_200
 EVAL_EVERY = 200
-SHARED = {"gamma": 0.95, "reward_scale": 0.1, "policy_lr": 1e-3, "critic_lr": 1e-3, "polyak": 0.05}
+SHARED = {"gamma": 0.95, "reward_scale": 0.1, "policy_lr": 1e-3, "critic_lr": 1e-3, "tau": 0.05}
 
 
 def run(alphas=ALPHAS, steps: int = STEPS, eval_every: int = EVAL_EVERY, transitions: int = TRANSITIONS,

@@ -55,12 +55,10 @@ def train_and_track(algo: str, data: dict[str, np.ndarray], steps: int, eval_eve
                     reward_scale: float = 1.0, **overrides) -> dict:
     """Train algorithms/<algo>.py's Agent on `data` for `steps` updates; every `eval_every` updates record
     `q` (mean over start states of Q(s0, pi(s0))) and `true` (mean true discounted return of pi, rewards
-    times `reward_scale` as in training). `gamma` is the discount of both (passed to the file's own discount
-    field). Returns {"steps", "q", "true"} as arrays."""
+    times `reward_scale` as in training). `gamma` is the discount of both (every file's --gamma). Returns
+    {"steps", "q", "true"} as arrays."""
     torch.manual_seed(seed)
-    discount_field = "discount" if "discount" in {f.name for f in dataclasses.fields(import_algorithm(algo).Config)} \
-        else "gamma"
-    agent = make_agent(algo, seed, hidden_dims, batch_size, steps, **{discount_field: gamma}, **overrides)
+    agent = make_agent(algo, seed, hidden_dims, batch_size, steps, gamma=gamma, **overrides)
     normalizer = ObsNormalizer.from_data(data["obs"])
     sampler = TensorSampler({"obs": normalizer(data["obs"]), "actions": data["actions"],
                              "rewards": data["rewards"] * reward_scale,

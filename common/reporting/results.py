@@ -44,6 +44,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 # Runs that differ only in the seed and in where or how they ran (WHERE_FIELDS) belong to one row.
+from common.checkpoint import load_checkpoint, renamed_keys  # noqa: E402
+from common.errors import UserError  # noqa: E402
 from common.reporting.sweep import WHERE_FIELDS  # noqa: E402
 NOT_RUN_FOLDERS = {"sweeps", "datasets"}  # under --runs-dir: the sweep tool's and the dataset builder's
 SCORE_KEY, RETURN_KEY = "eval/normalized_score_mean", "eval/return_mean"
@@ -75,6 +77,7 @@ class RunRecord:
     eval_episodes: Any = "?"
     minari_id: str | None = None
     dataset_sha256: str | None = None  # as recorded by the run, when it did
+    checkpoint_step: int | None = None  # an unfinished run's last checkpoint (None: none)
 
 
 class Corrupt(Exception):
@@ -110,6 +113,7 @@ def read_run(path: Path) -> RunRecord:
     config = _read_json(path / "config.json")
     if not isinstance(config, dict) or not {"env", "seed", "max_steps"} <= config.keys():
         raise Corrupt("config.json lacks env, seed or max_steps")
+    config = renamed_keys(config)  # runs made before --discount/--polyak became --gamma/--tau group with later ones
     algo = path.parent.parent.name
     if not (path / "summary.json").is_file():
         steps = []
@@ -120,7 +124,7 @@ def read_run(path: Path) -> RunRecord:
                 except (ValueError, KeyError, TypeError):
                     pass
         return RunRecord(path, algo, config["env"], int(config["seed"]), int(config["max_steps"] or 0), config,
-                         finished=False, last_step=max(steps, default=0))
+                         finished=False, last_step=max(steps, default=0), checkpoint_step=_checkpoint_step(path))
     summary = _read_json(path / "summary.json")
     needed = {"algo", "env", "seed", "steps", "return_mean", "normalized_score_mean"}
     if not isinstance(summary, dict) or not needed <= summary.keys():
@@ -138,12 +142,22 @@ def read_run(path: Path) -> RunRecord:
     if not np.all(np.isfinite(values)):
         raise Corrupt("metrics.jsonl holds a non-finite evaluation")
     final = summary["normalized_score_mean"]
+    if final is not None and not np.isfinite(float(final)) or not np.isfinite(float(summary["return_mean"])):
+        raise Corrupt("summary.json holds a non-finite final score")
     return RunRecord(path, summary["algo"], summary["env"], int(summary["seed"]), steps, config, finished=True,
                      last_step=steps, final=None if final is None else float(final),
                      final_return=float(summary["return_mean"]),
                      best=None if final is None else max(values), curve=curve,
                      commit=summary.get("git_commit", "unknown"), eval_episodes=summary.get("eval_episodes", "?"),
                      minari_id=summary.get("minari_id"), dataset_sha256=summary.get("dataset_sha256"))
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    """The step of a run directory's newest checkpoint, or None (none, or unreadable)."""
+    try:
+        return int(load_checkpoint(path)["step"])
+    except (UserError, KeyError, TypeError, ValueError):
+        return None
 
 
 def run_dirs(runs_dir: Path) -> list[Path]:
@@ -299,8 +313,15 @@ def group_runs(runs: list[RunRecord]) -> list[Group]:
     return groups
 
 
+def _progress(r: RunRecord) -> str:
+    """How far an unfinished run got: its last logged step and its last checkpoint, of its budget."""
+    logged = f"logged to step {r.last_step}" if r.last_step else "nothing logged"
+    saved = f"checkpoint at step {r.checkpoint_step}" if r.checkpoint_step is not None else "no checkpoint"
+    return f"{logged}, {saved}, of {r.steps} steps"
+
+
 def flags_of(group: Group) -> str:
-    parts = [f"seed {r.seed} unfinished (step {r.last_step} of {r.steps})" for r in group.unfinished]
+    parts = [f"seed {r.seed} unfinished ({_progress(r)})" for r in group.unfinished]
     parts += [f"seed {s} missing" for s in group.missing]
     return "; ".join(parts)
 
