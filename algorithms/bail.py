@@ -46,11 +46,8 @@ exactly the same points.
 Per-dataset settings in `DATASET_SETTINGS`: K (10,000 as the paper's text; the authors' scripts pass 1000)
 and the number of BC steps (the authors' 200k; fewer for the small local sets). BC batch 1000 as the authors.
 
---compile compiles the BC step and the envelope's step (each: forward, backward, the Adam step; static shapes;
-an epoch's last, smaller envelope batch is a second variant) and on CUDA replays them as CUDA graphs (mode
-reduce-overhead). torch.optim breaks the graph around every optimizer.step() on purpose, so each step runs as
-2 graphs (forward+backward, Adam step) back to back; zero_grad runs just before, outside the compiled step
-(torch.compile does not trace it). The envelope's validation pass and the selection run eagerly, once.
+--compile compiles the BC step and the envelope's step (common/optim.py; an epoch's last, smaller envelope batch
+is a second graph); the envelope's validation pass and the selection run eagerly, once.
 """
 
 from __future__ import annotations
@@ -75,6 +72,7 @@ from common.datasets import (DataSpec, Episode, ObsNormalizer, OfflineDataset, T
                              discounted_returns_to_go, load_dataset)
 from common.errors import fail  # noqa: E402
 from common.evaluation import evaluate, make_eval_envs  # noqa: E402
+from common.optim import adam, keep, load_optimizer, update_step  # noqa: E402
 from common.runs import Run, apply_dataset_settings, resolve_config, run_cli, setup  # noqa: E402
 
 PAPER_BATCH_SIZE = 1_000  # the authors' BC minibatch (main_static_bail.py)
@@ -119,7 +117,7 @@ class Config:
     compile: bool = False
     """torch.compile the update (faster after a warm-up compilation)"""
     # --- BAIL ---
-    discount: float = 0.99
+    gamma: float = 0.99
     """gamma in the Monte Carlo return G_i = sum_k gamma^k r_(i+k) (the authors' 0.99)"""
     augment_returns: bool = True
     """augment G_i of episodes cut by a time limit with the continuation of the most similar state (the
@@ -175,66 +173,7 @@ def mlp(in_dim: int, hidden_dims: tuple[int, ...], out_dim: int) -> nn.Sequentia
 
 
 # --------------------------------------------------------------------------------------------------
-# Step 1: Monte Carlo returns, augmented where a time limit cut the episode
-# --------------------------------------------------------------------------------------------------
-
-
-def monte_carlo_returns(episode: Episode, gamma: float, augment: bool = True) -> np.ndarray:
-    """G_t of one episode, float64 `(N,)`: the discounted return to the episode's end; for an episode that
-    does not end in a termination (and `augment`), G_t (t >= 1) += gamma^(N-t) (G_m - gamma^t G_(m+t)) with
-    m = argmin_{k <= N-t} ||s_k - s_N|| (first one on ties) and G_N = 0: the t steps missing from G_t's
-    N-step horizon, from the continuation of the state most similar to the one the episode was cut at."""
-    n = len(episode)
-    g = np.zeros(n + 1)
-    g[:n] = discounted_returns_to_go(episode.rewards, gamma)
-    if not augment or bool(episode.terminations[-1]) or n < 2:
-        return g[:n]
-    obs = episode.observations.reshape(n + 1, -1).astype(np.float64)
-    dist = np.linalg.norm(obs[:n] - obs[n], axis=1)
-    # first argmin of dist[0..k] for every k: the last position up to k where a strictly lower value appeared
-    prefix_min = np.minimum.accumulate(dist)
-    new_min = np.concatenate([[True], dist[1:] < prefix_min[:-1]])
-    first_argmin = np.maximum.accumulate(np.where(new_min, np.arange(n), 0))
-    t = np.arange(1, n)
-    m = first_argmin[n - t]
-    out = g[:n].copy()
-    out[1:] += gamma ** (n - t) * (g[m] - gamma ** t * g[m + t])
-    return out
-
-
-def check_episodes(dataset: OfflineDataset) -> None:
-    """One clear line for data BAIL cannot use: no episode boundaries, or episodes under 2 steps."""
-    episodes = dataset.episodes
-    if not any(bool(e.terminations[-1] or e.truncations[-1]) for e in episodes):
-        fail(f"'{dataset.name}' has no episode boundaries (no episode ends in a termination or truncation): "
-             f"Monte Carlo returns need whole episodes; store the data episode by episode")
-    short = [i for i, e in enumerate(episodes) if len(e) < 2]
-    if short:
-        fail(f"'{dataset.name}' has {len(short)} episode(s) shorter than 2 steps (episode {short[0]} has "
-             f"{len(episodes[short[0]])}); BAIL's returns need trajectories: drop them or use another dataset")
-
-
-def check_config(config: Config) -> None:
-    """One clear line for settings BAIL cannot run with (before anything is written)."""
-    checks = [
-        (0.0 < config.select_fraction <= 1.0,
-         f"--select-fraction (p) must lie in (0, 1], got {config.select_fraction}"),
-        (0.0 <= config.val_fraction < 1.0, f"--val-fraction must lie in [0, 1), got {config.val_fraction}"),
-        (0.0 <= config.discount <= 1.0, f"--discount must lie in [0, 1], got {config.discount}"),
-        (config.envelope_k > 0, f"--envelope-k (K) must be positive, got {config.envelope_k}"),
-        (config.envelope_epochs >= 1 and config.envelope_patience >= 1 and config.envelope_batch_size >= 1,
-         f"--envelope-epochs, --envelope-patience and --envelope-batch-size must be at least 1 (got "
-         f"{config.envelope_epochs}, {config.envelope_patience}, {config.envelope_batch_size})"),
-        (config.envelope_weight_decay >= 0 and config.envelope_lr > 0 and config.lr > 0,
-         "--envelope-weight-decay must be >= 0 and the learning rates positive"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            fail(message)
-
-
-# --------------------------------------------------------------------------------------------------
-# Step 2: the upper envelope, and step 3: selection and behaviour cloning
+# The upper envelope's loss (step 2), and the agent: envelope, selection, behaviour cloning (steps 2 and 3)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -242,21 +181,6 @@ def envelope_loss(v: torch.Tensor, g: torch.Tensor, k: float) -> torch.Tensor:
     """Per point (V - G)^2 {1(V >= G) + K 1(V < G)}: the slide's L^K without the lambda term."""
     diff = v - g
     return torch.where(diff >= 0, 1.0, k) * diff.square()
-
-
-def select_top_ratios(returns: torch.Tensor, values: torch.Tensor, fraction: float) -> tuple[torch.Tensor, float]:
-    """(bool mask of the round(p N) points with the highest G_i / V(s_i), x = the smallest kept ratio).
-
-    Returns and envelope are shifted by c = min(0, min_i G_i) first, and the denominator is floored at
-    RATIO_EPS, so that the ratio stays meaningful when returns or V are <= 0 (see the module docstring).
-    """
-    shift = torch.clamp(returns.min(), max=0.0)
-    ratio = (returns - shift) / (values - shift).clamp(min=RATIO_EPS)
-    keep = max(1, round(fraction * len(returns)))
-    order = torch.argsort(ratio, descending=True, stable=True)
-    selected = torch.zeros(len(returns), dtype=torch.bool, device=returns.device)
-    selected[order[:keep]] = True
-    return selected, float(ratio[order[keep - 1]])
 
 
 class Agent:
@@ -269,34 +193,26 @@ class Agent:
         self.config, self.spec, self.device = config, spec, device
         self.max_action = spec.max_action
         self.policy = mlp(spec.obs_dim, config.hidden_dims, spec.act_dim).to(device)
-        self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=config.lr,
-                                          **_fast_adam(device, config.compile))
+        self.optimizer = adam(self.policy.parameters(), config.lr, config)
         self.envelope = mlp(spec.obs_dim, config.envelope_hidden_dims, 1).to(device)
         with torch.no_grad():  # the authors' value head: weights scaled by 0.1, bias 0
             self.envelope[-1].weight.mul_(0.1)
             self.envelope[-1].bias.zero_()
         # lambda ||phi||^2 as Adam's (coupled) weight decay on every parameter of phi, as the authors
-        self.envelope_optimizer = torch.optim.Adam(self.envelope.parameters(), lr=config.envelope_lr,
-                                                   weight_decay=config.envelope_weight_decay,
-                                                   **_fast_adam(device, config.compile))
+        self.envelope_optimizer = adam(self.envelope.parameters(), config.envelope_lr, config,
+                                       weight_decay=config.envelope_weight_decay)
         self.selected = torch.zeros(0, dtype=torch.bool)  # U, as a mask over the dataset's rows (CPU)
         self.envelope_stats: dict[str, float] = {}
-        if config.compile:
-            torch._dynamo.config.trace_autograd_ops = True  # trace loss.backward() into the compiled step too
-        compile_mode = "reduce-overhead" if device.type == "cuda" else None  # on CUDA: replayed as CUDA graphs
-        self._update = (torch.compile(self._update_impl, mode=compile_mode, dynamic=False) if config.compile
-                        else self._update_impl)
-        self._envelope_update = (torch.compile(self._envelope_update_impl, mode=compile_mode, dynamic=False)
-                                 if config.compile else self._envelope_update_impl)
+        # each: zero_grad of its optimiser, then the step (torch.compile'd whole under --compile)
+        self._update = update_step(self._update_impl, config, self.optimizer)
+        self._envelope_update = update_step(self._envelope_update_impl, config, self.envelope_optimizer)
 
     # --- step 2: the upper envelope ------------------------------------------------------------------
     def envelope_update(self, obs: torch.Tensor, returns: torch.Tensor) -> torch.Tensor:
-        """One step on L^K for a minibatch; returns the minibatch's loss."""
-        self.envelope_optimizer.zero_grad(set_to_none=True)  # outside the compiled step: torch.compile skips it
-        # cloned: a CUDA graph's outputs are overwritten by its next replay, and fit_envelope keeps an epoch's losses
-        return self._envelope_update(obs, returns).clone()
+        """One step on L^K for a minibatch; returns the minibatch's loss (kept: fit_envelope holds an epoch's)."""
+        return keep(self._envelope_update(obs, returns))["envelope/loss"]
 
-    def _envelope_update_impl(self, obs: torch.Tensor, returns: torch.Tensor) -> torch.Tensor:
+    def _envelope_update_impl(self, obs: torch.Tensor, returns: torch.Tensor) -> dict[str, torch.Tensor]:
         v = self.envelope(obs).squeeze(-1)
         # L^K(phi) = sum_i (V_phi(s_i) - G_i)^2 {1(V_phi(s_i) >= G_i) + K 1(V_phi(s_i) < G_i)} + lambda ||phi||^2
         # (lecture: "BAIL: Best-Action Imitation Learning"; a batch mean; lambda as Adam's weight decay)
@@ -306,7 +222,7 @@ class Agent:
         # parameters that are not named when the step is recompiled)
         loss.backward(inputs=list(self.envelope.parameters()))
         self.envelope_optimizer.step()
-        return logged
+        return {"envelope/loss": logged}
 
     @torch.no_grad()
     def values(self, obs: torch.Tensor) -> torch.Tensor:
@@ -369,7 +285,6 @@ class Agent:
         return self.max_action * torch.tanh(self.policy(obs))
 
     def update(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        self.optimizer.zero_grad(set_to_none=True)  # outside the compiled step: torch.compile skips zero_grad
         return self._update(batch["obs"], batch["actions"])
 
     def _update_impl(self, obs: torch.Tensor, actions: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -394,29 +309,85 @@ class Agent:
 
     def load_state_dict(self, state: dict) -> None:
         self.policy.load_state_dict(state["policy"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer(self.optimizer, state["optimizer"])
         self.envelope.load_state_dict(state["envelope"])
-        self.envelope_optimizer.load_state_dict(state["envelope_optimizer"])
-        _use_this_runs_adam([self.optimizer, self.envelope_optimizer], self.device, self.config.compile)
+        load_optimizer(self.envelope_optimizer, state["envelope_optimizer"])
         self.selected = state["selected"].cpu().clone()
         self.envelope_stats = dict(state["envelope_stats"])
 
 
-def _fast_adam(device: torch.device, compiled: bool) -> dict:
-    """Fused Adam (one kernel for all parameters) where this torch build has it, else foreach. Under --compile
-    the foreach Adam, which torch.compile traces into the step (it runs the fused one outside the graph), and
-    capturable: its step count stays a device tensor, as a CUDA graph needs."""
-    if compiled:
-        return {"foreach": True, "capturable": True}
-    return {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}
+# --------------------------------------------------------------------------------------------------
+# What train() uses: step 1's Monte Carlo returns, step 3's selection rule, the data and settings checks
+# --------------------------------------------------------------------------------------------------
 
 
-def _use_this_runs_adam(optimizers: list, device: torch.device, compiled: bool) -> None:
-    """Set this run's Adam implementation on loaded optimisers: they keep the flags they were saved with, and
-    --compile may differ on resume (both implementations keep the step count on the parameters' device)."""
-    for optimizer in optimizers:
-        for group in optimizer.param_groups:
-            group.update({"fused": None, "foreach": None, "capturable": False, **_fast_adam(device, compiled)})
+def monte_carlo_returns(episode: Episode, gamma: float, augment: bool = True) -> np.ndarray:
+    """G_t of one episode, float64 `(N,)`: the discounted return to the episode's end; for an episode that
+    does not end in a termination (and `augment`), G_t (t >= 1) += gamma^(N-t) (G_m - gamma^t G_(m+t)) with
+    m = argmin_{k <= N-t} ||s_k - s_N|| (first one on ties) and G_N = 0: the t steps missing from G_t's
+    N-step horizon, from the continuation of the state most similar to the one the episode was cut at."""
+    n = len(episode)
+    g = np.zeros(n + 1)
+    g[:n] = discounted_returns_to_go(episode.rewards, gamma)
+    if not augment or bool(episode.terminations[-1]) or n < 2:
+        return g[:n]
+    obs = episode.observations.reshape(n + 1, -1).astype(np.float64)
+    dist = np.linalg.norm(obs[:n] - obs[n], axis=1)
+    # first argmin of dist[0..k] for every k: the last position up to k where a strictly lower value appeared
+    prefix_min = np.minimum.accumulate(dist)
+    new_min = np.concatenate([[True], dist[1:] < prefix_min[:-1]])
+    first_argmin = np.maximum.accumulate(np.where(new_min, np.arange(n), 0))
+    t = np.arange(1, n)
+    m = first_argmin[n - t]
+    out = g[:n].copy()
+    out[1:] += gamma ** (n - t) * (g[m] - gamma ** t * g[m + t])
+    return out
+
+
+def select_top_ratios(returns: torch.Tensor, values: torch.Tensor, fraction: float) -> tuple[torch.Tensor, float]:
+    """(bool mask of the round(p N) points with the highest G_i / V(s_i), x = the smallest kept ratio).
+
+    Returns and envelope are shifted by c = min(0, min_i G_i) first, and the denominator is floored at
+    RATIO_EPS, so that the ratio stays meaningful when returns or V are <= 0 (see the module docstring).
+    """
+    shift = torch.clamp(returns.min(), max=0.0)
+    ratio = (returns - shift) / (values - shift).clamp(min=RATIO_EPS)
+    n_kept = max(1, round(fraction * len(returns)))
+    order = torch.argsort(ratio, descending=True, stable=True)
+    selected = torch.zeros(len(returns), dtype=torch.bool, device=returns.device)
+    selected[order[:n_kept]] = True
+    return selected, float(ratio[order[n_kept - 1]])
+
+
+def check_episodes(dataset: OfflineDataset) -> None:
+    """One clear line for data BAIL cannot use: no episode boundaries, or episodes under 2 steps."""
+    episodes = dataset.episodes
+    if not any(bool(e.terminations[-1] or e.truncations[-1]) for e in episodes):
+        fail(f"'{dataset.name}' has no episode boundaries (no episode ends in a termination or truncation): "
+             f"Monte Carlo returns need whole episodes; store the data episode by episode")
+    short = [i for i, e in enumerate(episodes) if len(e) < 2]
+    if short:
+        fail(f"'{dataset.name}' has {len(short)} episode(s) shorter than 2 steps (episode {short[0]} has "
+             f"{len(episodes[short[0]])}); BAIL's returns need trajectories: drop them or use another dataset")
+
+
+def check_config(config: Config) -> None:
+    """One clear line for settings BAIL cannot run with (before anything is written)."""
+    checks = [
+        (0.0 < config.select_fraction <= 1.0,
+         f"--select-fraction (p) must lie in (0, 1], got {config.select_fraction}"),
+        (0.0 <= config.val_fraction < 1.0, f"--val-fraction must lie in [0, 1), got {config.val_fraction}"),
+        (0.0 <= config.gamma <= 1.0, f"--gamma must lie in [0, 1], got {config.gamma}"),
+        (config.envelope_k > 0, f"--envelope-k (K) must be positive, got {config.envelope_k}"),
+        (config.envelope_epochs >= 1 and config.envelope_patience >= 1 and config.envelope_batch_size >= 1,
+         f"--envelope-epochs, --envelope-patience and --envelope-batch-size must be at least 1 (got "
+         f"{config.envelope_epochs}, {config.envelope_patience}, {config.envelope_batch_size})"),
+        (config.envelope_weight_decay >= 0 and config.envelope_lr > 0 and config.lr > 0,
+         "--envelope-weight-decay must be >= 0 and the learning rates positive"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            fail(message)
 
 
 def train(config: Config) -> dict:
@@ -429,7 +400,7 @@ def train(config: Config) -> dict:
     check_episodes(dataset)
     data = dataset.transitions()
     # step 1: G_i for every data point, episode by episode (rows in the order of `transitions()`)
-    returns = np.concatenate([monte_carlo_returns(e, config.discount, config.augment_returns)
+    returns = np.concatenate([monte_carlo_returns(e, config.gamma, config.augment_returns)
                               for e in dataset.episodes]).astype(np.float32)
     normalizer = ObsNormalizer.from_data(data["obs"]) if config.normalize_obs else None
     obs = normalizer(data["obs"]) if normalizer else data["obs"]

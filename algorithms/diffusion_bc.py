@@ -34,10 +34,8 @@ once (chunks cut from episodes, padded at the end with the last action) and the 
 `--execute-steps` of each plan before planning again (receding horizon). Diffusion Policy conditions on the
 last 2 observations; here on the current one. Per-dataset settings (training length) live in `DATASET_SETTINGS`.
 
---compile compiles the whole update (forward, backward, the Adam step, the EMA step; static shapes) and on
-CUDA replays it as CUDA graphs (mode reduce-overhead), as bc.py does; zero_grad runs just before, outside the
-compiled step, and the EMA's decay enters as a device tensor changed in place. The sampling loop is not
-compiled (T denoiser calls per action, its random draws from the private generator).
+--compile compiles the whole update, the EMA step included (common/optim.py; the EMA's decay is a device tensor
+changed in place); the sampling loop runs eagerly.
 """
 
 from __future__ import annotations
@@ -61,6 +59,7 @@ sys.path.insert(0, next((str(p) for p in Path(__file__).resolve().parents if (p 
 from common.datasets import DataSpec, ObsNormalizer, TensorSampler, load_dataset  # noqa: E402
 from common.errors import fail  # noqa: E402
 from common.evaluation import evaluate, make_eval_envs  # noqa: E402
+from common.optim import adam, load_optimizer, update_step  # noqa: E402
 from common.runs import Run, resolve_config, run_cli, setup  # noqa: E402
 
 
@@ -143,24 +142,6 @@ MAX_BETA = 0.999  # the cosine schedule's cap on beta_t
 LINEAR_BETAS = (1e-4, 2e-2)  # DDPM's linear schedule ends (Diffusion-QL's linear_beta_schedule)
 VP_BETA_MIN, VP_BETA_MAX = 0.1, 10.0  # Diffusion-QL's vp_beta_schedule
 MIN_POSTERIOR_VARIANCE = 1e-20  # diffusers clamps the fixed_small variance here
-
-
-def check_config(config: Config) -> None:
-    """One clear line for diffusion settings that cannot work (before any data is read or folder made)."""
-    if config.diffusion_steps < 1:
-        fail(f"--diffusion-steps must be at least 1 (the number of noise levels T), got {config.diffusion_steps}")
-    if config.action_horizon < 1:
-        fail(f"--action-horizon must be at least 1 (actions per chunk), got {config.action_horizon}")
-    if not 1 <= config.execute_steps <= config.action_horizon:
-        fail(f"--execute-steps must lie in [1, --action-horizon={config.action_horizon}], got {config.execute_steps}")
-    if config.time_embed_dim < 4 or config.time_embed_dim % 2:
-        fail(f"--time-embed-dim must be even and at least 4 (sines and cosines), got {config.time_embed_dim}")
-    if config.ema_power <= 0:
-        fail(f"--ema-power must be positive, got {config.ema_power}")
-    if not 0.0 <= config.ema_max_decay < 1.0:
-        fail(f"--ema-max-decay must lie in [0, 1), got {config.ema_max_decay}")
-    if config.lr <= 0:
-        fail(f"--lr must be positive, got {config.lr}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -269,12 +250,6 @@ def ema_decay(updates_done: int, power: float, max_decay: float) -> float:
     return min(max_decay, 1.0 - (1.0 + step) ** -power)
 
 
-def action_chunks(actions: np.ndarray, horizon: int) -> np.ndarray:
-    """(N, A) actions of one episode -> (N, H * A): row t holds a_t..a_{t+H-1}, padded with a_{N-1}."""
-    index = np.minimum(np.arange(len(actions))[:, None] + np.arange(horizon)[None, :], len(actions) - 1)
-    return actions[index].reshape(len(actions), -1)
-
-
 class Agent:
     """The denoiser, its EMA copy, the noise schedule, the DDPM update and the sampling act()."""
 
@@ -290,23 +265,19 @@ class Agent:
         self.denoiser = Denoiser(spec.obs_dim, self.action_size, config.hidden_dims, config.time_embed_dim).to(device)
         self.ema_denoiser = copy.deepcopy(self.denoiser).requires_grad_(False)
         self.params, self.ema_params = list(self.denoiser.parameters()), list(self.ema_denoiser.parameters())
-        self.optimizer = torch.optim.Adam(self.params, lr=config.lr, **_fast_adam(device, config.compile))
+        self.optimizer = adam(self.params, config.lr, config)
         self.ema_updates = 0  # EMA updates done so far (drives the warm-up decay)
         # 1 - decay as a device tensor changed in place: a compiled update never retraces
         self.ema_weight = torch.zeros((), device=device)
         self.act_generator = torch.Generator(device=device)
         self.reset_sampling()
-        if config.compile:
-            torch._dynamo.config.trace_autograd_ops = True  # trace loss.backward() into the compiled step too
-        compile_mode = "reduce-overhead" if device.type == "cuda" else None  # on CUDA: replayed as CUDA graphs
-        self._update = (torch.compile(self._update_impl, mode=compile_mode, dynamic=False) if config.compile
-                        else self._update_impl)
+        # zero_grad, then _update_impl (torch.compile'd whole under --compile)
+        self._update = update_step(self._update_impl, config, self.optimizer)
 
     def update(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         decay = ema_decay(self.ema_updates, self.config.ema_power, self.config.ema_max_decay)
         self.ema_weight.fill_(1.0 - decay)
         self.ema_updates += 1
-        self.optimizer.zero_grad(set_to_none=True)  # outside the compiled step: torch.compile skips zero_grad
         return self._update(batch["obs"], batch["actions"])
 
     def _update_impl(self, obs: torch.Tensor, actions: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -359,26 +330,37 @@ class Agent:
     def load_state_dict(self, state: dict) -> None:
         self.denoiser.load_state_dict(state["denoiser"])
         self.ema_denoiser.load_state_dict(state["ema_denoiser"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        _use_this_runs_adam([self.optimizer], self.device, self.config.compile)
+        load_optimizer(self.optimizer, state["optimizer"])
         self.ema_updates = int(state["ema_updates"])
 
 
-def _fast_adam(device: torch.device, compiled: bool) -> dict:
-    """Fused Adam (one kernel for all parameters) where this torch build has it, else foreach. Under --compile
-    the foreach Adam, which torch.compile traces into the step (it runs the fused one outside the graph), and
-    capturable: its step count stays a device tensor, as a CUDA graph needs."""
-    if compiled:
-        return {"foreach": True, "capturable": True}
-    return {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}
+# ---------------------------------------------------------------------------------------------------
+# What train() uses: the settings check and the action chunks
+# ---------------------------------------------------------------------------------------------------
 
 
-def _use_this_runs_adam(optimizers: list, device: torch.device, compiled: bool) -> None:
-    """Set this run's Adam implementation on loaded optimisers: they keep the flags they were saved with, and
-    --compile may differ on resume (both implementations keep the step count on the parameters' device)."""
-    for optimizer in optimizers:
-        for group in optimizer.param_groups:
-            group.update({"fused": None, "foreach": None, "capturable": False, **_fast_adam(device, compiled)})
+def check_config(config: Config) -> None:
+    """One clear line for diffusion settings that cannot work (before any data is read or folder made)."""
+    if config.diffusion_steps < 1:
+        fail(f"--diffusion-steps must be at least 1 (the number of noise levels T), got {config.diffusion_steps}")
+    if config.action_horizon < 1:
+        fail(f"--action-horizon must be at least 1 (actions per chunk), got {config.action_horizon}")
+    if not 1 <= config.execute_steps <= config.action_horizon:
+        fail(f"--execute-steps must lie in [1, --action-horizon={config.action_horizon}], got {config.execute_steps}")
+    if config.time_embed_dim < 4 or config.time_embed_dim % 2:
+        fail(f"--time-embed-dim must be even and at least 4 (sines and cosines), got {config.time_embed_dim}")
+    if config.ema_power <= 0:
+        fail(f"--ema-power must be positive, got {config.ema_power}")
+    if not 0.0 <= config.ema_max_decay < 1.0:
+        fail(f"--ema-max-decay must lie in [0, 1), got {config.ema_max_decay}")
+    if config.lr <= 0:
+        fail(f"--lr must be positive, got {config.lr}")
+
+
+def action_chunks(actions: np.ndarray, horizon: int) -> np.ndarray:
+    """(N, A) actions of one episode -> (N, H * A): row t holds a_t..a_{t+H-1}, padded with a_{N-1}."""
+    index = np.minimum(np.arange(len(actions))[:, None] + np.arange(horizon)[None, :], len(actions) - 1)
+    return actions[index].reshape(len(actions), -1)
 
 
 def train(config: Config) -> dict:

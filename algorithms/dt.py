@@ -54,10 +54,8 @@ Flags override every one of them. The rest are the paper's for every dataset: K 
 gradient clipping at 0.25, batch 64, 100k steps (fewer on the small local sets, with the warm-up a tenth of
 them as in the paper).
 
---compile compiles the whole update (forward, backward, gradient clipping, the AdamW step; static shapes) and
-on CUDA replays it as CUDA graphs (mode reduce-overhead); torch.optim breaks the graph around
-optimizer.step() on purpose, and zero_grad runs just before, outside the compiled step. Dropout draws its
-masks from torch's generator on the device, whose state checkpoints save.
+--compile compiles the whole update, gradient clipping and the AdamW step included (common/optim.py); dropout
+draws its masks from torch's generator on the device, whose state checkpoints save.
 """
 
 from __future__ import annotations
@@ -80,6 +78,7 @@ sys.path.insert(0, next((str(p) for p in Path(__file__).resolve().parents if (p 
 from common.datasets import DataSpec, ObsNormalizer, OfflineDataset, load_dataset  # noqa: E402
 from common.errors import fail  # noqa: E402
 from common.evaluation import eval_log_entries, evaluate_stateful, make_eval_envs  # noqa: E402
+from common.optim import adam, load_optimizer, update_step  # noqa: E402
 from common.runs import Run, apply_dataset_settings, resolve_config, run_cli, setup  # noqa: E402
 
 PAPER_BATCH_SIZE = 64  # the paper's (and CORL's) minibatch of 64 windows of K steps
@@ -185,76 +184,6 @@ DATASET_SETTINGS: list[tuple[str, dict]] = [
     ("test/*", {**FROM_DATA, "max_steps": 2_000, "warmup_steps": 200}),
     ("*", {**FROM_DATA, "max_steps": 100_000, "warmup_steps": 10_000}),
 ]
-
-
-# --------------------------------------------------------------------------------------------------
-# Sequence sampler
-# --------------------------------------------------------------------------------------------------
-
-
-class SequenceSampler:
-    """Windows of K consecutive steps, each from one episode, drawn on the device by index arithmetic.
-
-    Episodes are laid end to end in one float table, each followed by K - 1 padding rows, with columns
-    observation | action | R^ * return_scale | mask (1 on real steps, 0 on padding). A window is drawn by
-    one uniform integer over all N steps (episode e is hit with probability len(e) / N, the start uniformly
-    inside it), and is the K table rows from that step's row on: one gather, never crossing an episode.
-    (Each episode is padded to its own length + K - 1, not all to the longest: a rectangular (episodes,
-    longest + K - 1) tensor would be several times larger on medium-replay sets, whose many short early
-    episodes sit beside 1000-step ones.)
-    Returns tensors `returns_to_go` (B, K), `obs` (B, K, obs_dim), `actions` (B, K, act_dim), `timesteps`
-    (B, K) int64 (absolute, clipped to max_timestep - 1) and `mask` (B, K). The generator's state is saved
-    in checkpoints, so a resumed run draws the same windows.
-    """
-
-    def __init__(self, episodes: list[tuple[np.ndarray, np.ndarray, np.ndarray]], context_len: int,
-                 max_timestep: int, device: torch.device | str, seed: int):
-        """`episodes`: (observations (N, obs_dim), actions (N, act_dim), scaled returns-to-go (N,)) each."""
-        self.device, self.context_len, self.max_timestep = torch.device(device), context_len, max_timestep
-        self.obs_dim, self.act_dim = episodes[0][0].shape[1], episodes[0][1].shape[1]
-        pad = context_len - 1
-        lengths = np.array([len(rtg) for _, _, rtg in episodes], dtype=np.int64)
-        width = self.obs_dim + self.act_dim + 2
-        table = np.zeros((int(lengths.sum()) + pad * len(episodes), width), dtype=np.float32)
-        first_row = np.concatenate([[0], np.cumsum(lengths + pad)[:-1]])
-        for (obs, actions, rtg), row, n in zip(episodes, first_row, lengths):
-            table[row:row + n] = np.concatenate([obs, actions, rtg[:, None], np.ones((n, 1))], axis=1)
-        # for every step of the dataset: its table row and its timestep inside its episode
-        step_row = np.concatenate([row + np.arange(n) for row, n in zip(first_row, lengths)])
-        step_time = np.concatenate([np.arange(n) for n in lengths])
-        self.num_steps = len(step_row)
-        self.table = torch.as_tensor(table, device=self.device)
-        self.step_index = torch.as_tensor(np.stack([step_row, step_time], 1), device=self.device)
-        self.offsets = torch.arange(context_len, device=self.device)
-        self.widths = [self.obs_dim, self.act_dim, 1, 1]
-        self.generator = torch.Generator(device=self.device)
-        self.generator.manual_seed(seed)
-
-    def sample(self, batch_size: int) -> dict[str, torch.Tensor]:
-        idx = torch.randint(0, self.num_steps, (batch_size,), device=self.device, generator=self.generator)
-        row, time = self.step_index.index_select(0, idx).unbind(1)
-        rows = (row[:, None] + self.offsets).view(-1)
-        block = self.table.index_select(0, rows).view(batch_size, self.context_len, -1)
-        obs, actions, rtg, mask = block.split(self.widths, dim=2)
-        timesteps = (time[:, None] + self.offsets).clamp_(max=self.max_timestep - 1)
-        return {"returns_to_go": rtg.squeeze(2), "obs": obs, "actions": actions, "timesteps": timesteps,
-                "mask": mask.squeeze(2)}
-
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
-
-
-def synthetic_batch_source(spec: DataSpec, config: Config, device: torch.device, seed: int = 0) -> SequenceSampler:
-    """The benchmark's data (common/reporting/bench.py): 100 random episodes of 1000 steps (100k steps, as
-    the benchmark's transition data), sampled exactly as training samples."""
-    rng = np.random.default_rng(seed)
-    episodes = [(rng.standard_normal((D4RL_EPISODE_LEN, spec.obs_dim)).astype(np.float32),
-                 rng.uniform(-1, 1, (D4RL_EPISODE_LEN, spec.act_dim)).astype(np.float32),
-                 rng.standard_normal(D4RL_EPISODE_LEN).astype(np.float32)) for _ in range(100)]
-    return SequenceSampler(episodes, config.context_len, config.max_episode_len or D4RL_EPISODE_LEN, device, seed)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -372,20 +301,17 @@ class Agent:
         # a tensor learning rate: the warm-up changes it in place, so a compiled update never retraces
         self.lr = torch.tensor(0.0, device=device)
         self.params = list(self.model.parameters())
-        self.optimizer = torch.optim.AdamW(self.params, lr=self.lr, weight_decay=config.weight_decay,
-                                           **_fast_adam(device, config.compile))
+        # AdamW: Adam with decoupled weight decay (torch.optim.AdamW is exactly this Adam)
+        self.optimizer = adam(self.params, self.lr, config, weight_decay=config.weight_decay,
+                              decoupled_weight_decay=True)
         self.step = 0  # updates done so far (drives the warm-up)
-        if config.compile:
-            torch._dynamo.config.trace_autograd_ops = True  # trace loss.backward() into the compiled step too
-        compile_mode = "reduce-overhead" if device.type == "cuda" else None  # on CUDA: replayed as CUDA graphs
-        self._update = (torch.compile(self._update_impl, mode=compile_mode, dynamic=False) if config.compile
-                        else self._update_impl)
+        # zero_grad, then _update_impl (torch.compile'd whole under --compile)
+        self._update = update_step(self._update_impl, config, self.optimizer)
 
     def update(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # lr_t = lr * min((t + 1) / warmup_steps, 1)   (the paper's LambdaLR warm-up, t counted from 0)
         self.lr.fill_(self.config.lr * min((self.step + 1) / max(self.config.warmup_steps, 1), 1.0))
         self.step += 1
-        self.optimizer.zero_grad(set_to_none=True)  # outside the compiled step: torch.compile skips zero_grad
         return self._update(batch["returns_to_go"], batch["obs"], batch["actions"], batch["timesteps"],
                             batch["mask"])
 
@@ -431,10 +357,9 @@ class Agent:
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer(self.optimizer, state["optimizer"])
         # the optimiser's saved lr replaced our tensor: point it back, so the warm-up keeps driving it
         self.optimizer.param_groups[0]["lr"] = self.lr
-        _use_this_runs_adam([self.optimizer], self.device, self.config.compile)
         self.step = int(state["step"])
 
 
@@ -478,26 +403,74 @@ class ReturnConditionedRollout:
         return action
 
 
-def _fast_adam(device: torch.device, compiled: bool) -> dict:
-    """Fused AdamW (one kernel for all parameters) where this torch build has it, else foreach. Under --compile
-    the foreach AdamW, which torch.compile traces into the step (it runs the fused one outside the graph), and
-    capturable: its step count stays a device tensor, as a CUDA graph needs."""
-    if compiled:
-        return {"foreach": True, "capturable": True}
-    return {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}
-
-
-def _use_this_runs_adam(optimizers: list, device: torch.device, compiled: bool) -> None:
-    """Set this run's AdamW implementation on loaded optimisers: they keep the flags they were saved with, and
-    --compile may differ on resume (both implementations keep the step count on the parameters' device)."""
-    for optimizer in optimizers:
-        for group in optimizer.param_groups:
-            group.update({"fused": None, "foreach": None, "capturable": False, **_fast_adam(device, compiled)})
-
-
 # --------------------------------------------------------------------------------------------------
-# Data checks and per-dataset values
+# What train() uses: the window sampler, data checks and per-dataset values, evaluation of every target
 # --------------------------------------------------------------------------------------------------
+
+
+class SequenceSampler:
+    """Windows of K consecutive steps, each from one episode, drawn on the device by index arithmetic.
+
+    Episodes are laid end to end in one float table, each followed by K - 1 padding rows, with columns
+    observation | action | R^ * return_scale | mask (1 on real steps, 0 on padding). A window is drawn by
+    one uniform integer over all N steps (episode e is hit with probability len(e) / N, the start uniformly
+    inside it), and is the K table rows from that step's row on: one gather, never crossing an episode.
+    (Each episode is padded to its own length + K - 1, not all to the longest: a rectangular (episodes,
+    longest + K - 1) tensor would be several times larger on medium-replay sets, whose many short early
+    episodes sit beside 1000-step ones.)
+    Returns tensors `returns_to_go` (B, K), `obs` (B, K, obs_dim), `actions` (B, K, act_dim), `timesteps`
+    (B, K) int64 (absolute, clipped to max_timestep - 1) and `mask` (B, K). The generator's state is saved
+    in checkpoints, so a resumed run draws the same windows.
+    """
+
+    def __init__(self, episodes: list[tuple[np.ndarray, np.ndarray, np.ndarray]], context_len: int,
+                 max_timestep: int, device: torch.device | str, seed: int):
+        """`episodes`: (observations (N, obs_dim), actions (N, act_dim), scaled returns-to-go (N,)) each."""
+        self.device, self.context_len, self.max_timestep = torch.device(device), context_len, max_timestep
+        self.obs_dim, self.act_dim = episodes[0][0].shape[1], episodes[0][1].shape[1]
+        pad = context_len - 1
+        lengths = np.array([len(rtg) for _, _, rtg in episodes], dtype=np.int64)
+        width = self.obs_dim + self.act_dim + 2
+        table = np.zeros((int(lengths.sum()) + pad * len(episodes), width), dtype=np.float32)
+        first_row = np.concatenate([[0], np.cumsum(lengths + pad)[:-1]])
+        for (obs, actions, rtg), row, n in zip(episodes, first_row, lengths):
+            table[row:row + n] = np.concatenate([obs, actions, rtg[:, None], np.ones((n, 1))], axis=1)
+        # for every step of the dataset: its table row and its timestep inside its episode
+        step_row = np.concatenate([row + np.arange(n) for row, n in zip(first_row, lengths)])
+        step_time = np.concatenate([np.arange(n) for n in lengths])
+        self.num_steps = len(step_row)
+        self.table = torch.as_tensor(table, device=self.device)
+        self.step_index = torch.as_tensor(np.stack([step_row, step_time], 1), device=self.device)
+        self.offsets = torch.arange(context_len, device=self.device)
+        self.widths = [self.obs_dim, self.act_dim, 1, 1]
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed)
+
+    def sample(self, batch_size: int) -> dict[str, torch.Tensor]:
+        idx = torch.randint(0, self.num_steps, (batch_size,), device=self.device, generator=self.generator)
+        row, time = self.step_index.index_select(0, idx).unbind(1)
+        rows = (row[:, None] + self.offsets).view(-1)
+        block = self.table.index_select(0, rows).view(batch_size, self.context_len, -1)
+        obs, actions, rtg, mask = block.split(self.widths, dim=2)
+        timesteps = (time[:, None] + self.offsets).clamp_(max=self.max_timestep - 1)
+        return {"returns_to_go": rtg.squeeze(2), "obs": obs, "actions": actions, "timesteps": timesteps,
+                "mask": mask.squeeze(2)}
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+def synthetic_batch_source(spec: DataSpec, config: Config, device: torch.device, seed: int = 0) -> SequenceSampler:
+    """The benchmark's data (common/reporting/bench.py): 100 random episodes of 1000 steps (100k steps, as
+    the benchmark's transition data), sampled exactly as training samples."""
+    rng = np.random.default_rng(seed)
+    episodes = [(rng.standard_normal((D4RL_EPISODE_LEN, spec.obs_dim)).astype(np.float32),
+                 rng.uniform(-1, 1, (D4RL_EPISODE_LEN, spec.act_dim)).astype(np.float32),
+                 rng.standard_normal(D4RL_EPISODE_LEN).astype(np.float32)) for _ in range(100)]
+    return SequenceSampler(episodes, config.context_len, config.max_episode_len or D4RL_EPISODE_LEN, device, seed)
 
 
 def check_episodes(dataset: OfflineDataset, context_len: int) -> None:

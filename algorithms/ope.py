@@ -14,7 +14,7 @@ Usage:
     python algorithms/ope.py --env local/pendulum/expert-v0 --policy runs/td3_bc/... --target-std 0.1
 
 What is estimated: J(pi) = E_(s0 ~ D) [ sum_t gamma^t r_t ], the discounted return from the dataset's initial
-states, gamma = --discount from `DATASET_SETTINGS` (chosen per dataset so that gamma^T is small for the
+states, gamma = --gamma from `DATASET_SETTINGS` (chosen per dataset so that gamma^T is small for the
 episode length T: the infinite-horizon value FQE estimates and the T-step value importance sampling
 estimates then agree to well under 1%). When the dataset has an environment, the output puts beside each
 estimate the true value measured there (--eval-episodes episodes): the deterministic policy's for FQE, the
@@ -51,11 +51,10 @@ Limits (the lecture's "Shortcomings", measured in results/figures/ figure 7):
     same slides): far from pi_beta it is biased, in either direction, and the interval cannot show it.
 Discrete-action policies are not supported (continuous Box actions only).
 
---compile compiles the whole training step (the evaluated policy's pi(s'), both losses, one backward, both
-Adam steps, the target update; static shapes); zero_grad runs just before it, outside (torch.compile does not
-trace it). The estimators after training are numpy.
+--compile compiles the whole training step, the evaluated policy's pi(s') and the target update included
+(common/optim.py); the estimators after training are numpy.
 
-Per-dataset settings in `DATASET_SETTINGS`: the discount (0.97 for the 200-step pendulum episodes, 0.995 for
+Per-dataset settings in `DATASET_SETTINGS`: the discount gamma (0.97 for the 200-step pendulum episodes, 0.995 for
 D4RL locomotion as DOPE, 0.99 otherwise) and the number of training steps.
 """
 
@@ -83,6 +82,7 @@ from common.datasets import (DataSpec, ObsNormalizer, TensorSampler, flatten_obs
                              minari_root, resolve_name)
 from common.errors import UserError, fail  # noqa: E402
 from common.evaluation import EVAL_SEED_OFFSET, make_eval_envs  # noqa: E402
+from common.optim import adam, load_optimizer, update_step  # noqa: E402
 from common.runs import Run, resolve_config, run_cli, setup  # noqa: E402
 
 
@@ -128,7 +128,7 @@ class Config:
     policy: str | None = None
     """the policy pi to evaluate: a run directory of this library (or its checkpoint.pt); None: the newest run
     under --runs-dir trained on --env"""
-    discount: float | None = None
+    gamma: float | None = None
     """gamma of the estimated value J = E[sum_t gamma^t r_t] and of FQE's target (None: from DATASET_SETTINGS)"""
     target_std: float = 0.2
     """sigma of importance sampling's target pi(a|s) = N(pi_det(s), (sigma * max_action)^2) (a deterministic
@@ -143,20 +143,20 @@ class Config:
     """hidden layer sizes of the behaviour model pi_beta_hat(a|s) = N(mu(s), sigma(s)^2)"""
     lr: float = 3e-4
     """Adam learning rate of the FQE critic and of the behaviour model"""
-    polyak: float = 0.005
-    """Polyak rate of FQE's target critic: Q_target <- (1 - polyak) Q_target + polyak Q"""
+    tau: float = 0.005
+    """Polyak rate tau of FQE's target critic: Q_target <- (1 - tau) Q_target + tau Q"""
 
 
 # Per-dataset settings: a field left at None takes the value of the first row whose pattern matches the
 # --env name or its Minari id. gamma^T small for the episode length T (pendulum T = 200: 0.97^200 = 0.002;
-# D4RL locomotion T = 1000: 0.995^1000 = 0.007, DOPE's discount).
+# D4RL locomotion T = 1000: 0.995^1000 = 0.007, DOPE's gamma).
 DATASET_SETTINGS: list[tuple[str, dict]] = [
-    ("local/pendulum/*", {"discount": 0.97, "max_steps": 20_000}),
-    ("test/*", {"discount": 0.97, "max_steps": 2_000}),
-    *[(pattern, {"discount": 0.995, "max_steps": 250_000}) for pattern in (
+    ("local/pendulum/*", {"gamma": 0.97, "max_steps": 20_000}),
+    ("test/*", {"gamma": 0.97, "max_steps": 2_000}),
+    *[(pattern, {"gamma": 0.995, "max_steps": 250_000}) for pattern in (
         "halfcheetah-*", "hopper-*", "walker2d-*", "ant-*", "mujoco/*", "local/hopper*", "local/halfcheetah*",
         "local/walker2d*", "local/ant*")],
-    ("*", {"discount": 0.99, "max_steps": 250_000}),
+    ("*", {"gamma": 0.99, "max_steps": 250_000}),
 ]
 
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # clip of the behaviour model's log-std
@@ -174,6 +174,109 @@ def mlp(in_dim: int, hidden_dims: tuple[int, ...], out_dim: int) -> nn.Sequentia
 def gaussian_log_prob(actions: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
     """log N(a; mean, diag exp(log_std)^2), summed over action dimensions: (batch,)."""
     return (-0.5 * ((actions - mean) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+
+class FixedLinearPolicy(nn.Module):
+    """A fixed pi(s) = max_action tanh(W s) from a private generator: the policy evaluated when none is given
+    (the benchmark and the convention tests build an Agent without a run)."""
+
+    def __init__(self, spec: DataSpec):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.register_buffer("weight", torch.randn(spec.obs_dim, spec.act_dim, generator=g) / math.sqrt(spec.obs_dim))
+        self.max_action = spec.max_action
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.max_action * torch.tanh(obs @ self.weight)
+
+
+class Agent:
+    """FQE's critic Q(s, a) with its target, and the behaviour model pi_beta_hat, trained side by side.
+
+    `target_policy` maps observations (as the sampler holds them: normalised with the evaluated run's
+    statistics when it had any) to pi's deterministic actions; `act` is that policy.
+    """
+
+    def __init__(self, config: Config, spec: DataSpec, device: torch.device, target_policy=None):
+        if spec.discrete:
+            fail("ope.py evaluates continuous-action (Box) policies; this dataset has discrete actions")
+        if config.gamma is None:
+            from common.runs import apply_dataset_settings
+
+            config = apply_dataset_settings(config, DATASET_SETTINGS, quiet=True)
+        self.config, self.spec, self.device = config, spec, device
+        self.target_policy = target_policy or FixedLinearPolicy(spec).to(device)
+        self.critic = mlp(spec.obs_dim + spec.act_dim, config.hidden_dims, 1).to(device)
+        self.target_critic = copy.deepcopy(self.critic).requires_grad_(False)
+        self.behavior = mlp(spec.obs_dim, config.behavior_hidden_dims, 2 * spec.act_dim).to(device)
+        self.critic_optimizer = adam(self.critic.parameters(), config.lr, config)
+        self.behavior_optimizer = adam(self.behavior.parameters(), config.lr, config)
+        # zero_grad of both optimisers, then _update_impl (torch.compile'd whole under --compile)
+        self._update = update_step(self._update_impl, config, self.critic_optimizer, self.behavior_optimizer)
+
+    def behavior_distribution(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, log_std) of pi_beta_hat(.|s), each (batch, act_dim); the mean lies in the action box."""
+        mean, log_std = self.behavior(obs).chunk(2, dim=-1)
+        return self.spec.max_action * torch.tanh(mean), log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
+
+    def q(self, critic: nn.Module, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        return critic(torch.cat([obs, actions], -1)).squeeze(-1)
+
+    def update(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self._update(batch["obs"], batch["actions"], batch["rewards"], batch["next_obs"],
+                            batch["terminals"])
+
+    def _update_impl(self, obs: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor,
+                     next_obs: torch.Tensor, terminals: torch.Tensor) -> dict[str, torch.Tensor]:
+        cfg = self.config
+        with torch.no_grad():
+            next_actions = self.target_policy(next_obs)
+            # y = r + gamma (1 - d) Q_target(s', pi(s'))   (terminations only: a time-limit truncation bootstraps)
+            y = rewards + cfg.gamma * (1.0 - terminals) * self.q(self.target_critic, next_obs, next_actions)
+        # L_Q = E_(s,a,r,s')~D [ (Q(s,a) - y)^2 ]   (lecture: "Recap: Generalized Policy Iteration (GPI)",
+        # policy evaluation by regression on the dataset's transitions, for the fixed pi)
+        q = self.q(self.critic, obs, actions)
+        critic_loss = (q - y).square().mean()
+        # L_beta = -E_(s,a)~D [ log pi_beta_hat(a|s) ]   (pi_beta is unknown: "In many cases we do not know pi_beta!")
+        mean, log_std = self.behavior_distribution(obs)
+        behavior_loss = -gaussian_log_prob(actions, mean, log_std).mean()
+        # logged values are taken before the backward (which consumes the graph they hang on)
+        logs = {"train/fqe_loss": critic_loss.detach(), "train/q_data": q.detach().mean(),
+                "train/behavior_nll": behavior_loss.detach(), "train/behavior_std": log_std.detach().exp().mean()}
+        (critic_loss + behavior_loss).backward()  # disjoint parameters: one backward serves both
+        self.critic_optimizer.step()
+        self.behavior_optimizer.step()
+        with torch.no_grad():
+            # Q_target <- (1 - tau) Q_target + tau Q
+            torch._foreach_lerp_(list(self.target_critic.parameters()), list(self.critic.parameters()), cfg.tau)
+        return logs
+
+    @torch.no_grad()
+    def act(self, obs: torch.Tensor) -> torch.Tensor:
+        """The evaluated policy's deterministic action pi(s)."""
+        return self.target_policy(obs)
+
+    @torch.no_grad()
+    def q_value(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """FQE's Q(s, a) of the evaluated policy, shape (batch,)."""
+        return self.q(self.critic, obs, actions)
+
+    def state_dict(self) -> dict:
+        return {"critic": self.critic.state_dict(), "target_critic": self.target_critic.state_dict(),
+                "behavior": self.behavior.state_dict(), "critic_optimizer": self.critic_optimizer.state_dict(),
+                "behavior_optimizer": self.behavior_optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.critic.load_state_dict(state["critic"])
+        self.target_critic.load_state_dict(state["target_critic"])
+        self.behavior.load_state_dict(state["behavior"])
+        load_optimizer(self.critic_optimizer, state["critic_optimizer"])
+        load_optimizer(self.behavior_optimizer, state["behavior_optimizer"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# The densities of the importance ratio: Gaussians restricted to the action box
+# ---------------------------------------------------------------------------------------------------
 
 
 def _log_normal_mass(lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
@@ -206,130 +309,6 @@ def sample_box_gaussian(mean: np.ndarray, std: float, low: np.ndarray, high: np.
     u = torch.as_tensor(rng.uniform(size=tuple(mean.shape)), dtype=torch.float64)
     z = torch.special.ndtri(p_lower + u * (p_upper - p_lower)).clamp(lower, upper)
     return np.clip((mean + std * torch.where(flip, -z, z)).numpy(), low, high)
-
-
-class FixedLinearPolicy(nn.Module):
-    """A fixed pi(s) = max_action tanh(W s) from a private generator: the policy evaluated when none is given
-    (the benchmark and the convention tests build an Agent without a run)."""
-
-    def __init__(self, spec: DataSpec):
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.register_buffer("weight", torch.randn(spec.obs_dim, spec.act_dim, generator=g) / math.sqrt(spec.obs_dim))
-        self.max_action = spec.max_action
-
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.max_action * torch.tanh(obs @ self.weight)
-
-
-class Agent:
-    """FQE's critic Q(s, a) with its target, and the behaviour model pi_beta_hat, trained side by side.
-
-    `target_policy` maps observations (as the sampler holds them: normalised with the evaluated run's
-    statistics when it had any) to pi's deterministic actions; `act` is that policy.
-    """
-
-    def __init__(self, config: Config, spec: DataSpec, device: torch.device, target_policy=None):
-        if spec.discrete:
-            fail("ope.py evaluates continuous-action (Box) policies; this dataset has discrete actions")
-        if config.discount is None:
-            from common.runs import apply_dataset_settings
-
-            config = apply_dataset_settings(config, DATASET_SETTINGS, quiet=True)
-        self.config, self.spec, self.device = config, spec, device
-        self.target_policy = target_policy or FixedLinearPolicy(spec).to(device)
-        self.critic = mlp(spec.obs_dim + spec.act_dim, config.hidden_dims, 1).to(device)
-        self.target_critic = copy.deepcopy(self.critic).requires_grad_(False)
-        self.behavior = mlp(spec.obs_dim, config.behavior_hidden_dims, 2 * spec.act_dim).to(device)
-        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=config.lr,
-                                                 **_fast_adam(device, config.compile))
-        self.behavior_optimizer = torch.optim.Adam(self.behavior.parameters(), lr=config.lr,
-                                                   **_fast_adam(device, config.compile))
-        if config.compile:
-            torch._dynamo.config.trace_autograd_ops = True  # trace loss.backward() into the compiled step too
-        compile_mode = "reduce-overhead" if device.type == "cuda" else None  # on CUDA: replayed as CUDA graphs
-        self._update = (torch.compile(self._update_impl, mode=compile_mode, dynamic=False) if config.compile
-                        else self._update_impl)
-
-    def behavior_distribution(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, log_std) of pi_beta_hat(.|s), each (batch, act_dim); the mean lies in the action box."""
-        mean, log_std = self.behavior(obs).chunk(2, dim=-1)
-        return self.spec.max_action * torch.tanh(mean), log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
-
-    def q(self, critic: nn.Module, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        return critic(torch.cat([obs, actions], -1)).squeeze(-1)
-
-    def update(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        # outside the compiled step (torch.compile skips zero_grad)
-        self.critic_optimizer.zero_grad(set_to_none=True)
-        self.behavior_optimizer.zero_grad(set_to_none=True)
-        return self._update(batch["obs"], batch["actions"], batch["rewards"], batch["next_obs"],
-                            batch["terminals"])
-
-    def _update_impl(self, obs: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor,
-                     next_obs: torch.Tensor, terminals: torch.Tensor) -> dict[str, torch.Tensor]:
-        cfg = self.config
-        with torch.no_grad():
-            next_actions = self.target_policy(next_obs)
-            # y = r + gamma (1 - d) Q_target(s', pi(s'))   (terminations only: a time-limit truncation bootstraps)
-            y = rewards + cfg.discount * (1.0 - terminals) * self.q(self.target_critic, next_obs, next_actions)
-        # L_Q = E_(s,a,r,s')~D [ (Q(s,a) - y)^2 ]   (lecture: "Recap: Generalized Policy Iteration (GPI)",
-        # policy evaluation by regression on the dataset's transitions, for the fixed pi)
-        q = self.q(self.critic, obs, actions)
-        critic_loss = (q - y).square().mean()
-        # L_beta = -E_(s,a)~D [ log pi_beta_hat(a|s) ]   (pi_beta is unknown: "In many cases we do not know pi_beta!")
-        mean, log_std = self.behavior_distribution(obs)
-        behavior_loss = -gaussian_log_prob(actions, mean, log_std).mean()
-        # logged values are taken before the backward (which consumes the graph they hang on)
-        logs = {"train/fqe_loss": critic_loss.detach(), "train/q_data": q.detach().mean(),
-                "train/behavior_nll": behavior_loss.detach(), "train/behavior_std": log_std.detach().exp().mean()}
-        (critic_loss + behavior_loss).backward()  # disjoint parameters: one backward serves both
-        self.critic_optimizer.step()
-        self.behavior_optimizer.step()
-        with torch.no_grad():
-            # Q_target <- (1 - polyak) Q_target + polyak Q
-            torch._foreach_lerp_(list(self.target_critic.parameters()), list(self.critic.parameters()), cfg.polyak)
-        return logs
-
-    @torch.no_grad()
-    def act(self, obs: torch.Tensor) -> torch.Tensor:
-        """The evaluated policy's deterministic action pi(s)."""
-        return self.target_policy(obs)
-
-    @torch.no_grad()
-    def q_value(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """FQE's Q(s, a) of the evaluated policy, shape (batch,)."""
-        return self.q(self.critic, obs, actions)
-
-    def state_dict(self) -> dict:
-        return {"critic": self.critic.state_dict(), "target_critic": self.target_critic.state_dict(),
-                "behavior": self.behavior.state_dict(), "critic_optimizer": self.critic_optimizer.state_dict(),
-                "behavior_optimizer": self.behavior_optimizer.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.critic.load_state_dict(state["critic"])
-        self.target_critic.load_state_dict(state["target_critic"])
-        self.behavior.load_state_dict(state["behavior"])
-        self.critic_optimizer.load_state_dict(state["critic_optimizer"])
-        self.behavior_optimizer.load_state_dict(state["behavior_optimizer"])
-        _use_this_runs_adam([self.critic_optimizer, self.behavior_optimizer], self.device, self.config.compile)
-
-
-def _use_this_runs_adam(optimizers: list, device: torch.device, compiled: bool) -> None:
-    """Set this run's Adam implementation on loaded optimisers: they keep the flags they were saved with, and
-    --compile may differ on resume (both implementations keep the step count on the parameters' device)."""
-    for optimizer in optimizers:
-        for group in optimizer.param_groups:
-            group.update({"fused": None, "foreach": None, "capturable": False, **_fast_adam(device, compiled)})
-
-
-def _fast_adam(device: torch.device, compiled: bool) -> dict:
-    """Fused Adam (one kernel for all parameters) where this torch build has it, else foreach. Under --compile
-    the foreach Adam, which torch.compile traces into the step (it runs the fused one outside the graph), and
-    capturable: its step count stays a device tensor, as a CUDA graph needs."""
-    if compiled:
-        return {"foreach": True, "capturable": True}
-    return {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -519,9 +498,9 @@ def estimate(agent: Agent, episodes: dict, config: Config, action_space, device:
     lr = pad_episodes(log_ratios(agent, episodes, config.target_std, action_space.low, action_space.high, device))
     r = pad_episodes(episodes["rewards"])
     n = len(r)
-    point = importance_sampling_estimates(lr, r, config.discount)
+    point = importance_sampling_estimates(lr, r, config.gamma)
     intervals = bootstrap_interval(lambda idx: np.stack(list(importance_sampling_estimates(
-        lr[idx], r[idx], config.discount).values()), -1), n, config.bootstrap, config.confidence, rng,
+        lr[idx], r[idx], config.gamma).values()), -1), n, config.bootstrap, config.confidence, rng,
         row_size=r.shape[1])
     out = {name: {"estimate": float(point[name]), "low": float(intervals[0, k]), "high": float(intervals[1, k])}
            for k, name in enumerate(point)}
@@ -538,7 +517,7 @@ def report(estimates: dict, truth: dict | None, config: Config, n_episodes: int,
            trained_on: str, algo: str) -> str:
     """The printed table: each estimate, its interval, and the true value beside it."""
     lines = [f"off-policy evaluation of {policy_path} ({algo}, trained on {trained_on}) on {config.env}: "
-             f"{n_episodes} episodes, gamma {config.discount:g}, IS target N(pi(s), ({config.target_std:g} max_action)^2) "
+             f"{n_episodes} episodes, gamma {config.gamma:g}, IS target N(pi(s), ({config.target_std:g} max_action)^2) "
              f"on the action box, {config.confidence:.0%} bootstrap intervals ({config.bootstrap} resamples)",
              f"{'estimator':26s} {'estimate':>12s} {'interval':>27s} {'true value':>12s}"]
     for name, row in estimates.items():
@@ -597,9 +576,9 @@ def train(config: Config) -> dict:
     estimates = estimate(agent, episodes, config, dataset.action_space, device)
     truth, result = None, None
     if dataset.eval_env_spec is not None:
-        deterministic = true_values(dataset, policy, normalizer, config.eval_episodes, config.seed, config.discount,
+        deterministic = true_values(dataset, policy, normalizer, config.eval_episodes, config.seed, config.gamma,
                                     0.0, device)
-        gaussian = true_values(dataset, policy, normalizer, config.eval_episodes, config.seed, config.discount,
+        gaussian = true_values(dataset, policy, normalizer, config.eval_episodes, config.seed, config.gamma,
                                config.target_std * dataset.max_action, device)
         truth = {"deterministic": float(deterministic["discounted"].mean()),
                  "gaussian": float(gaussian["discounted"].mean()),
@@ -617,7 +596,7 @@ def train(config: Config) -> dict:
         nan = float("nan")
         result = {"returns": np.zeros(0), "return_mean": nan, "return_std": nan, "normalized_mean": None,
                   "normalized_std": None}
-    return run.finish(result, extra={"policy": str(policy_path), "discount": config.discount,
+    return run.finish(result, extra={"policy": str(policy_path), "gamma": config.gamma,
                                      "estimates": estimates, "true_values": truth})
 
 

@@ -43,10 +43,7 @@ the kitchen runs used 256: pass `--batch-size 256`). On one CPU core a batch-163
 MLP takes about 0.8 s, so the local pendulum rows train for few steps; `--batch-size 256` is 75x cheaper
 per step.
 
---compile compiles the whole update (forward, backward, the Adam step; static shapes; dropout's mask drawn on
-the device inside) and on CUDA replays it as CUDA graphs (mode reduce-overhead). torch.optim breaks the graph
-around every optimizer.step() on purpose, so the step runs as 2 graphs (forward+backward, Adam step) back to
-back; zero_grad runs just before, outside the compiled step (torch.compile does not trace it).
+--compile compiles the whole update (common/optim.py), dropout's mask drawn on the device inside.
 """
 
 from __future__ import annotations
@@ -70,6 +67,7 @@ from common.datasets import (DataSpec, OfflineDataset, TensorSampler, discounted
                              load_dataset)
 from common.errors import fail  # noqa: E402
 from common.evaluation import evaluate, evaluate_stateful, make_eval_envs  # noqa: E402
+from common.optim import adam, load_optimizer, update_step  # noqa: E402
 from common.runs import Run, apply_dataset_settings, resolve_config, run_cli, setup  # noqa: E402
 
 PAPER_BATCH_SIZE = 16_384  # the authors' batch for gym RvS-R and antmaze RvS-G (kitchen: 256)
@@ -177,7 +175,98 @@ def mlp(in_dim: int, hidden_dims: tuple[int, ...], out_dim: int, dropout: float 
 
 
 # --------------------------------------------------------------------------------------------------
-# Outcomes: average reward-to-go (RvS-R) and hindsight goals (RvS-G)
+# The agent
+# --------------------------------------------------------------------------------------------------
+
+
+class Agent:
+    """The outcome-conditioned Gaussian policy pi(a | s, omega), its optimiser and the update rule."""
+
+    def __init__(self, config: Config, spec: DataSpec, device: torch.device):
+        if spec.discrete:
+            fail("rvs.py is for continuous actions (Box); this dataset has discrete actions")
+        # fields left at None (an Agent built straight from Config(), as the benchmark does) get the
+        # per-dataset values of config.env, exactly as train() fills them
+        config = apply_dataset_settings(config, DATASET_SETTINGS, quiet=True)
+        self.config, self.spec, self.device = config, spec, device
+        self.goal_conditioned = config.conditioning == "goal"
+        if self.goal_conditioned and config.goal_columns is None:
+            fail("rvs.py --conditioning goal: the Agent needs --goal-columns (train() fills them from the dataset)")
+        omega_dim = len(config.goal_columns) if self.goal_conditioned else 1
+        self.max_action = spec.max_action
+        self.policy = mlp(spec.obs_dim + omega_dim, config.hidden_dims, spec.act_dim, config.dropout).to(device)
+        self.log_std = nn.Parameter(torch.zeros(spec.act_dim, device=device))  # state-independent, init 0 (SB3)
+        self.params = [*self.policy.parameters(), self.log_std]
+        self.optimizer = adam(self.params, config.lr, config)
+        # what act() conditions on, set by train(): RvS-R's omega for --main-fraction; RvS-G's observation
+        # layout (zeroed desired goal in the state, its columns as omega). Saved with the networks.
+        self.target_omega = torch.zeros(1, device=device)
+        self.state_mask = torch.ones(spec.obs_dim, device=device)
+        self.desired_columns = torch.zeros(omega_dim, dtype=torch.long, device=device)
+        # zero_grad, then _update_impl (torch.compile'd whole under --compile)
+        self._update = update_step(self._update_impl, config, self.optimizer)
+
+    def policy_input(self, obs: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
+        """[s, omega]: the state (desired goal zeroed for RvS-G) with the outcome concatenated."""
+        state = obs * self.state_mask if self.goal_conditioned else obs
+        return torch.cat([state, omega.reshape(obs.shape[0], -1)], dim=-1)
+
+    def update(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self._update(batch["obs"], batch["omega"], batch["actions"])
+
+    def _update_impl(self, obs: torch.Tensor, omega: torch.Tensor, actions: torch.Tensor) -> dict[str, torch.Tensor]:
+        mean = self.policy(self.policy_input(obs, omega))
+        log_std = self.log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
+        # log pi(a | s, omega) = sum_i [ -(a_i - mu_i)^2 / (2 sigma_i^2) - log sigma_i - log(2 pi) / 2 ]
+        log_prob = (-0.5 * ((actions - mean) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+        # max_pi sum_(s,a)~D log pi(a | s, omega)   (lecture: "Return-conditioned policies"; omega = R^ / (H - t)
+        # for RvS-R, a future achieved goal for RvS-G)
+        loss = -log_prob.mean()
+        # taken before the backward, which consumes loss's graph
+        logs = {"train/policy_loss": loss.detach(), "train/mse": (mean.detach() - actions).square().mean(),
+                "train/log_std_mean": log_std.detach().mean()}
+        # inputs: the parameters the loss trains, named (with --compile, torch 2.13's traced backward loses bare
+        # tensors such as log_std when the step is recompiled)
+        loss.backward(inputs=self.params)
+        self.optimizer.step()
+        return logs
+
+    @torch.no_grad()
+    def act_conditioned(self, obs: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
+        """The Gaussian's mean for each row's omega, clipped to the action bounds; dropout off."""
+        self.policy.eval()
+        action = self.policy(self.policy_input(obs, omega)).clamp(-self.max_action, self.max_action)
+        self.policy.train()
+        return action
+
+    @torch.no_grad()
+    def act(self, obs: torch.Tensor) -> torch.Tensor:
+        """Deterministic action from the observation alone: omega = the main fraction's target (RvS-R) or
+        the observation's desired goal (RvS-G)."""
+        if self.goal_conditioned:
+            omega = obs[:, self.desired_columns]
+        else:
+            omega = self.target_omega.expand(obs.shape[0], 1)
+        return self.act_conditioned(obs, omega)
+
+    def state_dict(self) -> dict:
+        return {"policy": self.policy.state_dict(), "log_std": self.log_std.detach().clone(),
+                "optimizer": self.optimizer.state_dict(), "target_omega": self.target_omega.clone(),
+                "state_mask": self.state_mask.clone(), "desired_columns": self.desired_columns.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.policy.load_state_dict(state["policy"])
+        with torch.no_grad():
+            self.log_std.copy_(state["log_std"])
+        load_optimizer(self.optimizer, state["optimizer"])
+        self.target_omega = state["target_omega"].to(self.device)
+        self.state_mask = state["state_mask"].to(self.device)
+        self.desired_columns = state["desired_columns"].to(self.device)
+
+
+# --------------------------------------------------------------------------------------------------
+# What train() uses: the outcomes (average reward-to-go for RvS-R, hindsight goals for RvS-G), the data
+# checks and the target omegas
 # --------------------------------------------------------------------------------------------------
 
 
@@ -303,118 +392,6 @@ class GoalSampler:
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
-
-
-# --------------------------------------------------------------------------------------------------
-# The agent
-# --------------------------------------------------------------------------------------------------
-
-
-class Agent:
-    """The outcome-conditioned Gaussian policy pi(a | s, omega), its optimiser and the update rule."""
-
-    def __init__(self, config: Config, spec: DataSpec, device: torch.device):
-        if spec.discrete:
-            fail("rvs.py is for continuous actions (Box); this dataset has discrete actions")
-        # fields left at None (an Agent built straight from Config(), as the benchmark does) get the
-        # per-dataset values of config.env, exactly as train() fills them
-        config = apply_dataset_settings(config, DATASET_SETTINGS, quiet=True)
-        self.config, self.spec, self.device = config, spec, device
-        self.goal_conditioned = config.conditioning == "goal"
-        if self.goal_conditioned and config.goal_columns is None:
-            fail("rvs.py --conditioning goal: the Agent needs --goal-columns (train() fills them from the dataset)")
-        omega_dim = len(config.goal_columns) if self.goal_conditioned else 1
-        self.max_action = spec.max_action
-        self.policy = mlp(spec.obs_dim + omega_dim, config.hidden_dims, spec.act_dim, config.dropout).to(device)
-        self.log_std = nn.Parameter(torch.zeros(spec.act_dim, device=device))  # state-independent, init 0 (SB3)
-        self.params = [*self.policy.parameters(), self.log_std]
-        self.optimizer = torch.optim.Adam(self.params, lr=config.lr, **_fast_adam(device, config.compile))
-        # what act() conditions on, set by train(): RvS-R's omega for --main-fraction; RvS-G's observation
-        # layout (zeroed desired goal in the state, its columns as omega). Saved with the networks.
-        self.target_omega = torch.zeros(1, device=device)
-        self.state_mask = torch.ones(spec.obs_dim, device=device)
-        self.desired_columns = torch.zeros(omega_dim, dtype=torch.long, device=device)
-        if config.compile:
-            torch._dynamo.config.trace_autograd_ops = True  # trace loss.backward() into the compiled step too
-        compile_mode = "reduce-overhead" if device.type == "cuda" else None  # on CUDA: replayed as CUDA graphs
-        self._update = (torch.compile(self._update_impl, mode=compile_mode, dynamic=False) if config.compile
-                        else self._update_impl)
-
-    def policy_input(self, obs: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
-        """[s, omega]: the state (desired goal zeroed for RvS-G) with the outcome concatenated."""
-        state = obs * self.state_mask if self.goal_conditioned else obs
-        return torch.cat([state, omega.reshape(obs.shape[0], -1)], dim=-1)
-
-    def update(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        self.optimizer.zero_grad(set_to_none=True)  # outside the compiled step: torch.compile skips zero_grad
-        return self._update(batch["obs"], batch["omega"], batch["actions"])
-
-    def _update_impl(self, obs: torch.Tensor, omega: torch.Tensor, actions: torch.Tensor) -> dict[str, torch.Tensor]:
-        mean = self.policy(self.policy_input(obs, omega))
-        log_std = self.log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
-        # log pi(a | s, omega) = sum_i [ -(a_i - mu_i)^2 / (2 sigma_i^2) - log sigma_i - log(2 pi) / 2 ]
-        log_prob = (-0.5 * ((actions - mean) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
-        # max_pi sum_(s,a)~D log pi(a | s, omega)   (lecture: "Return-conditioned policies"; omega = R^ / (H - t)
-        # for RvS-R, a future achieved goal for RvS-G)
-        loss = -log_prob.mean()
-        # taken before the backward, which consumes loss's graph
-        logs = {"train/policy_loss": loss.detach(), "train/mse": (mean.detach() - actions).square().mean(),
-                "train/log_std_mean": log_std.detach().mean()}
-        # inputs: the parameters the loss trains, named (with --compile, torch 2.13's traced backward loses bare
-        # tensors such as log_std when the step is recompiled)
-        loss.backward(inputs=self.params)
-        self.optimizer.step()
-        return logs
-
-    @torch.no_grad()
-    def act_conditioned(self, obs: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
-        """The Gaussian's mean for each row's omega, clipped to the action bounds; dropout off."""
-        self.policy.eval()
-        action = self.policy(self.policy_input(obs, omega)).clamp(-self.max_action, self.max_action)
-        self.policy.train()
-        return action
-
-    @torch.no_grad()
-    def act(self, obs: torch.Tensor) -> torch.Tensor:
-        """Deterministic action from the observation alone: omega = the main fraction's target (RvS-R) or
-        the observation's desired goal (RvS-G)."""
-        if self.goal_conditioned:
-            omega = obs[:, self.desired_columns]
-        else:
-            omega = self.target_omega.expand(obs.shape[0], 1)
-        return self.act_conditioned(obs, omega)
-
-    def state_dict(self) -> dict:
-        return {"policy": self.policy.state_dict(), "log_std": self.log_std.detach().clone(),
-                "optimizer": self.optimizer.state_dict(), "target_omega": self.target_omega.clone(),
-                "state_mask": self.state_mask.clone(), "desired_columns": self.desired_columns.clone()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.policy.load_state_dict(state["policy"])
-        with torch.no_grad():
-            self.log_std.copy_(state["log_std"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        _use_this_runs_adam([self.optimizer], self.device, self.config.compile)
-        self.target_omega = state["target_omega"].to(self.device)
-        self.state_mask = state["state_mask"].to(self.device)
-        self.desired_columns = state["desired_columns"].to(self.device)
-
-
-def _fast_adam(device: torch.device, compiled: bool) -> dict:
-    """Fused Adam (one kernel for all parameters) where this torch build has it, else foreach. Under --compile
-    the foreach Adam, which torch.compile traces into the step (it runs the fused one outside the graph), and
-    capturable: its step count stays a device tensor, as a CUDA graph needs."""
-    if compiled:
-        return {"foreach": True, "capturable": True}
-    return {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}
-
-
-def _use_this_runs_adam(optimizers: list, device: torch.device, compiled: bool) -> None:
-    """Set this run's Adam implementation on loaded optimisers: they keep the flags they were saved with, and
-    --compile may differ on resume (both implementations keep the step count on the parameters' device)."""
-    for optimizer in optimizers:
-        for group in optimizer.param_groups:
-            group.update({"fused": None, "foreach": None, "capturable": False, **_fast_adam(device, compiled)})
 
 
 def synthetic_batch_source(spec: DataSpec, config: Config, device: torch.device, seed: int = 0) -> TensorSampler:

@@ -94,7 +94,7 @@ def test_is_densities_are_gaussians_renormalised_to_the_action_box():
         assert draws.min() >= -1 and draws.max() <= 1
         assert draws.mean() == pytest.approx(_truncated_normal_mean(mean, 0.5, -1, 1), abs=0.005), mean
 
-    config = ope.Config(env="test/box-v0", device="cpu", discount=0.9, hidden_dims=(8,), behavior_hidden_dims=(8,),
+    config = ope.Config(env="test/box-v0", device="cpu", gamma=0.9, hidden_dims=(8,), behavior_hidden_dims=(8,),
                         target_std=0.5)
     spec = DataSpec(obs_dim=1, act_dim=1, max_action=1.0, discrete=False)
     agent = ope.Agent(config, spec, torch.device("cpu"), target_policy=lambda s: torch.full((len(s), 1), 0.9))
@@ -131,7 +131,7 @@ def _lq_batch_source(n: int = 20_000, seed: int = 0):
 
 def test_fqe_matches_the_closed_form_value_of_a_linear_policy():
     torch.manual_seed(0)
-    config = ope.Config(env="test/lq-v0", device="cpu", discount=GAMMA, hidden_dims=(64, 64), lr=1e-3, polyak=0.02,
+    config = ope.Config(env="test/lq-v0", device="cpu", gamma=GAMMA, hidden_dims=(64, 64), lr=1e-3, tau=0.02,
                         behavior_hidden_dims=(32, 32))
     spec = DataSpec(obs_dim=1, act_dim=1, max_action=3.0, discrete=False)
     agent = ope.Agent(config, spec, torch.device("cpu"), target_policy=lambda s: -K_TARGET * s)
@@ -175,7 +175,7 @@ def test_ope_evaluates_a_trained_run_beside_its_true_value(pendulum_expert_id, p
         assert row["low"] <= row["estimate"] <= row["high"] or not np.isfinite(row["estimate"])
     truth = summary["true_values"]
     assert truth["deterministic"] < 0 and truth["return"] < truth["deterministic"]  # discounted vs raw
-    assert summary["discount"] == 0.97 and summary["policy"] == pendulum_policy_run
+    assert summary["gamma"] == 0.97 and summary["policy"] == pendulum_policy_run
     metrics = [json.loads(line) for line in open(f"{summary['run_dir']}/metrics.jsonl")]
     assert any("train/fqe_estimate" in m for m in metrics)
 
