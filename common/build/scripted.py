@@ -27,8 +27,8 @@ import gymnasium as gym
 import numpy as np
 
 import common.envs  # noqa: F401  (registers the toy envs)
-from common.build.recipe import (MEDIUM_FRACTION, MEDIUM_RATIO_BAND, REFERENCE_SEED_OFFSET, ROLLOUT_SEED_OFFSET,
-                                 ProgressBar, dataset_checksum, returns_of, rollout, to_minari)
+from common.build.episodes import (MEDIUM_FRACTION, MEDIUM_RATIO_BAND, REFERENCE_SEED_OFFSET, ROLLOUT_SEED_OFFSET,
+                                   ProgressBar, dataset_checksum, returns_of, rollout, to_minari)
 from common.datasets import minari_root, save_episodes
 from common.errors import fail
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 import common.envs  # noqa: F401  (registers PointFork-v0)
-from common.build.recipe import ROLLOUT_SEED_OFFSET, rollout
+from common.build.episodes import ROLLOUT_SEED_OFFSET, rollout
 from common.build.scripted import EXPERT_NOISE, ResetsPolicy
 from common.datasets import DataSpec, ObsNormalizer, TensorSampler
 from common.envs.fork import (GOAL, GOAL_RADIUS, OBSTACLE_CENTER, OBSTACLE_RADIUS, ForkExpert, make_expert,
