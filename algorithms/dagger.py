@@ -14,19 +14,19 @@ Usage:
     python algorithms/dagger.py                                      # pendulum: expert = the local build's SAC
     python algorithms/dagger.py --env local/pendulum/expert-v0 --expert runs/datasets/pendulum-seed0 --gated
     python algorithms/dagger.py --env Pendulum-v1 --expert common.envs.pendulum:scripted_pendulum_expert
+    python algorithms/dagger.py --env common.envs.fork:PointFork-v0 --expert common.envs.fork:make_expert
 
 The environment: `--env` is a dataset (D4RL name, Minari id, local build), whose stored evaluation env is
 the one the learner interacts with (its reference scores normalise the returns; its episodes can seed
-round 0 with `--init-data`), or a registered Gymnasium env id such as `Pendulum-v1` (raw returns only).
+round 0 with `--init-data`), or a Gymnasium env id (raw returns only): a registered one such as `Pendulum-v1`,
+or `module:EnvId`, whose module registers the id when imported (Gymnasium's own form).
 `--max-episode-steps H` sets the time limit H of collection and evaluation episodes.
 
-The expert (`--expert`, the oracle pi* queried at visited states) is one of:
-  * a run directory or checkpoint.pt of this library (e.g. a BC or IQL run): `common.checkpoint.load_policy`;
-  * a local dataset build folder (`runs/datasets/<name>-seed<seed>`, or its `agent/agent_state.pt`): the
-    builder's final SAC / Double DQN policy, i.e. the policy behind the build's "expert" quality, acting
-    deterministically; left out, it is the build folder of the local build `--env` names;
-  * `package.module:factory`: a zero-argument factory, importable from the current directory or PYTHONPATH,
-    returning a callable from one flat observation (obs_dim,) to one action (act_dim,) or one integer.
+The expert (`--expert`, the oracle pi* queried at visited states; `common/experts.py` loads it) is a run
+directory of this library, a local dataset build folder (the builder's final SAC / Double DQN policy, the
+policy behind the build's "expert" quality; left out, the build folder of the local build `--env` names), or
+`package.module:factory` (a scripted expert). An expert that picks a mode per episode is reset at every
+episode start.
 
 Each round i (every `steps_per_round` gradient steps; `max_steps / steps_per_round` rounds):
   round 0: the expert drives (beta_0 = 1): behaviour cloning data (or `--init-data`: the dataset's episodes);
@@ -44,11 +44,7 @@ which a human gate would not need to label.
 Per-dataset settings (rounds via max_steps, episodes and steps per round, the beta schedule) follow the
 imitation library's tuned DAgger settings for MuJoCo where they exist; they live in `DATASET_SETTINGS`.
 The update is BC's (`bc.py`); collection steps envs and the expert on the host.
-
---compile compiles the whole update (forward, backward, the Adam step; static shapes) and on CUDA replays it
-as CUDA graphs (mode reduce-overhead). torch.optim breaks the graph around every optimizer.step() on purpose,
-so the step runs as 2 graphs (forward+backward, Adam step) back to back; zero_grad runs just before, outside
-the compiled step (torch.compile does not trace it). The observation statistics are tensors changed in place
+--compile compiles the whole update (common/optim.py); the observation statistics are tensors changed in place
 (`set_normalizer`), so the compiled step reads their new values without a recompilation.
 """
 
@@ -63,7 +59,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import gymnasium as gym
 import numpy as np
@@ -74,12 +70,13 @@ import torch.nn.functional as F
 # the nearest folder above this file that holds common/ (this repository, or a project it was copied into)
 sys.path.insert(0, next((str(p) for p in Path(__file__).resolve().parents if (p / "common" / "__init__.py").is_file()),
                         os.path.dirname(os.path.abspath(__file__))))
-from common.checkpoint import load_checkpoint, load_policy  # noqa: E402
 from common.datasets import (D4RL_TO_MINARI, DataSpec, OfflineDataset, TensorSampler, flat_dim,  # noqa: E402
                              flatten_observation, load_dataset)
-from common.errors import UserError, fail  # noqa: E402
-from common.evaluation import evaluate, make_eval_envs  # noqa: E402
-from common.runs import Run, resolve_config, run_cli, setup  # noqa: E402
+from common.errors import fail  # noqa: E402
+from common.evaluation import EVAL_SEED_OFFSET, evaluate, make_eval_envs  # noqa: E402
+from common.experts import Expert, load_expert  # noqa: E402
+from common.optim import adam, load_optimizer, update_step  # noqa: E402
+from common.runs import Run, merge_resumed, resolve_config, run_cli, saved_config, setup  # noqa: E402
 
 
 @dataclass
@@ -87,7 +84,8 @@ class Config:
     # --- shared by every algorithm (same names, order and meaning in every file) ---
     env: str = "local/pendulum/expert-v0"
     """dataset whose evaluation env the learner interacts with (D4RL name, Minari id or local build such as
-    local/pendulum/expert-v0), or a registered Gymnasium env id (Pendulum-v1)"""
+    local/pendulum/expert-v0), or a Gymnasium env id: registered (Pendulum-v1), or module:EnvId
+    (common.envs.fork:PointFork-v0)"""
     seed: int = 0
     """seed for network initialisation, minibatch sampling and evaluation episodes"""
     device: str = "auto"
@@ -122,10 +120,10 @@ class Config:
     """torch.compile the update (faster after a warm-up compilation)"""
     # --- DAgger ---
     expert: str | None = None
-    """pi_expert, queried for a* at visited states: a run directory or checkpoint.pt of this library; a local
-    build folder runs/datasets/<name>-seed<seed> (or its agent/agent_state.pt: the build's final SAC/DQN
-    policy); or package.module:factory, a zero-argument factory returning a callable from one flat
-    observation to one action. None: the build folder of the local build --env names"""
+    """pi_expert, queried for a* at visited states (common/experts.py): a run directory or checkpoint.pt of this
+    library; a local build folder runs/datasets/<name>-seed<seed> (the build's final SAC/DQN policy); or
+    package.module:factory, a zero-argument factory returning a callable from one flat observation to one
+    action. None: the build folder of the local build --env names"""
     gated: bool = False
     """HG-DAgger: the learner drives, a simulated gate gives control to the expert when d(a, a*) > threshold;
     only the expert's segments are aggregated (no beta mixing)"""
@@ -172,13 +170,16 @@ def _schedule(rounds: int, steps: int, episodes: int, schedule: str, ramp: int =
 
 # Per-dataset settings: a field left at None takes the value of the first row whose pattern matches the
 # --env name (dataset or Gymnasium id) or its Minari id. MuJoCo rows: the imitation library's tuned DAgger
-# settings for seals (Hopper, HalfCheetah, Walker: Exp(0.7) with 10/5/5 episodes per round; Ant, Swimmer:
-# Linear(15)), 20 rounds of 5000 steps. Pendulum / CartPole (200 / 500-step episodes): 10 rounds of 1000
-# steps, 5 episodes per round, beta linear over R=3 rounds (learner-driven from round 3).
+# settings for seals (rollout_round_min_episodes and the beta schedule of tuned_hps/dagger_seals_*: Hopper
+# Exp(0.7) with 10 episodes per round; HalfCheetah, Walker Exp(0.7) with 5; Ant Linear(15) with 5; Swimmer
+# Linear(15) with SimpleDAggerTrainer.train's default of 3), 20 rounds of 5000 steps. Pendulum / CartPole
+# (200 / 500-step episodes): 10 rounds of 1000 steps, 5 episodes per round, beta linear over R=3 rounds
+# (learner-driven from round 3).
 SMALL = _schedule(10, 1_000, 5, "linear", ramp=3)
 HOPPER = _schedule(20, 5_000, 10, "exponential", decay=0.7)
 CHEETAH_WALKER = _schedule(20, 5_000, 5, "exponential", decay=0.7)
-ANT_SWIMMER = _schedule(20, 5_000, 10, "linear", ramp=15)
+ANT = _schedule(20, 5_000, 5, "linear", ramp=15)
+SWIMMER = _schedule(20, 5_000, 3, "linear", ramp=15)
 DATASET_SETTINGS: list[tuple[str, dict]] = [
     ("local/pendulum/*", SMALL), ("Pendulum-v*", SMALL),
     ("local/cartpole/*", SMALL), ("CartPole-v*", SMALL),
@@ -188,8 +189,8 @@ DATASET_SETTINGS: list[tuple[str, dict]] = [
     ("local/halfcheetah*/*", CHEETAH_WALKER), ("HalfCheetah-v*", CHEETAH_WALKER),
     ("walker2d-*", CHEETAH_WALKER), ("mujoco/walker2d/*", CHEETAH_WALKER),
     ("local/walker2d*/*", CHEETAH_WALKER), ("Walker2d-v*", CHEETAH_WALKER),
-    ("ant-*", ANT_SWIMMER), ("mujoco/ant/*", ANT_SWIMMER), ("Ant-v*", ANT_SWIMMER),
-    ("mujoco/swimmer/*", ANT_SWIMMER), ("Swimmer-v*", ANT_SWIMMER),
+    ("ant-*", ANT), ("mujoco/ant/*", ANT), ("Ant-v*", ANT),
+    ("mujoco/swimmer/*", SWIMMER), ("Swimmer-v*", SWIMMER),
     ("*", _schedule(20, 5_000, 5, "linear", ramp=15)),  # the imitation library's defaults: Linear(15)
 ]
 
@@ -201,326 +202,7 @@ NORMALIZER_EPS = 1e-3  # as common.datasets.ObsNormalizer
 
 
 # --------------------------------------------------------------------------------------------------
-# The environment: a dataset's evaluation env or a Gymnasium id
-# --------------------------------------------------------------------------------------------------
-
-
-def is_gym_id(name: str) -> bool:
-    """Whether --env names a registered Gymnasium env (and not a D4RL name or a dataset id)."""
-    return name in gym.registry and name not in D4RL_TO_MINARI
-
-
-def resolve_dagger_config(config: Config) -> Config:
-    """`common.runs.resolve_config`, after refusing an --env that is neither a dataset nor a Gymnasium id (a
-    Gymnasium id has no dataset row of its own: DATASET_SETTINGS patterns then match the id itself)."""
-    if not is_gym_id(config.env) and "/" not in config.env and config.env not in D4RL_TO_MINARI \
-            and re.search(r"-v\d+$", config.env):
-        close = ", ".join(difflib.get_close_matches(config.env, list(gym.registry), 3))
-        fail(f"--env '{config.env}' is neither a registered Gymnasium env id nor a dataset name"
-             + (f"; did you mean: {close}?" if close else ""))
-    return resolve_config(config, DATASET_SETTINGS)
-
-
-def interactive_env(config: Config) -> OfflineDataset:
-    """The env the learner interacts with, as an `OfflineDataset` (evaluation and Run need its spaces, env
-    spec and reference scores). A dataset keeps its episodes (for --init-data); a Gymnasium id has none and
-    no reference scores. A new time limit H drops the dataset's reference scores (made for its own H)."""
-    if is_gym_id(config.env):
-        spec = gym.spec(config.env)
-        try:
-            probe = gym.make(spec)
-        except Exception as err:  # a missing extra (box2d, mujoco), bad kwargs...
-            fail(f"cannot create env '{config.env}' for interactive collection: {type(err).__name__}: "
-                 f"{str(err).splitlines()[0] if str(err) else ''}")
-        dataset = OfflineDataset(name=config.env, minari_id=config.env, episodes=[],
-                                 observation_space=probe.observation_space, action_space=probe.action_space,
-                                 eval_env_spec=spec)
-        probe.close()
-    else:
-        dataset = load_dataset(config.env, download=config.download)
-        dataset.make_env().close()  # one clear line when the stored env cannot be made
-    if not isinstance(dataset.action_space, (gym.spaces.Box, gym.spaces.Discrete)):
-        fail(f"env of '{config.env}' has action space {dataset.action_space}; DAgger needs Box or Discrete")
-    flat_dim(dataset.observation_space)  # one clear line for an unsupported observation space
-    spec = dataset.eval_env_spec
-    if config.max_episode_steps is not None:
-        if config.max_episode_steps < 1:
-            fail(f"--max-episode-steps must be at least 1, got {config.max_episode_steps}")
-        if spec.max_episode_steps != config.max_episode_steps and dataset.ref_source is not None:
-            print(f"note: time limit H={config.max_episode_steps} instead of {spec.max_episode_steps}: the "
-                  f"dataset's reference scores no longer apply; raw returns only", file=sys.stderr)
-            dataset = dataclasses.replace(dataset, ref_min_score=None, ref_max_score=None, ref_source=None)
-        spec = dataclasses.replace(spec, max_episode_steps=config.max_episode_steps)
-    elif spec.max_episode_steps is None:
-        fail(f"env '{spec.id}' has no time limit: give one with --max-episode-steps so episodes end")
-    return dataclasses.replace(dataset, eval_env_spec=spec)
-
-
-# --------------------------------------------------------------------------------------------------
-# The expert pi*: three forms, one callable
-# --------------------------------------------------------------------------------------------------
-
-
-class Expert:
-    """pi*(s) for a batch of flat observations; continuous actions clipped to the bounds, discrete ones as
-    indices 0..n-1 (env action minus `start`). `act_one` maps one flat observation to one env action."""
-
-    def __init__(self, act_one: Callable[[np.ndarray], object], description: str, space: gym.Space):
-        self.act_one, self.description, self.space = act_one, description, space
-        self.discrete = isinstance(space, gym.spaces.Discrete)
-
-    def __call__(self, obs: np.ndarray) -> np.ndarray:
-        """a* for `obs` (n, obs_dim): (n, act_dim) float32, or (n,) int64 indices."""
-        actions = [self.act_one(o) for o in np.asarray(obs, dtype=np.float32)]
-        if self.discrete:
-            return np.array([int(np.asarray(a).reshape(-1)[0]) for a in actions], np.int64) - int(self.space.start)
-        out = np.stack([np.asarray(a, np.float32).reshape(self.space.shape) for a in actions])
-        return np.clip(out.reshape(len(out), -1), self.space.low.reshape(-1), self.space.high.reshape(-1))
-
-    def check(self, dataset: OfflineDataset) -> None:
-        """Act once on the env's first observation: one clear line if the expert does not fit the env."""
-        env = dataset.make_env()
-        obs, _ = env.reset(seed=0)
-        env.close()
-        flat = flatten_observation(obs, dataset.observation_space)
-        try:
-            raw = np.asarray(self.act_one(flat))
-        except UserError:
-            raise
-        except Exception as err:
-            fail(f"--expert {self.description} cannot act on this env's observations (shape {flat.shape}): "
-                 f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
-        if self.discrete:
-            ok = raw.size == 1 and np.issubdtype(raw.dtype, np.integer) and \
-                self.space.start <= int(raw.reshape(-1)[0]) < self.space.start + self.space.n
-            need = f"one integer action in [{self.space.start}, {self.space.start + self.space.n})"
-        else:
-            ok = raw.size == int(np.prod(self.space.shape)) and np.issubdtype(raw.dtype, np.floating) \
-                and bool(np.all(np.isfinite(raw)))
-            need = f"a finite float action of shape {self.space.shape}"
-        if not ok:
-            fail(f"--expert {self.description} returned {raw.dtype} of shape {raw.shape} ({raw.reshape(-1)[:4]}); "
-                 f"the env of '{dataset.name}' needs {need}: its action space does not match")
-
-
-def load_expert(spec: str | None, dataset: OfflineDataset) -> Expert:
-    """The expert `--expert` names (see Config.expert); one clear line when it cannot be loaded or does not
-    match the env's spaces."""
-    space = dataset.action_space
-    if spec is None:
-        path = default_build_folder(dataset)
-        expert = Expert(build_policy(path, dataset), f"{path} (the build of {dataset.minari_id})", space)
-    elif re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", spec) and not Path(spec).exists():
-        expert = Expert(factory_policy(spec), spec, space)
-    elif not Path(spec).exists():
-        fail(f"--expert {spec}: no such file or folder, and not package.module:factory")
-    elif is_build_folder(Path(spec)):
-        expert = Expert(build_policy(Path(spec), dataset), spec, space)
-    else:
-        expert = Expert(library_policy(spec, dataset), spec, space)
-    expert.check(dataset)
-    return expert
-
-
-def default_build_folder(dataset: OfflineDataset) -> Path:
-    """runs/datasets/<name>-seed<seed>, the builder's default build folder of a local build `local/<name>/...`."""
-    match = re.fullmatch(r"local/([\w-]+)/[\w-]+-v\d+", dataset.minari_id)
-    seed = dataset.metadata.get("seed")
-    if match is None or seed is None:
-        fail(f"--expert is needed: '{dataset.name}' is not a local build whose build folder keeps the expert "
-             f"(give a run directory, a build folder or package.module:factory)")
-    name = f"{match.group(1)}-seed{seed}"
-    for root in (Path.cwd(), Path(__file__).resolve().parent.parent):
-        if is_build_folder(root / "runs" / "datasets" / name):
-            return root / "runs" / "datasets" / name
-    fail(f"--expert is needed: the build folder runs/datasets/{name} of '{dataset.minari_id}' is not here "
-         f"(rebuild with `python -m common.build {match.group(1)}`, or give --expert)")
-
-
-def is_build_folder(path: Path) -> bool:
-    return path.name == "agent_state.pt" or (path / "agent" / "agent_state.pt").is_file() \
-        or (path / "agent_state.pt").is_file()
-
-
-def build_policy(path: Path, dataset: OfflineDataset) -> Callable[[np.ndarray], object]:
-    """The final policy a local build keeps (common/build: `<build>/agent/agent_state.pt`, whose last
-    checkpoint is the "expert" quality's policy), acting deterministically: SAC's center + scale * tanh(mu(s))
-    or Double DQN's argmax_a Q(s, a). The forward passes are repeated here in NumPy (as the builder's own)."""
-    file = path if path.is_file() else (path / "agent" / "agent_state.pt" if (path / "agent").is_dir()
-                                        else path / "agent_state.pt")
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-        policy = {k: v.float().numpy() for k, v in state["checkpoints"][-1]["policy"].items()}
-        env_id = state["recipe"]["env"]
-    except Exception as err:
-        fail(f"--expert {path}: cannot read the build's agent state {file}: {type(err).__name__}: {err}")
-    if env_id != dataset.eval_env_spec.id:
-        print(f"note: the expert of {path} was trained on {env_id}, the env here is {dataset.eval_env_spec.id}",
-              file=sys.stderr)
-    obs_dim = flat_dim(dataset.observation_space)
-    if "mean.weight" in policy:  # SAC actor (common/build/behavior_sac.py: Actor)
-        layers = [(policy["trunk.0.weight"], policy["trunk.0.bias"]), (policy["trunk.2.weight"], policy["trunk.2.bias"])]
-        mean, scale, center = (policy["mean.weight"], policy["mean.bias"]), policy["scale"], policy["center"]
-        if isinstance(dataset.action_space, gym.spaces.Discrete) or layers[0][0].shape[1] != obs_dim \
-                or mean[0].shape[0] != int(np.prod(dataset.action_space.shape)):
-            fail(f"--expert {path}: its SAC policy maps {layers[0][0].shape[1]}-d observations to "
-                 f"{mean[0].shape[0]}-d actions; the env of '{dataset.name}' has {obs_dim}-d observations and "
-                 f"action space {dataset.action_space}")
-
-        def act(obs: np.ndarray) -> np.ndarray:
-            h = obs
-            for w, b in layers:
-                h = np.maximum(w @ h + b, 0.0)
-            return center + scale * np.tanh(mean[0] @ h + mean[1])
-    elif "0.weight" in policy:  # Double DQN Q-network (common/build/behavior_dqn.py: q_network)
-        layers = [(policy[f"{i}.weight"], policy[f"{i}.bias"]) for i in (0, 2, 4)]
-        if not isinstance(dataset.action_space, gym.spaces.Discrete) or layers[0][0].shape[1] != obs_dim \
-                or layers[-1][0].shape[0] != dataset.action_space.n:
-            fail(f"--expert {path}: its Q-network maps {layers[0][0].shape[1]}-d observations to "
-                 f"{layers[-1][0].shape[0]} discrete actions; the env of '{dataset.name}' has {obs_dim}-d "
-                 f"observations and action space {dataset.action_space}")
-        start = int(dataset.action_space.start)
-
-        def act(obs: np.ndarray) -> int:
-            h = obs
-            for i, (w, b) in enumerate(layers):
-                h = w @ h + b if i == len(layers) - 1 else np.maximum(w @ h + b, 0.0)
-            return int(np.argmax(h)) + start
-    else:
-        fail(f"--expert {path}: the build's policy is neither the builder's SAC actor nor its Q-network")
-    return act
-
-
-def library_policy(path: str, dataset: OfflineDataset) -> Callable[[np.ndarray], object]:
-    """A run directory or checkpoint of this library (`common.checkpoint.load_policy`), spaces checked."""
-    ckpt = load_checkpoint(path)
-    if ckpt.get("algo") == "dt" or (ckpt.get("algo") == "diffusion_bc"
-                                    and ckpt.get("config", {}).get("action_horizon", 1) > 1):
-        fail(f"--expert {path}: a {ckpt.get('algo')}.py policy depends on the episode so far (a history or a "
-             f"plan of action chunks); DAgger queries the expert one state at a time: pass a policy of the state")
-    saved = DataSpec(**ckpt["spec"])
-    if (saved.obs_dim, saved.act_dim, saved.discrete) != (dataset.spec.obs_dim, dataset.spec.act_dim,
-                                                          dataset.spec.discrete):
-        kind = lambda s: f"{s.obs_dim}-d observations, {s.act_dim} {'discrete' if s.discrete else '-d'} actions"
-        fail(f"--expert {path}: its policy ({ckpt.get('algo')} on {ckpt.get('config', {}).get('env')}) has "
-             f"{kind(saved)}; the env of '{dataset.name}' has {kind(dataset.spec)}")
-    policy = load_policy(path)
-    start = int(dataset.action_space.start) if saved.discrete else 0
-    if saved.discrete:
-        return lambda obs: int(np.asarray(policy(obs)).reshape(-1)[0]) + start
-    return policy
-
-
-def factory_policy(spec: str) -> Callable[[np.ndarray], object]:
-    """`package.module:factory`: import the module, call factory() and return the callable it gives."""
-    module_name, attr = spec.split(":")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as err:
-        fail(f"--expert {spec}: cannot import {module_name}: {type(err).__name__}: {err}")
-    if not callable(getattr(module, attr, None)):
-        fail(f"--expert {spec}: {module_name} has no callable {attr}")
-    try:
-        policy = getattr(module, attr)()
-    except Exception as err:
-        fail(f"--expert {spec}: {attr}() failed (it must take no arguments and return a callable "
-             f"observation -> action): {type(err).__name__}: {err}")
-    if not callable(policy):
-        fail(f"--expert {spec}: {attr}() returned {type(policy).__name__}, not a callable observation -> action")
-    return policy
-
-
-# --------------------------------------------------------------------------------------------------
-# beta schedule, action discrepancy, the gate
-# --------------------------------------------------------------------------------------------------
-
-
-def beta(config: Config, round_index: int) -> float:
-    """beta_i: probability that a step executes the expert's action in round i (beta_0 = 1)."""
-    if config.beta_schedule == "linear":  # imitation's LinearBetaSchedule(R)
-        return min(1.0, max(0.0, (config.beta_rampdown_rounds - round_index) / config.beta_rampdown_rounds))
-    return float(config.beta_decay ** round_index)  # imitation's ExponentialBetaSchedule(p); Ross et al.
-
-
-def action_discrepancy(a: np.ndarray, a_star: np.ndarray, space: gym.Space) -> np.ndarray:
-    """d(a, a*) in [0, 1] per row: ||(a - a*) / (high - low)||_2 / sqrt(|A|) for Box actions (n, act_dim);
-    1[a != a*] for discrete actions (n,)."""
-    if isinstance(space, gym.spaces.Discrete):
-        return (np.asarray(a) != np.asarray(a_star)).astype(np.float64)
-    width = (space.high - space.low).reshape(-1).astype(np.float64)
-    diff = (np.asarray(a, np.float64) - np.asarray(a_star, np.float64)) / width
-    return np.sqrt((diff ** 2).sum(-1) / diff.shape[-1])
-
-
-class InterventionGate:
-    """The simulated human of HG-DAgger, one per env: the expert takes control when d(a, a*) > threshold and
-    hands it back once d(a, a*) < release_ratio * threshold; in between nothing changes (hysteresis, so the
-    gate does not flicker around the threshold). `step(d)` returns which envs the expert drives now."""
-
-    def __init__(self, num_envs: int, threshold: float, release_ratio: float):
-        self.threshold, self.release = threshold, release_ratio * threshold
-        self.expert_in_control = np.zeros(num_envs, dtype=bool)
-
-    def step(self, discrepancy: np.ndarray) -> np.ndarray:
-        take = ~self.expert_in_control & (discrepancy > self.threshold)
-        hand_back = self.expert_in_control & (discrepancy < self.release)
-        self.expert_in_control = (self.expert_in_control | take) & ~hand_back
-        return self.expert_in_control.copy()
-
-
-# --------------------------------------------------------------------------------------------------
-# D: the aggregated dataset, its sampler and the round bookkeeping (saved with checkpoints)
-# --------------------------------------------------------------------------------------------------
-
-
-class AggregatedData:
-    """D of the slide: every (s', a*) gathered so far, with a device sampler over it, the rounds done and
-    their statistics. Its `state_dict` holds all of it (the arrays too), so a killed run resumes exactly."""
-
-    def __init__(self, spec: DataSpec, device: torch.device, seed: int):
-        self.device = device
-        self.obs = np.zeros((0, spec.obs_dim), np.float32)
-        self.actions = np.zeros(0, np.int64) if spec.discrete else np.zeros((0, spec.act_dim), np.float32)
-        self.generator_state = torch.Generator(device=device).manual_seed(seed).get_state()
-        self.sampler: TensorSampler | None = None
-        self.rounds: list[dict] = []  # per round: beta, labels, queries, rollout return, errors, interventions
-        self.queries = 0
-
-    def __len__(self) -> int:
-        return len(self.obs)
-
-    def aggregate(self, obs: np.ndarray, actions: np.ndarray) -> None:
-        """D <- D u {(s', a*)}; the sampler's random stream continues across rounds."""
-        self.obs = np.concatenate([self.obs, obs.astype(np.float32)])
-        self.actions = np.concatenate([self.actions, actions.astype(self.actions.dtype)])
-        self._new_sampler()
-
-    def _new_sampler(self) -> None:
-        if self.sampler is not None:
-            self.generator_state = self.sampler.generator.get_state()
-        self.sampler = TensorSampler({"obs": self.obs, "actions": self.actions}, self.device, 0)
-        self.sampler.generator.set_state(self.generator_state)
-
-    def sample(self, batch_size: int) -> dict[str, torch.Tensor]:
-        return self.sampler.sample(batch_size)
-
-    def state_dict(self) -> dict:
-        generator = self.sampler.generator.get_state() if self.sampler is not None else self.generator_state
-        return {"obs": self.obs.copy(), "actions": self.actions.copy(), "generator": generator,
-                "rounds": [dict(r) for r in self.rounds], "queries": self.queries}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.obs, self.actions = state["obs"], state["actions"]
-        self.rounds, self.queries = [dict(r) for r in state["rounds"]], state["queries"]
-        self.generator_state, self.sampler = state["generator"], None
-        if len(self.obs):
-            self._new_sampler()
-
-
-# --------------------------------------------------------------------------------------------------
-# The learner: BC's policy (repeated from bc.py) with the observation normaliser inside
+# The learner pi_theta: BC's policy (repeated from bc.py) with the observation normaliser inside
 # --------------------------------------------------------------------------------------------------
 
 
@@ -546,13 +228,9 @@ class Agent:
         self.obs_mean = torch.zeros(spec.obs_dim, device=device)
         self.obs_std = torch.ones(spec.obs_dim, device=device)
         self.params = list(self.policy.parameters()) + ([self.log_std] if self.gaussian else [])
-        self.optimizer = torch.optim.Adam(self.params, lr=config.lr, **_fast_adam(device, config.compile))
+        self.optimizer = adam(self.params, config.lr, config)
         self.max_action = spec.max_action
-        if config.compile:
-            torch._dynamo.config.trace_autograd_ops = True  # trace loss.backward() into the compiled step too
-        compile_mode = "reduce-overhead" if device.type == "cuda" else None  # on CUDA: replayed as CUDA graphs
-        self._update = (torch.compile(self._update_impl, mode=compile_mode, dynamic=False) if config.compile
-                        else self._update_impl)
+        self._update = update_step(self._update_impl, config, self.optimizer)
 
     def set_normalizer(self, obs: np.ndarray) -> None:
         """Standardise with the mean and std of `obs` (N, obs_dim) from now on (in place: compiled graphs stay)."""
@@ -565,7 +243,6 @@ class Agent:
         return self.max_action * torch.tanh(self.policy((obs - self.obs_mean) / self.obs_std))
 
     def update(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        self.optimizer.zero_grad(set_to_none=True)  # outside the compiled step: torch.compile skips zero_grad
         return self._update(batch["obs"], batch["actions"])
 
     def _update_impl(self, obs: torch.Tensor, actions: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -608,25 +285,90 @@ class Agent:
             self.log_std.copy_(state["log_std"])
         self.obs_mean.copy_(state["obs_mean"])
         self.obs_std.copy_(state["obs_std"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        _use_this_runs_adam([self.optimizer], self.device, self.config.compile)
+        load_optimizer(self.optimizer, state["optimizer"])
 
 
-def _fast_adam(device: torch.device, compiled: bool) -> dict:
-    """Fused Adam (one kernel for all parameters) where this torch build has it, else foreach. Under --compile
-    the foreach Adam, which torch.compile traces into the step (it runs the fused one outside the graph), and
-    capturable: its step count stays a device tensor, as a CUDA graph needs."""
-    if compiled:
-        return {"foreach": True, "capturable": True}
-    return {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}
+# --------------------------------------------------------------------------------------------------
+# DAgger / HG-DAgger: the beta schedule, the gate, D, and one round (the slide's steps 1-3)
+# --------------------------------------------------------------------------------------------------
 
 
-def _use_this_runs_adam(optimizers: list, device: torch.device, compiled: bool) -> None:
-    """Set this run's Adam implementation on loaded optimisers: they keep the flags they were saved with, and
-    --compile may differ on resume (both implementations keep the step count on the parameters' device)."""
-    for optimizer in optimizers:
-        for group in optimizer.param_groups:
-            group.update({"fused": None, "foreach": None, "capturable": False, **_fast_adam(device, compiled)})
+def beta(config: Config, round_index: int) -> float:
+    """beta_i: probability that a step executes the expert's action in round i (beta_0 = 1)."""
+    if config.beta_schedule == "linear":  # imitation's LinearBetaSchedule(R)
+        return min(1.0, max(0.0, (config.beta_rampdown_rounds - round_index) / config.beta_rampdown_rounds))
+    return float(config.beta_decay ** round_index)  # imitation's ExponentialBetaSchedule(p); Ross et al.
+
+
+def action_discrepancy(a: np.ndarray, a_star: np.ndarray, space: gym.Space) -> np.ndarray:
+    """d(a, a*) in [0, 1] per row: ||(a - a*) / (high - low)||_2 / sqrt(|A|) for Box actions (n, act_dim);
+    1[a != a*] for discrete actions (n,)."""
+    if isinstance(space, gym.spaces.Discrete):
+        return (np.asarray(a) != np.asarray(a_star)).astype(np.float64)
+    width = (space.high - space.low).reshape(-1).astype(np.float64)
+    diff = (np.asarray(a, np.float64) - np.asarray(a_star, np.float64)) / width
+    return np.sqrt((diff ** 2).sum(-1) / diff.shape[-1])
+
+
+class InterventionGate:
+    """The simulated human of HG-DAgger, one per env: the expert takes control when d(a, a*) > threshold and
+    hands it back once d(a, a*) < release_ratio * threshold; in between nothing changes (hysteresis, so the
+    gate does not flicker around the threshold). `step(d)` returns which envs the expert drives now."""
+
+    def __init__(self, num_envs: int, threshold: float, release_ratio: float):
+        self.threshold, self.release = threshold, release_ratio * threshold
+        self.expert_in_control = np.zeros(num_envs, dtype=bool)
+
+    def step(self, discrepancy: np.ndarray) -> np.ndarray:
+        take = ~self.expert_in_control & (discrepancy > self.threshold)
+        hand_back = self.expert_in_control & (discrepancy < self.release)
+        self.expert_in_control = (self.expert_in_control | take) & ~hand_back
+        return self.expert_in_control.copy()
+
+
+class AggregatedData:
+    """D of the slide: every (s', a*) gathered so far, with a device sampler over it, the rounds done and
+    their statistics. Its `state_dict` holds all of it (the arrays too), so a killed run resumes exactly."""
+
+    def __init__(self, spec: DataSpec, device: torch.device, seed: int):
+        self.device = device
+        self.obs = np.zeros((0, spec.obs_dim), np.float32)
+        self.actions = np.zeros(0, np.int64) if spec.discrete else np.zeros((0, spec.act_dim), np.float32)
+        self.generator_state = torch.Generator(device=device).manual_seed(seed).get_state()
+        self.sampler: TensorSampler | None = None
+        self.rounds: list[dict] = []  # per round: beta, labels, queries, rollout return, errors, interventions
+        self.queries = 0
+
+    def __len__(self) -> int:
+        return len(self.obs)
+
+    def aggregate(self, obs: np.ndarray, actions: np.ndarray) -> None:
+        """D <- D u {(s', a*)}; the sampler's random stream continues across rounds."""
+        self.obs = np.concatenate([self.obs, obs.astype(np.float32)])
+        self.actions = np.concatenate([self.actions, actions.astype(self.actions.dtype)])
+        self._new_sampler()
+
+    def _new_sampler(self) -> None:
+        if self.sampler is not None:
+            self.generator_state = self.sampler.generator.get_state()
+        self.sampler = TensorSampler({"obs": self.obs, "actions": self.actions}, self.device, 0)
+        self.sampler.generator.set_state(self.generator_state)
+
+    def sample(self, batch_size: int) -> dict[str, torch.Tensor]:
+        return self.sampler.sample(batch_size)
+
+    def state_dict(self) -> dict:
+        generator = self.sampler.generator.get_state() if self.sampler is not None else self.generator_state
+        return {"obs": torch.from_numpy(self.obs.copy()), "actions": torch.from_numpy(self.actions.copy()),
+                "generator": generator, "rounds": [dict(r) for r in self.rounds], "queries": self.queries}
+
+    def load_state_dict(self, state: dict) -> None:
+        as_array = lambda x: x.numpy() if torch.is_tensor(x) else np.asarray(x)  # numpy before checkpoint format 2
+        self.obs, self.actions = as_array(state["obs"]), as_array(state["actions"])
+        self.rounds, self.queries = [dict(r) for r in state["rounds"]], state["queries"]
+        self.generator_state, self.sampler = state["generator"], None
+        if len(self.obs):
+            self._new_sampler()
 
 
 def learner_actions(agent: Agent, obs: np.ndarray, space: gym.Space) -> np.ndarray:
@@ -635,11 +377,6 @@ def learner_actions(agent: Agent, obs: np.ndarray, space: gym.Space) -> np.ndarr
     if isinstance(space, gym.spaces.Discrete):
         return action.astype(np.int64)
     return np.clip(action.reshape(len(obs), -1), space.low.reshape(-1), space.high.reshape(-1))
-
-
-# --------------------------------------------------------------------------------------------------
-# One round of interaction
-# --------------------------------------------------------------------------------------------------
 
 
 def collect_round(envs: gym.vector.VectorEnv, dataset: OfflineDataset, agent: Agent, expert: Expert,
@@ -656,6 +393,7 @@ def collect_round(envs: gym.vector.VectorEnv, dataset: OfflineDataset, agent: Ag
     space = dataset.action_space
     n = envs.num_envs
     obs, _ = envs.reset(seed=seeds)
+    expert.reset(n, seeds[0])  # a new episode in every env: a stateful expert starts afresh (picks its mode)
     done = np.zeros(n, dtype=bool)
     returns = np.zeros(n)
     states, labels, keep, errors, expert_drove = [], [], [], [], []
@@ -687,33 +425,110 @@ def collect_round(envs: gym.vector.VectorEnv, dataset: OfflineDataset, agent: Ag
             "intervention_rate": float(np.nanmean(expert_drove))}
 
 
-@torch.no_grad()
-def evaluate_against_expert(agent: Agent, expert: Expert, dataset: OfflineDataset, episodes: int, seed: int,
-                            device: torch.device, envs: gym.vector.VectorEnv | None = None) -> dict:
-    """`common.evaluation.evaluate` of the learner alone, plus its on-policy action error against the
-    expert at the states it visits: `onpolicy_error` (mean d(a, a*) per step) and `onpolicy_cost` (the sum
-    over each episode, averaged: the cost l(pi) of Theorems 2.1 / 2.2 with d as the per-step loss), and
-    `error_by_step` (T,), the mean d(a_t, a*_t) at each step t over the episodes still running."""
-    record = []
-
-    def policy(obs: torch.Tensor) -> torch.Tensor:
-        flat = obs.cpu().numpy()
-        record.append(action_discrepancy(learner_actions(agent, flat, dataset.action_space), expert(flat),
-                                         dataset.action_space))
-        return agent.act(obs)
-
-    result = evaluate(policy, dataset, None, episodes, seed, device, envs)
-    d = np.stack(record)  # (T, episodes); rows past an episode's end belong to the next one: masked
-    live = np.arange(len(d))[:, None] < result["lengths"][None, :]
-    result["onpolicy_error"] = float(d[live].mean())
-    result["onpolicy_cost"] = float((d * live).sum(0).mean())
-    result["error_by_step"] = (d * live).sum(1) / np.maximum(live.sum(1), 1)  # (T,): mean over live episodes
-    return result
+def dagger_round(config: Config, i: int, dataset: OfflineDataset, agent: Agent, expert: Expert,
+                 data: AggregatedData, envs: gym.vector.VectorEnv) -> dict:
+    """Round i: roll out pi_i (the beta_i mixture, or the learner under the gate) and label with the expert
+    (steps 1-2; round 0: the expert, or --init-data), then aggregate into D (step 3). Returns the round's
+    statistics (kept in `data.rounds`)."""
+    if i == 0 and config.init_data != "none":
+        out, beta_i = round_zero_from_dataset(config, dataset, expert), 1.0
+    else:
+        beta_i = 1.0 if i == 0 else (0.0 if config.gated else beta(config, i))
+        gate = InterventionGate(config.episodes_per_round, config.threshold, config.release_ratio) \
+            if config.gated and i > 0 else None
+        first = COLLECT_SEED_OFFSET + config.seed + i * config.episodes_per_round
+        seeds = list(range(first, first + config.episodes_per_round))
+        out = collect_round(envs, dataset, agent, expert, seeds, beta_i, gate, np.random.default_rng([config.seed, i]))
+    data.aggregate(out["obs"], out["actions"])  # 3. D <- D u {(s', a*)}
+    data.queries += out["steps"] if config.init_data != "dataset" or i > 0 else 0
+    if i == 0 and config.normalize_obs:
+        agent.set_normalizer(data.obs)
+    stats = {"round": i, "beta": beta_i, "new_labels": len(out["obs"]), "expert_labels": len(data),
+             "expert_queries": data.queries, "rollout_return": out["return_mean"],
+             "onpolicy_error": out["onpolicy_error"] if i > 0 or config.init_data == "none" else None,
+             "intervention_rate": out["intervention_rate"] if config.gated else None}
+    data.rounds.append(stats)
+    print(f"round {i}: beta {beta_i:.2f}, +{stats['new_labels']} labels ({len(data)} in D), rollout return "
+          f"{out['return_mean']:.1f}"
+          + (f", on-policy error {stats['onpolicy_error']:.3f}" if stats["onpolicy_error"] is not None else "")
+          + (f", interventions {100 * out['intervention_rate']:.1f}%" if config.gated and i > 0 else ""),
+          file=sys.stderr, flush=True)
+    return stats
 
 
 # --------------------------------------------------------------------------------------------------
-# Training
+# Helpers train() uses: the environment, DAgger's checks, round 0 from a dataset, evaluation
 # --------------------------------------------------------------------------------------------------
+
+
+def gym_env_id(name: str) -> str | None:
+    """The Gymnasium env id `--env` names, or None when it names a dataset: a registered id (`Pendulum-v1`), or
+    Gymnasium's `module:EnvId`, whose module is imported first to register the id (`common.envs.fork:PointFork-v0`)."""
+    module, colon, env_id = name.rpartition(":")
+    if colon and re.fullmatch(r"[A-Za-z_][\w.]*", module):
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        try:
+            importlib.import_module(module)
+        except Exception as err:
+            fail(f"--env {name}: cannot import {module}, which should register '{env_id}': {type(err).__name__}: {err}")
+        if env_id not in gym.registry:
+            fail(f"--env {name}: importing {module} registers no env '{env_id}'")
+        return env_id
+    return name if name in gym.registry and name not in D4RL_TO_MINARI else None
+
+
+def resolve_dagger_config(config: Config) -> Config:
+    """`common.runs.resolve_config`, after refusing an --env that is neither a dataset nor a Gymnasium id. A
+    Gymnasium id has no dataset row of its own: DATASET_SETTINGS patterns match the registered id, and the run
+    keeps --env as given (`module:EnvId` registers the id again when the run is resumed)."""
+    if config.resume and not getattr(config, "_resume_merged", False):
+        config = merge_resumed(config, *saved_config(config.resume))  # the resumed run's --env
+    env_id = gym_env_id(config.env)
+    if env_id is None and "/" not in config.env and config.env not in D4RL_TO_MINARI \
+            and re.search(r"-v\d+$", config.env):
+        close = ", ".join(difflib.get_close_matches(config.env, list(gym.registry), 3))
+        fail(f"--env '{config.env}' is neither a registered Gymnasium env id nor a dataset name"
+             + (f"; did you mean: {close}?" if close else "")
+             + "; an env that a module registers is named module:EnvId (e.g. common.envs.fork:PointFork-v0)")
+    resolved = resolve_config(dataclasses.replace(config, env=env_id or config.env, resume=None), DATASET_SETTINGS)
+    return dataclasses.replace(resolved, env=config.env, resume=config.resume)
+
+
+def interactive_env(config: Config) -> OfflineDataset:
+    """The env the learner interacts with, as an `OfflineDataset` (evaluation and Run need its spaces, env
+    spec and reference scores). A dataset keeps its episodes (for --init-data); a Gymnasium id has none and
+    no reference scores. A new time limit H drops the dataset's reference scores (made for its own H)."""
+    env_id = gym_env_id(config.env)
+    if env_id is not None:
+        spec = gym.spec(env_id)
+        try:
+            probe = gym.make(spec)
+        except Exception as err:  # a missing extra (box2d, mujoco), bad kwargs...
+            fail(f"cannot create env '{config.env}' for interactive collection: {type(err).__name__}: "
+                 f"{str(err).splitlines()[0] if str(err) else ''}")
+        dataset = OfflineDataset(name=env_id, minari_id=env_id, episodes=[],
+                                 observation_space=probe.observation_space, action_space=probe.action_space,
+                                 eval_env_spec=spec)
+        probe.close()
+    else:
+        dataset = load_dataset(config.env, download=config.download)
+        dataset.make_env().close()  # one clear line when the stored env cannot be made
+    if not isinstance(dataset.action_space, (gym.spaces.Box, gym.spaces.Discrete)):
+        fail(f"env of '{config.env}' has action space {dataset.action_space}; DAgger needs Box or Discrete")
+    flat_dim(dataset.observation_space)  # one clear line for an unsupported observation space
+    spec = dataset.eval_env_spec
+    if config.max_episode_steps is not None:
+        if config.max_episode_steps < 1:
+            fail(f"--max-episode-steps must be at least 1, got {config.max_episode_steps}")
+        if spec.max_episode_steps != config.max_episode_steps and dataset.ref_source is not None:
+            print(f"note: time limit H={config.max_episode_steps} instead of {spec.max_episode_steps}: the "
+                  f"dataset's reference scores no longer apply; raw returns only", file=sys.stderr)
+            dataset = dataclasses.replace(dataset, ref_min_score=None, ref_max_score=None, ref_source=None)
+        spec = dataclasses.replace(spec, max_episode_steps=config.max_episode_steps)
+    elif spec.max_episode_steps is None:
+        fail(f"env '{spec.id}' has no time limit: give one with --max-episode-steps so episodes end")
+    return dataclasses.replace(dataset, eval_env_spec=spec)
 
 
 def check_dagger_config(config: Config, dataset: OfflineDataset) -> None:
@@ -736,10 +551,42 @@ def check_dagger_config(config: Config, dataset: OfflineDataset) -> None:
 def round_zero_from_dataset(config: Config, dataset: OfflineDataset, expert: Expert) -> dict:
     """--init-data: the dataset's states with their stored actions, or labelled by the expert."""
     data = dataset.transitions()
+    if config.init_data == "relabelled":
+        expert.reset(len(data["obs"]), config.seed)  # a stateful expert: one episode per state
     actions = expert(data["obs"]) if config.init_data == "relabelled" else data["actions"]
     returns = [e.total_return for e in dataset.episodes]
     return {"obs": data["obs"], "actions": actions, "steps": len(data["obs"]),
             "return_mean": float(np.mean(returns)), "onpolicy_error": None, "intervention_rate": 1.0}
+
+
+@torch.no_grad()
+def evaluate_against_expert(agent: Agent, expert: Expert, dataset: OfflineDataset, episodes: int, seed: int,
+                            device: torch.device, envs: gym.vector.VectorEnv | None = None) -> dict:
+    """`common.evaluation.evaluate` of the learner alone, plus its on-policy action error against the
+    expert at the states it visits: `onpolicy_error` (mean d(a, a*) per step) and `onpolicy_cost` (the sum
+    over each episode, averaged: the cost l(pi) of Theorems 2.1 / 2.2 with d as the per-step loss), and
+    `error_by_step` (T,), the mean d(a_t, a*_t) at each step t over the episodes still running."""
+    record = []
+    expert.reset(episodes, EVAL_SEED_OFFSET + seed)  # the evaluation episodes start together
+
+    def policy(obs: torch.Tensor) -> torch.Tensor:
+        flat = obs.cpu().numpy()
+        record.append(action_discrepancy(learner_actions(agent, flat, dataset.action_space), expert(flat),
+                                         dataset.action_space))
+        return agent.act(obs)
+
+    result = evaluate(policy, dataset, None, episodes, seed, device, envs)
+    d = np.stack(record)  # (T, episodes); rows past an episode's end belong to the next one: masked
+    live = np.arange(len(d))[:, None] < result["lengths"][None, :]
+    result["onpolicy_error"] = float(d[live].mean())
+    result["onpolicy_cost"] = float((d * live).sum(0).mean())
+    result["error_by_step"] = (d * live).sum(1) / np.maximum(live.sum(1), 1)  # (T,): mean over live episodes
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------
 
 
 def train(config: Config) -> dict:
@@ -757,35 +604,11 @@ def train(config: Config) -> dict:
     envs = make_eval_envs(dataset, config.eval_episodes)
     collect_envs = make_eval_envs(dataset, config.episodes_per_round)
     for step in run.steps(start):
-        if (step - 1) % config.steps_per_round == 0:  # a new round: collect, aggregate
-            i = (step - 1) // config.steps_per_round
+        if (step - 1) % config.steps_per_round == 0:  # a new round: steps 1-3 of the slide
             with run.timed():
-                if i == 0 and config.init_data != "none":
-                    out, beta_i = round_zero_from_dataset(config, dataset, expert), 1.0
-                else:
-                    beta_i = 1.0 if i == 0 else (0.0 if config.gated else beta(config, i))
-                    gate = InterventionGate(config.episodes_per_round, config.threshold, config.release_ratio) \
-                        if config.gated and i > 0 else None
-                    first = COLLECT_SEED_OFFSET + config.seed + i * config.episodes_per_round
-                    seeds = list(range(first, first + config.episodes_per_round))
-                    out = collect_round(collect_envs, dataset, agent, expert, seeds, beta_i, gate,
-                                        np.random.default_rng([config.seed, i]))
-                data.aggregate(out["obs"], out["actions"])  # 3. D <- D u {(s', a*)}
-                data.queries += out["steps"] if config.init_data != "dataset" or i > 0 else 0
-                if i == 0 and config.normalize_obs:
-                    agent.set_normalizer(data.obs)
-                stats = {"round": i, "beta": beta_i, "new_labels": len(out["obs"]), "expert_labels": len(data),
-                         "expert_queries": data.queries, "rollout_return": out["return_mean"],
-                         "onpolicy_error": out["onpolicy_error"] if i > 0 or config.init_data == "none" else None,
-                         "intervention_rate": out["intervention_rate"] if config.gated else None}
-                data.rounds.append(stats)
+                stats = dagger_round(config, (step - 1) // config.steps_per_round, dataset, agent, expert, data,
+                                     collect_envs)
                 run.log(step, {f"dagger/{k}": v for k, v in stats.items() if v is not None})
-                print(f"round {i}: beta {beta_i:.2f}, +{stats['new_labels']} labels ({len(data)} in D), rollout "
-                      f"return {out['return_mean']:.1f}"
-                      + (f", on-policy error {stats['onpolicy_error']:.3f}" if stats["onpolicy_error"] is not None
-                         else "")
-                      + (f", interventions {100 * out['intervention_rate']:.1f}%" if config.gated and i > 0
-                         else ""), file=sys.stderr, flush=True)
         logs = agent.update(data.sample(config.batch_size))  # 4. min_theta L(pi_theta, D)
         if run.should_log(step):
             run.log(step, logs)

@@ -17,6 +17,10 @@ The contract is the SAC behaviour agent's (`common/build/behavior_sac.py`):
   * `<checkpoint_dir>/agent_state.pt` at the first episode end after every `save_every` steps and at the
     end: network, target, optimiser, buffer, checkpoints, step counter and every random state, so that an
     interrupted run resumes bit for bit (same device and thread count).
+  * `<checkpoint_dir>/expert_policy.pt` when training ends: the final greedy policy as a policy file
+    (`common.experts.save_policy_file`), the expert `dagger.py` loads from a build folder; `final_policy(build)`
+    gives the same Q-network as this module's `q_network`; `python -m common.build.behavior_dqn
+    --export-expert BUILD` writes the file for a build made before.
 Dataset rollouts act epsilon-greedily with `behavior_epsilon` (the discrete counterpart of sampling
 from SAC's Gaussian).
 
@@ -46,9 +50,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.build.behavior_sac import (Checkpoint, buffer_episodes, episode_returns, flat_obs,  # shared with SAC
-                                 make_adam)
+from common.build.behavior_sac import (Checkpoint, agent_state, agent_state_file, buffer_episodes,  # shared with SAC
+                                       episode_returns, flat_obs, make_adam)
 from common.errors import UserError, fail
+from common.experts import POLICY_FILE, save_policy_file
 
 # Evaluation episode i of every checkpoint resets the evaluation env with seed `seed + EVAL_SEED_OFFSET + i`.
 EVAL_SEED_OFFSET = 1_000_000
@@ -119,6 +124,36 @@ def q_network(obs_dim: int, n_actions: int, hidden: int) -> nn.Sequential:
     """Q(s, .): an MLP from observations to one value per action, shape (B, n_actions)."""
     return nn.Sequential(nn.Linear(obs_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
                          nn.Linear(hidden, n_actions))
+
+
+def final_policy(build: str | Path) -> nn.Sequential:
+    """The final Q-network of a Double DQN build folder (its last checkpoint: the policy behind the "expert"
+    quality), on the CPU; the greedy env action is `q(obs).argmax(-1) + start`, start = the action space's."""
+    state = agent_state(build)
+    if "q" not in state:
+        fail(f"{build}: its agent is not Double DQN (for a SAC build use common.build.behavior_sac)")
+    policy = state["checkpoints"][-1]["policy"]
+    with torch.random.fork_rng(devices=[]):  # the layers' initial weights, overwritten below: leave the RNG as it was
+        q = q_network(policy["0.weight"].shape[1], policy["4.weight"].shape[0], state["recipe"]["hidden"])
+    q.load_state_dict(policy)
+    return q
+
+
+def write_expert(q: nn.Sequential, folder: str | Path, env_id: str, step: int, start: int) -> Path:
+    """Write the greedy policy argmax_a Q(s, a) + start of `q` to `<folder>/expert_policy.pt`."""
+    return save_policy_file(Path(folder) / POLICY_FILE, [q[0], q[2], q[4]], "argmax",
+                            {"env": env_id, "agent": "DoubleDQN", "step": step}, start=start)
+
+
+def export_expert(build: str | Path) -> Path:
+    """Write a Double DQN build folder's final greedy policy beside its agent state
+    (`<build>/agent/expert_policy.pt`), for builds made before builds wrote it; returns the file."""
+    state = agent_state(build)
+    env = make_env(state["recipe"]["env"], state["recipe"]["max_episode_steps"])
+    start = int(env.action_space.start)
+    env.close()
+    return write_expert(final_policy(build), agent_state_file(build).parent, state["recipe"]["env"],
+                        state["checkpoints"][-1]["step"], start)
 
 
 class NumpyQ:
@@ -266,6 +301,12 @@ class DQNAgent:
         return episode_returns(self.eval_env, self.make_policy(policy, stochastic, seed), episodes,
                                self.config.seed + EVAL_SEED_OFFSET)
 
+    def export_expert(self, folder: str | Path) -> Path:
+        """Write the final greedy policy (the last checkpoint's Q-network) to `<folder>/expert_policy.pt`."""
+        q = copy.deepcopy(self.q).cpu()  # a copy, not a new network: building one would draw from the RNG
+        q.load_state_dict(self.checkpoints[-1].policy)
+        return write_expert(q, folder, self.config.env, self.checkpoints[-1].step, self.action_start)
+
     def _checkpoint(self) -> Checkpoint:
         policy = {k: v.detach().cpu().clone() for k, v in self.q.state_dict().items()}
         ckpt = Checkpoint(self.step, self.evaluate(policy, self.config.eval_episodes), policy)
@@ -286,6 +327,8 @@ class DQNAgent:
             self._checkpoint()  # step 0: the randomly initialised Q-network
         message = f"eval {self.checkpoints[-1].eval_return:.1f}"
         if self.step >= cfg.max_steps:
+            if state_path is not None:
+                self.export_expert(state_path.parent)
             return self.checkpoints
 
         obs, _ = self.env.reset(seed=cfg.seed) if self.step == 0 else self.env.reset()
@@ -330,6 +373,7 @@ class DQNAgent:
                 obs, _ = self.env.reset()
         if state_path is not None:
             self.save_state(state_path)
+            self.export_expert(state_path.parent)
         return self.checkpoints
 
     # --- the episode stream ----------------------------------------------------------------------
@@ -411,7 +455,12 @@ if __name__ == "__main__":
     import tyro
 
     try:
-        main(tyro.cli(Config))
+        if sys.argv[1:2] == ["--export-expert"]:  # python -m common.build.behavior_dqn --export-expert BUILD
+            if len(sys.argv) != 3:
+                fail("usage: python -m common.build.behavior_dqn --export-expert BUILD_FOLDER")
+            print(f"wrote {export_expert(sys.argv[2])}")
+        else:
+            main(tyro.cli(Config))
     except UserError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)

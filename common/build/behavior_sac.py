@@ -21,6 +21,10 @@ What it keeps for the dataset builder:
     random state (sampling generator, warm-up generator, the training env's np_random). Saving only at
     episode ends means the env needs no state beyond its RNG, so a resumed run continues bit for bit as
     if never interrupted (same device and thread count).
+  * `<checkpoint_dir>/expert_policy.pt` when training ends: the final policy as a policy file
+    (`common.experts.save_policy_file`: plain tensors), the expert `dagger.py` loads from a build folder
+    without importing the builder. `final_policy(build)` gives the same policy as this module's `Actor`;
+    `python -m common.build.behavior_sac --export-expert BUILD` writes the file for a build made before.
 
 Hyperparameters are SAC's and D4RL's defaults (not tuned per env): 256-256 MLPs, gamma 0.99, tau 0.005, Adam
 lr 3e-4 for actor, critics and temperature, batch 256, target entropy -dim(A), one gradient step per env step
@@ -46,6 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.errors import UserError, fail
+from common.experts import AGENT_STATE_FILE, POLICY_FILE, save_policy_file
 
 # Evaluation episode i of every checkpoint resets the evaluation env with seed `seed + EVAL_SEED_OFFSET + i`:
 # far from the training env's seed, identical across checkpoints.
@@ -53,7 +58,7 @@ EVAL_SEED_OFFSET = 1_000_000
 # log std of the Gaussian before tanh is clamped to this range (the SAC authors' code, also rlkit's, which
 # D4RL used). With PyTorch's default init the random actor starts near log std 0, i.e. std 1.
 LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
-STATE_FILE = "agent_state.pt"
+STATE_FILE = AGENT_STATE_FILE  # "agent_state.pt"
 
 
 @dataclass
@@ -160,6 +165,53 @@ class NumpyActor:
             log_std = np.clip(self.log_std[0] @ h + self.log_std[1], LOG_STD_MIN, LOG_STD_MAX)
             u = u + np.exp(log_std) * rng.standard_normal(u.shape, dtype=np.float32)
         return self.center + self.scale * np.tanh(u)
+
+
+def agent_state_file(build: str | Path) -> Path:
+    """The saved agent state of a build folder: `<build>/agent/agent_state.pt` (the agent/ folder or the file
+    itself also do); `UserError` when there is none."""
+    path = Path(build)
+    file = next((f for f in (path, path / "agent" / STATE_FILE, path / STATE_FILE) if f.is_file()), None)
+    if file is None:
+        fail(f"{build}: not a build folder (no agent/{STATE_FILE}; a scripted build such as fork has no agent)")
+    return file
+
+
+def agent_state(build: str | Path) -> dict:
+    """A build folder's saved agent state (`agent_state_file`), read without running code from it."""
+    file = agent_state_file(build)
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:
+        fail(f"cannot read the saved agent state {file}: {type(err).__name__}: {err}")
+
+
+def final_policy(build: str | Path) -> Actor:
+    """The final policy of a SAC build folder (its last checkpoint: the policy behind the "expert" quality), as
+    an `Actor` on the CPU; `actor.deterministic(obs)` is the deterministic action, (B, obs_dim) -> (B, act_dim)."""
+    state = agent_state(build)
+    if "actor" not in state:
+        fail(f"{build}: its agent is not SAC (for a Double DQN build use common.build.behavior_dqn)")
+    policy = state["checkpoints"][-1]["policy"]
+    obs_dim, act_dim = policy["trunk.0.weight"].shape[1], policy["mean.weight"].shape[0]
+    with torch.random.fork_rng(devices=[]):  # the layers' initial weights, overwritten below: leave the RNG as it was
+        actor = Actor(obs_dim, act_dim, state["recipe"]["hidden"], np.zeros(act_dim), np.zeros(act_dim))
+    actor.load_state_dict(policy)
+    return actor
+
+
+def write_expert(actor: Actor, folder: str | Path, env_id: str, step: int) -> Path:
+    """Write `actor`'s deterministic policy center + scale * tanh(mu(s)) to `<folder>/expert_policy.pt`."""
+    return save_policy_file(Path(folder) / POLICY_FILE, [actor.trunk[0], actor.trunk[2], actor.mean], "tanh_box",
+                            {"env": env_id, "agent": "SAC", "step": step}, scale=actor.scale, center=actor.center)
+
+
+def export_expert(build: str | Path) -> Path:
+    """Write a SAC build folder's final policy beside its agent state (`<build>/agent/expert_policy.pt`), for
+    builds made before builds wrote it; returns the file."""
+    state = agent_state(build)
+    return write_expert(final_policy(build), agent_state_file(build).parent, state["recipe"]["env"],
+                        state["checkpoints"][-1]["step"])
 
 
 class TwinQ(nn.Module):
@@ -415,6 +467,12 @@ class SACAgent:
         return episode_returns(self.eval_env, self.make_policy(policy, stochastic, seed), episodes,
                                self.config.seed + EVAL_SEED_OFFSET)
 
+    def export_expert(self, folder: str | Path) -> Path:
+        """Write the final policy (the last checkpoint's actor) to `<folder>/expert_policy.pt`."""
+        actor = copy.deepcopy(self.actor).cpu()  # a copy, not a new Actor: building one would draw from the RNG
+        actor.load_state_dict(self.checkpoints[-1].policy)
+        return write_expert(actor, folder, self.config.env, self.checkpoints[-1].step)
+
     def _checkpoint(self) -> Checkpoint:
         policy = {k: v.detach().cpu().clone() for k, v in self.actor.state_dict().items()}
         ckpt = Checkpoint(self.step, self.evaluate(policy, self.config.eval_episodes), policy)
@@ -436,6 +494,8 @@ class SACAgent:
             self._checkpoint()  # step 0: the randomly initialised actor
         message = f"eval {self.checkpoints[-1].eval_return:.1f}"
         if self.step >= cfg.max_steps:
+            if state_path is not None:
+                self.export_expert(state_path.parent)
             return self.checkpoints
 
         if self.step == 0:
@@ -485,6 +545,7 @@ class SACAgent:
                 obs, _ = self.env.reset()
         if state_path is not None:
             self.save_state(state_path)
+            self.export_expert(state_path.parent)
         return self.checkpoints
 
     # --- the episode stream ----------------------------------------------------------------------
@@ -579,7 +640,12 @@ if __name__ == "__main__":
     import tyro
 
     try:
-        main(tyro.cli(Config))
+        if sys.argv[1:2] == ["--export-expert"]:  # python -m common.build.behavior_sac --export-expert BUILD
+            if len(sys.argv) != 3:
+                fail("usage: python -m common.build.behavior_sac --export-expert BUILD_FOLDER")
+            print(f"wrote {export_expert(sys.argv[2])}")
+        else:
+            main(tyro.cli(Config))
     except UserError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)

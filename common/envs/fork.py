@@ -113,7 +113,10 @@ class ForkExpert:
     """The scripted expert: a side drawn 50/50 per episode (from its own seeded generator), then
     `expert_action`, plus Gaussian action noise of std `noise` (clipped to the action bounds).
 
-    `reset(n)` starts n episodes (draws n sides); `expert(obs)` acts on obs (n, 2), or (2,) when n = 1.
+    `reset(n, seed)` starts n episodes (draws n sides; with `seed`, from a generator seeded afresh, so that the
+    sides of an episode do not depend on the episodes before it); `expert(obs)` acts on obs (n, 2), or (2,)
+    when n = 1. It must be reset at every episode start (common/experts.py's `Expert.reset` does so for
+    DAgger): before its first reset it always takes the right-hand side.
     """
 
     def __init__(self, seed: int = 0, noise: float = 0.0):
@@ -121,7 +124,9 @@ class ForkExpert:
         self.noise = noise
         self.sides = np.ones(1)
 
-    def reset(self, n: int = 1) -> None:
+    def reset(self, n: int = 1, seed: int | None = None) -> None:
+        if seed is not None:
+            self.rng = np.random.default_rng(seed)
         self.sides = self.rng.choice([-1.0, 1.0], size=n)
 
     def __call__(self, obs: np.ndarray) -> np.ndarray:
@@ -134,7 +139,8 @@ class ForkExpert:
 
 
 def make_expert(seed: int = 0, noise: float = 0.0) -> ForkExpert:
-    """The expert as `package.module:factory` loaders want it: `common.envs.fork:make_expert`."""
+    """The expert as `package.module:factory` loaders want it: `common.envs.fork:make_expert` (e.g.
+    `dagger.py --env common.envs.fork:PointFork-v0 --expert common.envs.fork:make_expert`)."""
     return ForkExpert(seed, noise)
 
 

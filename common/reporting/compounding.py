@@ -44,6 +44,7 @@ from common.checkpoint import import_algorithm, load_agent  # noqa: E402
 from common.envs.pendulum import pendulum_expert  # noqa: E402,F401  (the experiment's expert)
 from common.errors import UserError, fail  # noqa: E402
 from common.evaluation import evaluate  # noqa: E402
+from common.experts import Expert  # noqa: E402
 from common.runs import git_commit  # noqa: E402
 
 ENV = "Pendulum-v1"
@@ -105,7 +106,7 @@ def run_one(dagger, method: str, horizon: int, seed: int, args) -> dict:
     agent, _ = load_agent(summary["run_dir"])
     summary["eps_expert_states"] = error_on_expert_states(dagger, agent, horizon, args.eval_episodes, seed)
     if horizon == max(args.horizons):
-        expert = dagger.Expert(pendulum_expert, "scripted", horizon_env(dagger, horizon).action_space)
+        expert = Expert(pendulum_expert, "scripted", horizon_env(dagger, horizon).action_space)
         summary["error_by_step"] = dagger.evaluate_against_expert(
             agent, expert, horizon_env(dagger, horizon), args.eval_episodes, seed, "cpu")["error_by_step"]
     return summary
