@@ -175,3 +175,31 @@ def test_an_unreachable_cluster_fails_in_seconds(tmp_path, pendulum_expert_id):
         assert time.perf_counter() - started < timeout - 5
         assert not (tmp_path / "runs").exists()
     silent.close()
+
+
+def test_a_trial_shared_by_two_sweeps_is_trained_once(tmp_path, pendulum_expert_id):
+    """Two sweeps (different names, one --runs-dir) reach the same trial: the second waits on the trial's lock
+    while the first trains it, then adopts the finished run instead of training it again."""
+    runs = tmp_path / "runs"
+    bc = load_algorithm("bc")
+    config = run_config(bc.Config, pendulum_expert_id, tmp_path, max_steps=30, eval_episodes=1, runs_dir=str(runs))
+    first_sweep = (
+        "import dataclasses, sys, time\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "from pathlib import Path\n"
+        "from common.checkpoint import import_algorithm\n"
+        "from common.reporting import sweep\n"
+        "bc = import_algorithm('bc')\n"
+        f"config = bc.Config(**{dataclasses.asdict(config)!r})\n"
+        f"with sweep.trial_lock(Path({str(runs)!r}), 'bc', config) as adopted:\n"
+        "    assert adopted is None\n"
+        "    print('locked', flush=True)\n"
+        "    time.sleep(2)\n"
+        "    bc.train(config)\n")
+    holder = subprocess.Popen([sys.executable, "-c", first_sweep], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert holder.stdout.readline().strip() == "locked", holder.stderr.read()
+    with sweep.trial_lock(runs, "bc", config) as adopted:  # waits for the first sweep's trial to end
+        assert adopted is not None and (adopted / "summary.json").is_file()
+    assert holder.wait() == 0
+    assert len(list((runs / "bc").glob("*/*/summary.json"))) == 1

@@ -213,6 +213,25 @@ class Manifest:
 
 
 @contextlib.contextmanager
+def trial_lock(runs_dir: Path, algo: str, config: Any):
+    """Hold the lock of one trial (algorithm and settings, seed included) across every sweep on `runs_dir`.
+
+    Two sweeps of different names that share trials would otherwise train each shared trial twice, at once.
+    The second one to reach a trial waits here until the first is done with it, then finds its finished run
+    (`find_finished_run`) and adopts it. Yields the adopted finished run, or None (train it). An OS lock: a
+    killed trial releases it."""
+    import fcntl
+
+    signature = json.dumps(config_signature(dataclasses.asdict(config)), sort_keys=True)
+    key = hashlib.sha256(f"{algo} {signature}".encode()).hexdigest()[:24]
+    folder = runs_dir / "sweeps" / ".trials"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"{key}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # blocks while another sweep trains this trial
+        yield find_finished_run(runs_dir, algo, config)
+
+
+@contextlib.contextmanager
 def sweep_lock(folder: Path):
     """Refuse a second sweep of the same name while one runs (an OS lock, released when the process dies)."""
     import fcntl
@@ -423,7 +442,12 @@ def run_trial(space: dict) -> None:
             module.Run = reporting_run(module.Run, report, Path(params["run_dir_file"]))
             argv = params["argv"] + (["--resume", params["resume"]] if params["resume"] else [])
             config = cli_config(module.Config, argv)
-            summary = module.train(config)
+            with trial_lock(Path(config.runs_dir), params["algo"], config) as adopted:
+                if adopted is not None:  # another sweep trained this very trial meanwhile
+                    print(f"adopting {adopted}: finished by another sweep on the same --runs-dir", flush=True)
+                    summary = {**json.loads((adopted / "summary.json").read_text()), "run_dir": str(adopted)}
+                else:
+                    summary = module.train(config)
         except (Exception, SystemExit) as err:
             if isinstance(err, SystemExit) and err.code in (0, None):
                 raise  # Tune stops a trial (Ctrl-C on the sweep) by raising SystemExit(0) inside report()
