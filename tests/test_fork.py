@@ -119,3 +119,15 @@ def test_expert_factory_and_reset_draw_sides_from_its_own_seed(noise):
     obs = np.zeros((100, 2), np.float32)
     assert np.array_equal(a(obs), b(obs))
     assert np.array_equal(np.sign(a(obs)[:, 0]), a.sides)  # the first action veers towards the side
+
+
+def test_rolling_out_a_run_of_another_env_is_one_line(pendulum_expert_id, tmp_path, capsys):
+    from conftest import load_algorithm, run_config
+
+    from common.envs.fork import _main
+
+    bc = load_algorithm("bc")
+    run = bc.train(run_config(bc.Config, pendulum_expert_id, tmp_path, max_steps=5, eval_episodes=1))["run_dir"]
+    assert _main(["--run", run, "--episodes", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "the fork env has 2-d observations" in err and "Traceback" not in err

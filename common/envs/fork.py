@@ -225,8 +225,18 @@ def _main(argv: list[str] | None = None) -> int:
 
     try:
         if args.run:
-            from common.checkpoint import load_policy
+            from common.checkpoint import load_checkpoint, load_policy
+            from common.errors import fail
 
+            ckpt = load_checkpoint(args.run)
+            env = PointForkEnv()
+            want = (int(np.prod(env.observation_space.shape)), int(np.prod(env.action_space.shape)), False)
+            spec = ckpt.get("spec", {})
+            have = (spec.get("obs_dim"), spec.get("act_dim"), spec.get("discrete"))
+            if have != want:
+                fail(f"--run {args.run} is a {ckpt.get('algo')} run on '{ckpt.get('config', {}).get('env')}' "
+                     f"({have[0]}-d observations, {have[1]} {'discrete' if have[2] else '-d'} actions); the fork env "
+                     f"has {want[0]}-d observations and {want[1]}-d actions: pass a run trained on local/fork/*")
             policies = {args.run: load_policy(args.run)}
         else:
             policies = {"scripted expert": ForkExpert(args.seed), "uniform random actions": uniform_policy(args.seed)}
