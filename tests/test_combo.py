@@ -1,20 +1,21 @@
 """COMBO: the regulariser (log-sum-exp over all 3n actions of a state, push-down on d_f, push-up on data only) and
-the update against a hand computation, Q on model states ending below Q on dataset pairs, the ensemble and
-rollouts equal to mopo.py's, termination rules against the envs, ensembles shared with mopo.py, resume and
-determinism, bad input, and learning on a small pendulum set."""
+the update against a hand computation, Q on model states ending below Q on dataset pairs, ensembles shared with
+mopo.py, resume and determinism, bad input, and learning on a small pendulum set. The ensemble, its fit, the
+termination rules and the rollouts are common/dynamics.py's: tests/test_dynamics.py."""
 
 from __future__ import annotations
 
 import copy
+import io
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
-from conftest import (assert_states_equal, behaviour_return, checkpoint_agent, env_step_samples, load_algorithm,
-                      random_batch, run_config, train_straight_and_resumed)
+from conftest import (assert_states_equal, behaviour_return, checkpoint_agent, load_algorithm, random_batch,
+                      run_config, train_straight_and_resumed)
 
+from common import dynamics
 from common.datasets import DataSpec
 from common.errors import UserError
 from common.runs import apply_dataset_settings
@@ -76,7 +77,7 @@ def _agent(**overrides) -> "combo.Agent":
 
 
 def test_update_losses_match_a_hand_computation():
-    agent = _agent(cql_weight=3.0, discount=0.9)
+    agent = _agent(cql_weight=3.0, gamma=0.9)
     b = random_batch(16, 3, 2, 2.0, seed=1)
     n_real, n, cfg = 6, agent.config.cql_num_samples, agent.config
     critic, target_critic, actor = (copy.deepcopy(m) for m in (agent.critic, agent.target_critic, agent.actor))
@@ -88,7 +89,7 @@ def test_update_losses_match_a_hand_computation():
         def sample(obs):
             mean, log_std = actor(obs)
             u = mean.unsqueeze(1) + log_std.exp().unsqueeze(1) * torch.randn(16, n + 1, 2)
-            return 2.0 * torch.tanh(u), combo.tanh_gaussian_log_prob(u, mean.unsqueeze(1), log_std.unsqueeze(1), 2.0)
+            return 2.0 * torch.tanh(u), dynamics.tanh_gaussian_log_prob(u, mean.unsqueeze(1), log_std.unsqueeze(1), 2.0)
         pi, log_pi = sample(b["obs"])
         pi_next, log_pi_next = sample(b["next_obs"])
         uniform = (2 * torch.rand(16, n, 2) - 1) * 2.0
@@ -111,7 +112,7 @@ def test_update_losses_match_a_hand_computation():
     assert torch.allclose(logs["train/critic_loss"], critic_loss, rtol=1e-5)
     assert torch.allclose(logs["train/actor_loss"], actor_loss, rtol=1e-5)
     q_min = critic(b["obs"], b["actions"]).min(0).values
-    assert torch.allclose(logs["train/q_model_minus_real"], q_min[n_real:].mean() - q_min[:n_real].mean())
+    assert torch.allclose(logs["train/q_model_minus_data"], q_min[n_real:].mean() - q_min[:n_real].mean())
     assert cfg.backup_entropy is False
 
 
@@ -129,14 +130,45 @@ def test_q_on_model_states_ends_below_q_on_dataset_pairs():
         agent = _agent(cql_weight=beta, critic_lr=1e-3)
         for _ in range(300):
             logs = agent._update_impl(*(batch[k] for k in ("obs", "actions", "rewards", "next_obs", "terminals")), 64)
-        gaps[beta] = float(logs["train/q_model_minus_real"])
+        gaps[beta] = float(logs["train/q_model_minus_data"])
     assert gaps[2.0] < -0.5 and gaps[2.0] < gaps[0.0] - 0.5, gaps
+
+
+def test_q_data_is_q_on_the_dataset_rows_and_q_batch_the_mixture():
+    # issue 20, item 5: train/q_data is Q on the dataset pairs, not the mean over the mixed batch
+    agent = _agent(real_ratio=0.25)
+    agent.model.buffer.add({**random_batch(40, 3, 2, 2.0, seed=4), "rewards": torch.full((40,), 7.0)})
+    batch = random_batch(16, 3, 2, 2.0, seed=5)
+    critic = copy.deepcopy(agent.critic)
+    mixed = {}
+    mix = agent.model.mix
+    agent.model.mix = lambda b, n_real: mixed.setdefault("rows", mix(b, n_real))
+    logs = agent.update(batch)
+    obs, actions = mixed["rows"][:2]
+    with torch.no_grad():
+        q = critic(obs, actions).min(0).values  # the critics before the step, as the update logs them
+    assert torch.equal(obs[:4], batch["obs"][:4])  # int(16 * 0.25) = 4 dataset rows first
+    assert torch.allclose(logs["train/q_data"], q[:4].mean())
+    assert torch.allclose(logs["train/q_batch"], q.mean())
+    assert torch.allclose(logs["train/q_model"], q[4:].mean())
+    assert torch.allclose(logs["train/q_model_minus_data"], q[4:].mean() - q[:4].mean())
+
+
+def test_the_agent_state_is_tensors_and_plain_values():
+    agent = _agent()
+    agent.model.buffer.add(random_batch(40, 3, 2, 2.0, seed=4))
+    agent.update(random_batch(16, 3, 2, 2.0, seed=5))
+    buffer = io.BytesIO()
+    torch.save(agent.state_dict(), buffer)
+    clone = _agent()
+    clone.load_state_dict(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True))
+    assert torch.equal(clone.model.buffer.table[:40], agent.model.buffer.table[:40])
 
 
 def test_update_mixes_f_dataset_rows_with_model_rows():
     agent = _agent(real_ratio=0.25)
     rows = random_batch(40, 3, 2, 2.0, seed=4)
-    agent.model_buffer.add({**rows, "rewards": torch.full((40,), 7.0)})  # model rows are recognisable by r = 7
+    agent.model.buffer.add({**rows, "rewards": torch.full((40,), 7.0)})  # model rows are recognisable by r = 7
     seen = {}
     agent._update = lambda obs, actions, rewards, next_obs, terminals, n_real: seen.update(rewards=rewards,
                                                                                           n_real=n_real) or {}
@@ -152,68 +184,6 @@ def test_update_mixes_f_dataset_rows_with_model_rows():
 def test_dataset_settings_are_the_published_ones(env, h, beta):
     config = apply_dataset_settings(combo.Config(env=env), combo.DATASET_SETTINGS, quiet=True)
     assert (config.rollout_length, config.cql_weight, config.real_ratio) == (h, beta, 0.5)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The ensemble, the rules and the rollouts (the same code as mopo.py's)
-# ---------------------------------------------------------------------------------------------------------
-
-def test_ensemble_fit_and_model_step_equal_mopos():
-    # the ensemble is repeated in both files; fitted from the same seed it must come out the same, so the
-    # linear-Gaussian and uncertainty tests of test_mopo.py hold for this copy too
-    g = torch.Generator().manual_seed(0)
-    data = {"obs": torch.randn(600, 3, generator=g), "actions": torch.rand(600, 2, generator=g) * 4 - 2,
-            "rewards": torch.randn(600, generator=g), "terminals": torch.zeros(600)}
-    data["next_obs"] = data["obs"] + 0.1 * data["actions"].sum(-1, keepdim=True)
-    ensembles = []
-    for module in (combo, mopo):
-        config = module.Config(**{k: v for k, v in TINY.items() if k.startswith(("ensemble", "num_e", "dynamics"))})
-        torch.manual_seed(0)
-        ensemble = module.make_dynamics(config, SPEC)
-        report = module.fit_dynamics(ensemble, data, config, seed=0)
-        ensembles.append((ensemble, report))
-    (c, c_report), (m, m_report) = ensembles
-    assert all(torch.equal(a, b) for a, b in zip(c.state_dict().values(), m.state_dict().values()))
-    assert c_report["holdout_mse"] == m_report["holdout_mse"] and c_report["elites"] == m_report["elites"]
-    torch.manual_seed(1)
-    c_next, c_reward, _ = c.step(data["obs"][:50], data["actions"][:50])
-    torch.manual_seed(1)
-    m_next, m_reward, _, _ = m.step(data["obs"][:50], data["actions"][:50])
-    assert torch.allclose(c_next, m_next, atol=1e-6) and torch.allclose(c_reward, m_reward, atol=1e-6)
-
-
-@pytest.mark.parametrize("env_id", ["Hopper-v5", "Walker2d-v5", "HalfCheetah-v5", "Ant-v5"])
-def test_termination_rule_agrees_with_the_envs_own_step(env_id):
-    samples, spec = env_step_samples(env_id, 300, seed=1)
-    got = combo.termination_function(spec, "env")(*(torch.as_tensor(samples[k]) for k in
-                                                     ("obs", "actions", "next_obs"))).numpy()
-    mismatch = got != samples["terminated"]
-    if env_id == "Hopper-v5":  # |qvel| >= 100 is invisible in the clipped observation (see the rule's docstring)
-        mismatch &= ~(np.abs(samples["state"][:, 6:]) >= 100).any(1)
-    assert not mismatch.any()
-    assert (samples["terminated"].mean() > 0.1) == (env_id != "HalfCheetah-v5")
-    with pytest.raises(UserError, match="--termination learned"):
-        combo.termination_function("AntMaze_UMaze-v4", "env")
-
-
-class FallingHopper:
-    """A stand-in model: the hopper's height obs[0] drops by 0.1 every step, reward 1."""
-
-    def step(self, obs, actions):
-        next_obs = obs.clone()
-        next_obs[:, 0] -= 0.1
-        return next_obs, torch.ones(len(obs)), None
-
-
-def test_rollouts_stop_exactly_at_the_first_termination():
-    start = torch.zeros(4, 11)
-    start[:, 0] = torch.tensor([1.03, 0.84, 0.75, 5.0])  # done (z <= 0.7) after 4, 2, 1 steps, never
-    rule = combo.termination_function("Hopper-v5", "env")
-    out, stats = combo.model_rollout(lambda obs: torch.zeros(len(obs), 3), FallingHopper(), rule, start, 5)
-    kept = sorted(zip(out["start"].tolist(), out["step"].tolist(), out["terminals"].tolist()))
-    assert kept == ([(0, t, float(t == 3)) for t in range(4)] + [(1, 0, 0.0), (1, 1, 1.0), (2, 0, 1.0)]
-                    + [(3, t, 0.0) for t in range(5)])
-    assert float(stats["train/rollout_terminated_frac"]) == pytest.approx(0.75)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -234,13 +204,13 @@ def test_an_ensemble_saved_by_combo_serves_mopo_and_back_bit_for_bit(fitted_run,
                                    **mopo_tiny))
     in_combo, in_mopo = checkpoint_agent(fitted_run["run_dir"]), checkpoint_agent(reused["run_dir"])
     assert_states_equal(in_combo, in_mopo, ("dynamics",))
-    saved = torch.load(path, weights_only=False)
+    saved = torch.load(path, weights_only=True)
     assert all(torch.equal(saved["state_dict"][k], in_combo["dynamics"][k]) for k in saved["state_dict"])
     assert saved["dataset"] == "test/pendulum/mixed-v0" and len(saved["checksum"]) == 64
     rows = [json.loads(line) for line in open(f"{fitted_run['run_dir']}/metrics.jsonl")]
     assert "dynamics/holdout_mse_member_0" in rows[0] and "dynamics/elite_0" in rows[0]
-    logged = [r for r in rows if "train/q_model_minus_real" in r]
-    assert logged and all(k in logged[-1] for k in ("train/rollout_terminated_frac", "train/q_model", "train/q_real"))
+    logged = [r for r in rows if "train/q_model_minus_data" in r]
+    assert logged and all(k in logged[-1] for k in ("train/rollout_terminated_frac", "train/q_model", "train/q_data"))
 
 
 def test_a_dynamics_file_from_another_dataset_is_refused(fitted_run, pendulum_expert_id, tmp_path):
@@ -271,7 +241,7 @@ def test_a_run_killed_after_the_fit_resumes_without_refitting(pendulum_mixed_id,
     with pytest.raises(KeyboardInterrupt):
         combo.train(run_config(combo.Config, pendulum_mixed_id, tmp_path, max_steps=100, checkpoint_every=50, **TINY))
     monkeypatch.setattr(combo.Agent, "update", original)
-    monkeypatch.setattr(combo, "fit_dynamics", lambda *a, **k: pytest.fail("the resumed run fitted again"))
+    monkeypatch.setattr(dynamics, "fit_dynamics", lambda *a, **k: pytest.fail("the resumed run fitted again"))
     run_dir = next((tmp_path / "runs").glob("combo/*/*"))
     resumed = combo.train(run_config(combo.Config, pendulum_mixed_id, tmp_path, max_steps=100, resume=str(run_dir),
                                      **TINY))
@@ -295,13 +265,6 @@ def test_bad_input_is_refused_with_one_line(pendulum_no_reward_id, inverted_pend
     with pytest.raises(UserError, match="--real-ratio must lie in \\(0, 1\\)"):
         combo.train(run_config(combo.Config, pendulum_mixed_id, tmp_path, **{**TINY, "real_ratio": 1.0}))
     assert not (tmp_path / "runs").exists()
-    data, _ = {"obs": torch.randn(300, 3), "actions": torch.rand(300, 2), "rewards": torch.randn(300),
-               "next_obs": torch.randn(300, 3), "terminals": torch.zeros(300)}, None
-    config = combo.Config(**{k: v for k, v in TINY.items() if k.startswith(("ensemble", "num_e", "dynamics"))},
-                          dynamics_lr=50.0)
-    torch.manual_seed(0)
-    with pytest.raises(UserError, match=r"dynamics member \d diverged: .* at epoch \d+ \(gradient step \d+\)"):
-        combo.fit_dynamics(combo.make_dynamics(config, SPEC), data, config, seed=0)
 
 
 def test_combo_beats_the_behaviour_policy_on_mixed_data(pendulum_mixed_id, tmp_path):
@@ -316,4 +279,4 @@ def test_combo_beats_the_behaviour_policy_on_mixed_data(pendulum_mixed_id, tmp_p
     assert summary["return_mean"] > behaviour + 300, (summary["return_mean"], behaviour)
     # the regulariser's claim, at the end of training: Q on the model's pairs below Q on the dataset's
     rows = [json.loads(line) for line in open(f"{summary['run_dir']}/metrics.jsonl") if "train/q_model" in line]
-    assert rows[-1]["train/q_model_minus_real"] < 0, rows[-1]
+    assert rows[-1]["train/q_model_minus_data"] < 0, rows[-1]

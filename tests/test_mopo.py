@@ -1,20 +1,25 @@
-"""MOPO: the ensemble fits a known linear-Gaussian system, its uncertainty grows off the data, the penalty, the
-termination rules against the envs' own step, rollouts that stop exactly at terminations, saved ensembles,
-resume (also mid-fit) and determinism, bad input, and learning on a small pendulum set."""
+"""MOPO: the uncertainty u(s, a) grows off the data, the pessimistic reward r~ = r - lambda u, saved ensembles,
+resume (also mid-fit) and determinism, bad input, and learning on a small pendulum set. The ensemble, its fit,
+the termination rules and the rollouts are common/dynamics.py's: tests/test_dynamics.py."""
 
 from __future__ import annotations
 
-import dataclasses
+import copy
+import io
 import json
+import math
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import (ROOT, assert_states_equal, behaviour_return, checkpoint_agent, env_step_samples,
-                      load_algorithm, run_config, train_straight_and_resumed)
+from conftest import (ROOT, assert_one_line_error, assert_states_equal, behaviour_return, checkpoint_agent,
+                      load_algorithm, random_batch, run_algorithm_cli, run_config, train_straight_and_resumed)
+from torch.distributions import AffineTransform, Normal, TanhTransform, TransformedDistribution
 
+from common import dynamics
 from common.datasets import DataSpec, load_dataset
 from common.errors import UserError
 
@@ -24,59 +29,117 @@ mopo = load_algorithm("mopo")
 TINY = dict(ensemble_size=3, num_elites=2, dynamics_hidden_dims=(32, 32), dynamics_weight_decay=(2.5e-5, 5e-5, 1e-4),
             dynamics_min_epoch_steps=100, dynamics_max_epochs=4, dynamics_patience=2, hidden_dims=(32, 32),
             rollout_batch_size=200, rollout_length=3, rollout_every=50, penalty_coef=1.0, eval_episodes=2)
+SPEC = DataSpec(obs_dim=3, act_dim=2, max_action=2.0, discrete=False)  # an action bound that is not 1
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The dynamics ensemble
-# ---------------------------------------------------------------------------------------------------------
-
-LINEAR_A = np.array([[0.9, 0.2], [-0.1, 0.8]])
-LINEAR_B = np.array([[0.5], [-0.3]])
-LINEAR_R = np.array([1.0, -0.5, 0.7])  # r = w . (s, a)
-NOISE_STD = np.array([0.05, 0.2, 0.1])  # of s'_1, s'_2 and r
-
-
-def linear_gaussian(n: int, seed: int, low: float = -1.0, high: float = 1.0):
-    """s' = A s + B a + eps, r = w.(s, a) + eps_r with known noise: (data dict of tensors, true mean of (ds, r))."""
-    rng = np.random.default_rng(seed)
-    s = rng.uniform(low, high, (n, 2))
-    a = rng.uniform(low, high, (n, 1))
-    mean_next = s @ LINEAR_A.T + a @ LINEAR_B.T
-    mean_r = np.concatenate([s, a], 1) @ LINEAR_R
-    noise = rng.standard_normal((n, 3)) * NOISE_STD
-    data = {"obs": s, "actions": a, "next_obs": mean_next + noise[:, :2], "rewards": mean_r + noise[:, 2],
-            "terminals": np.zeros(n)}
-    true_mean = np.concatenate([mean_next - s, mean_r[:, None]], 1)
-    return ({k: torch.as_tensor(v, dtype=torch.float32) for k, v in data.items()},
-            torch.as_tensor(true_mean, dtype=torch.float32))
-
-
-@pytest.fixture(scope="module")
-def linear_ensemble():
-    """A 4-member ensemble fitted on 6000 transitions of the linear-Gaussian system (a few seconds)."""
-    config = mopo.Config(ensemble_size=4, num_elites=3, dynamics_hidden_dims=(64, 64),
-                         dynamics_weight_decay=(2.5e-5, 5e-5, 1e-4), dynamics_min_epoch_steps=500,
-                         dynamics_max_epochs=8, dynamics_patience=3)
-    data, _ = linear_gaussian(6000, seed=0)
+def _agent(**overrides) -> "mopo.Agent":
+    fields = dict(env="test/pendulum/mixed-v0", device="cpu", max_steps=1000, **{**TINY, **overrides})
     torch.manual_seed(0)
-    ensemble = mopo.make_dynamics(config, DataSpec(2, 1, 1.0, False))
-    report = mopo.fit_dynamics(ensemble, data, config, seed=0)
-    return ensemble, report, config
+    return mopo.Agent(mopo.Config(**fields), SPEC, torch.device("cpu"))
 
 
-def test_ensemble_fits_a_known_linear_gaussian_system(linear_ensemble):
-    ensemble, report, _ = linear_ensemble
-    data, true_mean = linear_gaussian(2000, seed=1, low=-0.8, high=0.8)  # fresh points inside the data's range
-    mean, logvar, _ = ensemble(torch.cat([data["obs"], data["actions"]], -1))
-    elites = ensemble.elites
-    mean_error = (mean[elites] - true_mean).abs().mean((0, 1))
-    predicted_std = torch.exp(0.5 * logvar[elites]).mean((0, 1))
-    assert (mean_error < torch.tensor(NOISE_STD) * 0.25).all(), (mean_error, NOISE_STD)
-    assert torch.allclose(predicted_std, torch.tensor(NOISE_STD, dtype=torch.float32), rtol=0.25), predicted_std
-    # held-out MSE is the noise variance averaged over the three targets, and the elites are the best members
-    assert np.mean(report["holdout_mse"]) == pytest.approx(np.mean(NOISE_STD ** 2), rel=0.3)
-    assert sorted(report["elites"]) == sorted(np.argsort(report["holdout_mse"])[:3].tolist())
+def _squashed_gaussian_log_prob(mean: torch.Tensor, log_std: torch.Tensor, u: torch.Tensor, max_action: float):
+    """log pi(a|s) of a = max_action tanh(u), u ~ N(mean, exp(log_std)^2), by the change of variables written
+    out here in float64: log N(u) - sum log |da/du|, da/du = max_action (1 - tanh(u)^2)."""
+    mean, std, u = mean.double(), log_std.double().exp(), u.double()
+    jacobian = max_action * (1.0 - torch.tanh(u) ** 2)
+    return (Normal(mean, std).log_prob(u) - torch.log(jacobian)).sum(-1)
 
+
+# ---------------------------------------------------------------------------------------------------------
+# SAC's update (issue 20, items 3, 5 and 8)
+# ---------------------------------------------------------------------------------------------------------
+
+def test_log_pi_is_the_density_of_the_action_on_its_box():
+    # a = 2 tanh(u) on [-2, 2]^2: log pi(a|s) must include -log 2 per dimension, else the entropy target -|A|
+    # is off by |A| log 2 nats. Checked against torch.distributions (tanh, then the scale, as transforms).
+    agent = _agent()
+    obs = torch.randn(512, 3, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        actions, log_prob = agent.actor.sample(obs)
+        mean, log_std = agent.actor.net(obs).chunk(2, dim=-1)
+        dist = TransformedDistribution(Normal(mean.double(), log_std.clamp(-20, 2).exp().double()),
+                                       [TanhTransform(), AffineTransform(0.0, 2.0)])
+    inside = (actions.abs() < 1.9).all(-1)  # away from the bound, where atanh of a float32 action is exact enough
+    assert inside.float().mean() > 0.5
+    expected = dist.log_prob(actions.double()).sum(-1)
+    assert torch.allclose(log_prob.double()[inside], expected[inside], atol=1e-3), \
+        float((log_prob.double() - expected)[inside].mean())
+
+
+def test_critic_target_carries_the_entropy_term():
+    # y = r~ + gamma (1 - d) ( min_i Q'_i(s', a') - alpha log pi(a'|s') ),  a' ~ pi(.|s'), checked by hand
+    agent = _agent(gamma=0.9)
+    with torch.no_grad():
+        agent.log_alpha.fill_(math.log(0.5))
+    b = random_batch(16, 3, 2, 2.0, seed=1)
+    critic, critic_target, actor = (copy.deepcopy(m) for m in (agent.critic, agent.critic_target, agent.actor))
+    torch.manual_seed(5)
+    logs = agent._update_impl(b["obs"], b["actions"], b["rewards"], b["next_obs"], b["terminals"], 16)
+    torch.manual_seed(5)  # the update's first draw: a' ~ pi(.|s'), u = mu + sigma eps
+    with torch.no_grad():
+        mean, log_std = actor.net(b["next_obs"]).chunk(2, dim=-1)
+        log_std = log_std.clamp(-20, 2)
+        u = mean + log_std.exp() * torch.randn_like(mean)
+        next_actions = 2.0 * torch.tanh(u)
+        log_pi = _squashed_gaussian_log_prob(mean, log_std, u, 2.0).float()
+        soft_q = critic_target(b["next_obs"], next_actions).min(0).values - 0.5 * log_pi
+        y = b["rewards"] + 0.9 * (1 - b["terminals"]) * soft_q
+        expected = ((critic(b["obs"], b["actions"]) - y) ** 2).mean(1).sum()
+        y_without_entropy = b["rewards"] + 0.9 * (1 - b["terminals"]) * (soft_q + 0.5 * log_pi)
+        without_entropy = ((critic(b["obs"], b["actions"]) - y_without_entropy) ** 2).mean(1).sum()
+    assert torch.allclose(logs["train/critic_loss"], expected, rtol=1e-4), (logs["train/critic_loss"], expected)
+    assert not torch.allclose(without_entropy, expected, rtol=1e-2)  # the term is large enough to be seen
+
+
+@pytest.mark.parametrize("target_entropy", [20.0, -20.0])
+def test_temperature_rises_when_the_entropy_is_below_its_target(target_entropy):
+    # J(alpha) = E_a~pi [ -alpha (log pi(a|s) + H-bar) ]: dJ/d alpha = H(pi) - H-bar, so gradient descent raises
+    # alpha while the policy's entropy is below the target H-bar, and lowers it above; Adam's first step moves
+    # log alpha by its learning rate
+    agent = _agent(target_entropy=target_entropy, alpha_lr=1e-3)
+    b = random_batch(16, 3, 2, 2.0, seed=2)
+    before = float(agent.log_alpha.detach())
+    logs = agent._update_impl(b["obs"], b["actions"], b["rewards"], b["next_obs"], b["terminals"], 16)
+    entropy = float(logs["train/entropy"])  # -E log pi
+    assert -20.0 < entropy < 20.0
+    expected_sign = 1.0 if entropy < target_entropy else -1.0
+    assert float(agent.log_alpha.detach()) - before == pytest.approx(expected_sign * 1e-3, rel=1e-3)
+
+
+def test_q_data_is_q_on_the_dataset_rows_and_q_batch_the_mixture():
+    agent = _agent(real_ratio=0.25)
+    agent.model.buffer.add({**random_batch(40, 3, 2, 2.0, seed=4), "rewards": torch.full((40,), 7.0)})
+    batch = random_batch(16, 3, 2, 2.0, seed=5)
+    critic = copy.deepcopy(agent.critic)
+    mixed = {}
+    mix = agent.model.mix
+    agent.model.mix = lambda b, n_real: mixed.setdefault("rows", mix(b, n_real))
+    logs = agent.update(batch)
+    obs, actions = mixed["rows"][:2]
+    with torch.no_grad():
+        q = critic(obs, actions).min(0).values  # the critics before the step, as the update logs them
+    assert torch.equal(obs[:4], batch["obs"][:4])  # int(16 * 0.25) = 4 dataset rows first
+    assert torch.allclose(logs["train/q_data"], q[:4].mean())
+    assert torch.allclose(logs["train/q_batch"], q.mean())
+    assert torch.allclose(logs["train/q_model"], q[4:].mean())
+
+
+def test_the_agent_state_is_tensors_and_plain_values():
+    agent = _agent()
+    agent.model.buffer.add(random_batch(40, 3, 2, 2.0, seed=4))
+    agent.update(random_batch(16, 3, 2, 2.0, seed=5))
+    buffer = io.BytesIO()
+    torch.save(agent.state_dict(), buffer)
+    state = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+    clone = _agent()
+    clone.load_state_dict(state)
+    assert torch.equal(clone.model.buffer.table[:40], agent.model.buffer.table[:40])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The uncertainty u(s, a) and the pessimistic reward (the ensemble itself: tests/test_dynamics.py)
+# ---------------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def pendulum_ensemble(pendulum_expert_id):
@@ -87,8 +150,8 @@ def pendulum_ensemble(pendulum_expert_id):
                          dynamics_weight_decay=(2.5e-5, 5e-5, 1e-4), dynamics_min_epoch_steps=500,
                          dynamics_max_epochs=6, dynamics_patience=3)
     torch.manual_seed(0)
-    ensemble = mopo.make_dynamics(config, DataSpec(3, 1, 2.0, False))
-    mopo.fit_dynamics(ensemble, data, config, seed=0)
+    ensemble = dynamics.make_dynamics(config, DataSpec(3, 1, 2.0, False))
+    dynamics.fit_dynamics(ensemble, data, config, seed=0)
     g = torch.Generator().manual_seed(0)
     theta, speed = torch.rand(2000, generator=g) * 2 * np.pi, torch.rand(2000, generator=g) * 16 - 8
     anywhere = {"obs": torch.stack([theta.cos(), theta.sin(), speed], 1),
@@ -96,13 +159,14 @@ def pendulum_ensemble(pendulum_expert_id):
     return ensemble, data, anywhere
 
 
+@torch.no_grad()
 def test_uncertainty_is_larger_off_the_data_than_on_it(pendulum_ensemble):
     ensemble, data, anywhere = pendulum_ensemble
-    u_on = ensemble.uncertainty(data["obs"][:2000], data["actions"][:2000])
-    u_off = ensemble.uncertainty(anywhere["obs"], anywhere["actions"])
-    assert float(u_off.mean()) > 2.0 * float(u_on.mean()), (float(u_on.mean()), float(u_off.mean()))
-    # u is the max over members of ||sigma_i||_2 over (ds, r), computed here member by member
+    u_on = mopo.uncertainty(ensemble(torch.cat([data["obs"][:2000], data["actions"][:2000]], -1))[1])
     _, logvar, _ = ensemble(torch.cat([anywhere["obs"], anywhere["actions"]], -1))
+    u_off = mopo.uncertainty(logvar)
+    assert float(u_off.mean()) > 2.0 * float(u_on.mean()), (float(u_on.mean()), float(u_off.mean()))
+    # u is the max over all 4 members of ||sigma_i||_2 over (ds, r), computed here member by member
     by_hand = torch.stack([torch.exp(0.5 * logvar[i]).pow(2).sum(-1).sqrt() for i in range(4)]).max(0).values
     assert torch.allclose(u_off, by_hand)
 
@@ -114,140 +178,16 @@ def test_penalty_lowers_the_model_reward_most_where_members_disagree(pendulum_en
     rewards = {}
     for lam in (0.0, 2.0):
         torch.manual_seed(7)  # the same elites and noise draws for both
-        out, _ = mopo.model_rollout(lambda s: actions, ensemble, mopo.never_terminates(), obs, 1, lam)
+        out, stats = mopo.pessimistic_rollouts(lambda s: actions, ensemble, dynamics.never_terminates(), obs, 1, lam)
         rewards[lam] = out["rewards"]
     drop = rewards[0.0] - rewards[2.0]
-    assert torch.allclose(drop, 2.0 * ensemble.uncertainty(obs, actions), atol=1e-5)  # r~ = r - lambda u exactly
+    with torch.no_grad():
+        mean, logvar, _ = ensemble(torch.cat([obs, actions], -1))
+    assert torch.allclose(drop, 2.0 * mopo.uncertainty(logvar), atol=1e-5)  # r~ = r - lambda u exactly
+    assert float(stats["train/model_reward_mean"]) == pytest.approx(float(rewards[2.0].mean()))  # the mean of r~
     # disagreement of the members' mean predictions: where it is largest, the reward drops most
-    mean, _, _ = ensemble(torch.cat([obs, actions], -1))
     order = torch.argsort(mean.std(0).norm(dim=-1))
     assert float(drop[order[-400:]].mean()) > 3.0 * float(drop[order[:400]].mean())
-
-
-def test_loss_is_the_gaussian_nll_with_decay_and_bounds_by_hand():
-    torch.manual_seed(0)
-    config = mopo.Config(ensemble_size=2, num_elites=1, dynamics_hidden_dims=(8,), dynamics_weight_decay=(0.1, 0.2))
-    ensemble = mopo.make_dynamics(config, DataSpec(2, 1, 1.0, False))
-    x, y, d = torch.randn(2, 5, 3), torch.randn(2, 5, 3), torch.zeros(2, 5)
-    h = torch.nn.functional.silu(torch.baddbmm(ensemble.layers[0].bias, x, ensemble.layers[0].weight))
-    out = torch.baddbmm(ensemble.layers[1].bias, h, ensemble.layers[1].weight)
-    mean, raw = out[..., :3], out[..., 3:]
-    hi, lo = ensemble.max_logvar, ensemble.min_logvar
-    logvar = hi - torch.nn.functional.softplus(hi - raw)
-    logvar = lo + torch.nn.functional.softplus(logvar - lo)
-    nll = sum((((mean[i] - y[i]) ** 2) * torch.exp(-logvar[i]) + logvar[i]).mean() for i in range(2))
-    decay = 0.1 * 0.5 * ensemble.layers[0].weight.square().sum() + 0.2 * 0.5 * ensemble.layers[1].weight.square().sum()
-    expected = nll + decay + 0.01 * (hi.sum() - lo.sum())
-    assert torch.allclose(ensemble.loss(x, y, d), expected, rtol=1e-5)
-    assert (logvar <= hi + 1e-6).all() and (logvar >= lo - 1e-6).all()
-
-
-def test_diverging_fit_stops_with_the_member_and_the_step():
-    data, _ = linear_gaussian(600, seed=5)
-    config = dataclasses.replace(mopo.Config(**{k: v for k, v in TINY.items() if k.startswith(("ensemble", "num_e",
-                                                                                             "dynamics"))}),
-                                 dynamics_lr=50.0)
-    torch.manual_seed(0)
-    ensemble = mopo.make_dynamics(config, DataSpec(2, 1, 1.0, False))
-    with pytest.raises(UserError, match=r"dynamics member \d diverged: held-out error .* at epoch 1 \(gradient step "
-                                        r"\d+\).*--dynamics-lr"):
-        mopo.fit_dynamics(ensemble, data, config, seed=0)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Termination rules and rollouts
-# ---------------------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("env_id, kwargs", [
-    ("Hopper-v5", {}), ("Hopper-v5", {"exclude_current_positions_from_observation": False}),
-    ("Walker2d-v5", {}), ("HalfCheetah-v5", {}), ("Ant-v5", {}), ("Ant-v5", {"include_cfrc_ext_in_observation": False}),
-    ("Pendulum-v1", {}),
-])
-def test_termination_rule_agrees_with_the_envs_own_step(env_id, kwargs):
-    samples, spec = env_step_samples(env_id, 400, seed=0, **kwargs)
-    rule = mopo.termination_function(spec, "env")
-    got = rule(*(torch.as_tensor(samples[k]) for k in ("obs", "actions", "next_obs"))).numpy()
-    expected = samples["terminated"]
-    mismatch = got != expected
-    if env_id.startswith("Hopper"):
-        # the one case no rule on observations can see: |qvel| >= 100 ends the episode, but the observation clips
-        # velocities at 10 (the docstring says so); every other step must agree
-        invisible = (np.abs(samples["state"][:, 6:]) >= 100).any(1)
-        assert not (mismatch & ~invisible).any() and invisible.sum() < 0.05 * len(got)
-    else:
-        assert not mismatch.any(), np.nonzero(mismatch)
-    if env_id in ("HalfCheetah-v5", "Pendulum-v1"):
-        assert not expected.any()  # these envs never terminate: the rule is "never" because the env's is
-    else:
-        assert 0.1 < expected.mean() < 0.9  # both outcomes were exercised
-
-
-def test_envs_without_a_rule_are_refused_and_antmaze_is_not_ant():
-    with pytest.raises(UserError, match="no termination rule for 'InvertedPendulum-v5'.*--termination learned"):
-        mopo.termination_function("InvertedPendulum-v5", "env")
-    with pytest.raises(UserError, match="AntMaze_UMaze-v4"):
-        mopo.termination_function("AntMaze_UMaze-v4", "env")
-    with pytest.raises(UserError, match="Hopper-v9"):
-        mopo.termination_function("Hopper-v9", "env")
-    assert mopo.termination_function("InvertedPendulum-v5", "learned") is None
-
-
-class FallingHopper:
-    """A stand-in model: the hopper's height obs[0] drops by 0.1 every step, reward 1, no uncertainty."""
-
-    def step(self, obs, actions):
-        next_obs = obs.clone()
-        next_obs[:, 0] -= 0.1
-        return next_obs, torch.ones(len(obs)), torch.zeros(len(obs)), None
-
-
-def test_rollouts_stop_exactly_at_the_first_termination():
-    start = torch.zeros(5, 11)
-    start[:, 0] = torch.tensor([1.03, 0.98, 0.84, 0.75, 5.0])  # heights: done (z <= 0.7) after 4, 3, 2, 1, never
-    rule = mopo.termination_function("Hopper-v5", "env")
-    out, stats = mopo.model_rollout(lambda obs: torch.zeros(len(obs), 3), FallingHopper(), rule, start, 5, 0.0)
-    kept = sorted(zip(out["start"].tolist(), out["step"].tolist(), out["terminals"].tolist()))
-    expected = ([(0, t, float(t == 3)) for t in range(4)] + [(1, t, float(t == 2)) for t in range(3)]
-                + [(2, t, float(t == 1)) for t in range(2)] + [(3, 0, 1.0)] + [(4, t, 0.0) for t in range(5)])
-    assert kept == expected
-    assert torch.equal(out["terminals"].bool(), rule(out["obs"], out["actions"], out["next_obs"]))
-    assert float(stats["train/rollout_terminated_frac"]) == pytest.approx(0.8)
-    assert float(stats["train/rollout_length_mean"]) == pytest.approx(15 / 5)
-
-
-def test_learned_ensemble_rollouts_keep_nothing_after_a_done():
-    torch.manual_seed(0)
-    config = mopo.Config(**{k: v for k, v in TINY.items() if k.startswith(("ensemble", "num_e", "dynamics"))})
-    ensemble = mopo.make_dynamics(config, DataSpec(11, 3, 1.0, False))
-    with torch.no_grad():
-        ensemble.max_logvar.fill_(-5.0)  # an untrained model whose noise (std <= 0.08) ends about half the rollouts
-    start = torch.randn(500, 11) * 0.05
-    start[:, 0] = 0.72 + 0.3 * torch.rand(500)
-    rule = mopo.termination_function("Hopper-v5", "env")
-    out, stats = mopo.model_rollout(lambda obs: torch.rand(len(obs), 3) * 2 - 1, ensemble, rule, start, 5, 1.0)
-    assert torch.equal(out["terminals"].bool(), rule(out["obs"], out["actions"], out["next_obs"]))
-    done_at = {}
-    for s, t, d in zip(out["start"].tolist(), out["step"].tolist(), out["terminals"].tolist()):
-        assert s not in done_at, "a transition after the rollout's termination was kept"
-        if d:
-            done_at[s] = t
-    assert 0.1 < float(stats["train/rollout_terminated_frac"]) < 1.0
-    # each rollout is contiguous from step 0
-    for s in set(out["start"].tolist()):
-        steps = sorted(out["step"][out["start"] == s].tolist())
-        assert steps == list(range(len(steps)))
-
-
-def test_model_buffer_is_a_fifo_of_the_last_rounds():
-    buffer = mopo.ModelBuffer(10, 1, 1, torch.device("cpu"))
-    for first in (0, 4, 8):  # three rounds of 4 rows: the last 10 rows stay
-        rows = torch.arange(first, first + 4, dtype=torch.float32)
-        buffer.add({"obs": rows[:, None], "actions": rows[:, None], "rewards": rows, "next_obs": rows[:, None],
-                    "terminals": torch.zeros(4)})
-    assert buffer.size == 10 and sorted(buffer.table[:, 0].tolist()) == list(range(2, 12))
-    clone = mopo.ModelBuffer(10, 1, 1, torch.device("cpu"))
-    clone.load_state_dict(buffer.state_dict())
-    assert torch.equal(clone.table, buffer.table) and clone.pointer == buffer.pointer
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -265,12 +205,12 @@ def test_saved_ensemble_loads_back_bit_for_bit(fitted_run, pendulum_mixed_id):
     path = f"{fitted_run['run_dir']}/dynamics.pt"
     dataset = load_dataset(pendulum_mixed_id)
     config = mopo.Config(**TINY)
-    saved = mopo.load_dynamics_file(path, dataset.minari_id, mopo.data_checksum(dataset.transitions()),
-                                    mopo.dynamics_architecture(config, dataset.spec))
+    saved = dynamics.load_dynamics_file(path, dataset.minari_id, dynamics.data_checksum(dataset.transitions()),
+                                        dynamics.dynamics_architecture(config, dataset.spec))
     in_run = checkpoint_agent(fitted_run["run_dir"])["dynamics"]
     assert saved["state_dict"].keys() == in_run.keys()
     assert all(torch.equal(saved["state_dict"][k], in_run[k]) for k in in_run)
-    from_file, from_run = mopo.make_dynamics(config, dataset.spec), mopo.make_dynamics(config, dataset.spec)
+    from_file, from_run = dynamics.make_dynamics(config, dataset.spec), dynamics.make_dynamics(config, dataset.spec)
     from_file.load_state_dict(saved["state_dict"])
     from_run.load_state_dict(in_run)
     x = torch.randn(64, 4)
@@ -315,6 +255,45 @@ def test_a_dynamics_file_from_another_dataset_or_shape_is_refused(fitted_run, pe
     assert "Traceback" not in result.stderr
 
 
+def test_a_resumed_run_needs_no_dynamics_file_once_its_checkpoint_holds_the_ensemble(fitted_run, pendulum_mixed_id,
+                                                                                      tmp_path, monkeypatch):
+    # issue 20, item 12: a run made with a relative --dynamics path, whose file then moves, still resumes
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(f"{fitted_run['run_dir']}/dynamics.pt", tmp_path / "dynamics.pt")
+    first = mopo.train(run_config(mopo.Config, pendulum_mixed_id, tmp_path, max_steps=50, dynamics="dynamics.pt",
+                                  **TINY))
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "dynamics.pt").rename(tmp_path / "elsewhere" / "dynamics.pt")
+    resumed = mopo.train(run_config(mopo.Config, pendulum_mixed_id, tmp_path, max_steps=100, resume=first["run_dir"],
+                                    **TINY))
+    assert resumed["run_dir"] == first["run_dir"]
+    assert_states_equal(checkpoint_agent(fitted_run["run_dir"]), checkpoint_agent(resumed["run_dir"]), ("dynamics",))
+
+
+class WritesAFile:
+    """A pickled object whose unpickling would create a file: what a crafted --dynamics file could do."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_a_crafted_dynamics_file_is_refused_without_running_code(pendulum_mixed_id, tmp_path):
+    # issue 20, item 2: --dynamics loads with weights_only=True, so nothing in the file runs
+    marker = tmp_path / "written-by-the-file"
+    crafted = tmp_path / "dynamics.pt"
+    torch.save({"format": dynamics.DYNAMICS_FORMAT, "payload": WritesAFile(str(marker))}, crafted)
+    with pytest.raises(UserError, match="--dynamics"):
+        mopo.train(run_config(mopo.Config, pendulum_mixed_id, tmp_path, max_steps=10, dynamics=str(crafted), **TINY))
+    assert not marker.exists()
+    proc = run_algorithm_cli("mopo", "--env", pendulum_mixed_id, "--dynamics", str(crafted), "--no-download",
+                             "--runs-dir", str(tmp_path / "cli"))
+    assert_one_line_error(proc, "--dynamics")
+    assert not marker.exists() and not (tmp_path / "cli").exists()
+
+
 def test_resume_continues_with_the_same_numbers(pendulum_mixed_id, fitted_run, tmp_path):
     # 175 + 175 steps, rollout rounds every 50: the resumed half starts between two rounds, the buffer carries over
     # (no cosine schedule: it spans max_steps, which the resumed run extends)
@@ -328,18 +307,18 @@ def test_resume_continues_with_the_same_numbers(pendulum_mixed_id, fitted_run, t
 
 def test_a_run_killed_while_fitting_or_after_resumes_without_refitting(pendulum_mixed_id, fitted_run, tmp_path,
                                                                        monkeypatch):
-    original_update, original_fit = mopo.Progress.update, mopo.fit_dynamics
-    monkeypatch.setattr(mopo, "DYNAMICS_SAVE_SECONDS", 0.0)  # keep the fit's state after every epoch
+    original_update = dynamics.Progress.update
+    monkeypatch.setattr(dynamics, "DYNAMICS_SAVE_SECONDS", 0.0)  # keep the fit's state after every epoch
 
     def killed_in_epoch_3(self, step):
         if self.name.startswith("dynamics") and step == 3:
             raise KeyboardInterrupt
         return original_update(self, step)
 
-    monkeypatch.setattr(mopo.Progress, "update", killed_in_epoch_3)
+    monkeypatch.setattr(dynamics.Progress, "update", killed_in_epoch_3)
     with pytest.raises(KeyboardInterrupt):
         mopo.train(run_config(mopo.Config, pendulum_mixed_id, tmp_path, max_steps=100, **TINY))
-    monkeypatch.setattr(mopo.Progress, "update", original_update)
+    monkeypatch.setattr(dynamics.Progress, "update", original_update)
     run_dir = next((tmp_path / "runs").glob("mopo/*/*"))
     assert (run_dir / "dynamics-partial.pt").is_file() and not (run_dir / "dynamics.pt").exists()
     # the resumed fit continues from epoch 2 and ends where the uninterrupted one (fitted_run) ended
@@ -353,11 +332,10 @@ def test_a_run_killed_while_fitting_or_after_resumes_without_refitting(pendulum_
     def no_refit(*args, **kwargs):
         raise AssertionError("the resumed run fitted the ensemble again")
 
-    monkeypatch.setattr(mopo, "fit_dynamics", no_refit)
+    monkeypatch.setattr(dynamics, "fit_dynamics", no_refit)
     extended = mopo.train(run_config(mopo.Config, pendulum_mixed_id, tmp_path, max_steps=150, resume=str(run_dir),
                                      **TINY))
     assert extended["dynamics"]["holdout_mse"] == fitted_run["dynamics"]["holdout_mse"]
-    monkeypatch.setattr(mopo, "fit_dynamics", original_fit)
 
 
 def test_same_seed_same_run_other_seed_other_run(pendulum_mixed_id, fitted_run, tmp_path):
@@ -402,8 +380,8 @@ def test_an_env_without_a_rule_needs_the_learned_head(inverted_pendulum_random_i
                                                                "dynamics_patience": 3}))
     # the learned head predicts the dataset's terminations
     data = load_dataset(inverted_pendulum_random_id).transitions()
-    saved = torch.load(f"{summary['run_dir']}/dynamics.pt", weights_only=False)
-    ensemble = mopo.make_dynamics(mopo.Config(**TINY, termination="learned"), DataSpec(4, 1, 3.0, False))
+    saved = torch.load(f"{summary['run_dir']}/dynamics.pt", weights_only=True)
+    ensemble = dynamics.make_dynamics(mopo.Config(**TINY, termination="learned"), DataSpec(4, 1, 3.0, False))
     ensemble.load_state_dict(saved["state_dict"])
     _, _, logit = ensemble(torch.cat([torch.as_tensor(data["obs"]), torch.as_tensor(data["actions"])], -1))
     predicted = (logit[ensemble.elites] > 0).float().mean(0) > 0.5
