@@ -689,6 +689,40 @@ def remove_stale_staging(root: Path) -> list[Path]:
     return removed
 
 
+# HDF5 overhead per episode (its group, datasets and attributes) and per file, measured generously
+HDF5_BYTES_PER_EPISODE, HDF5_BYTES_PER_FILE = 16 << 10, 1 << 20
+
+
+def _estimated_bytes(episodes: Sequence[dict]) -> int:
+    """An upper estimate of the bytes a Minari dataset of `episodes` takes on disk (rewards are stored as
+    float64, the rest as given; flags as bytes)."""
+    total = HDF5_BYTES_PER_FILE
+    for ep in episodes:
+        arrays = list(ep["observations"].values()) if isinstance(ep["observations"], dict) else [ep["observations"]]
+        total += sum(np.asarray(a).nbytes for a in [*arrays, ep["actions"]])
+        total += 8 * len(ep["rewards"]) + 2 * len(ep["terminations"]) + HDF5_BYTES_PER_EPISODE
+    return int(total * 1.25)
+
+
+def check_room(folder: Path, needed: int, what: str) -> None:
+    """`UserError` (nothing written) unless `needed` bytes fit in `folder`: its disk's free space, and this
+    process's file-size limit (`ulimit -f`), under which a write fails part-way (h5py may crash outright)."""
+    existing = next((p for p in [folder, *folder.parents] if p.exists()), Path("/"))
+    free = shutil.disk_usage(existing).free
+    if needed > free:
+        fail(f"{what} needs about {needed / 2**20:.1f} MiB and {existing} has {free / 2**20:.1f} MiB free; "
+             f"free some space (or point MINARI_DATASETS_PATH elsewhere); nothing was written")
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    except (ImportError, OSError, ValueError):
+        return
+    if limit != resource.RLIM_INFINITY and needed > limit:
+        fail(f"{what} needs about {needed / 2**20:.1f} MiB but this process may write files of at most "
+             f"{limit / 2**20:.1f} MiB (ulimit -f); raise the limit; nothing was written")
+
+
 def save_episodes(dataset_id: str, episodes: Sequence[dict], env_spec: Any, *,
                   eval_env_spec: Any = None, ref_min_score: float | None = None,
                   ref_max_score: float | None = None, algorithm_name: str | None = None,
@@ -730,6 +764,7 @@ def save_episodes(dataset_id: str, episodes: Sequence[dict], env_spec: Any, *,
     if final.exists() and not overwrite:
         fail(f"dataset '{dataset_id}' already exists at {final}; pass --overwrite to replace it")
     remove_stale_staging(root)
+    check_room(root, _estimated_bytes(episodes), f"dataset '{dataset_id}'")
     staging_root = root / f".staging-{os.getpid()}"
     shutil.rmtree(staging_root, ignore_errors=True)
     previous = os.environ.get("MINARI_DATASETS_PATH")
@@ -746,6 +781,10 @@ def save_episodes(dataset_id: str, episodes: Sequence[dict], env_spec: Any, *,
             if extra_metadata:
                 dataset.storage.update_metadata({k: json.dumps(v) if isinstance(v, (dict, list)) else v
                                                  for k, v in extra_metadata.items()})
+    except Exception as err:  # h5py reports a full disk as OSError, RuntimeError or its own errors
+        shutil.rmtree(staging_root, ignore_errors=True)
+        fail(f"could not write dataset '{dataset_id}' under {root}: {type(err).__name__}: "
+             f"{str(err).splitlines()[0] if str(err) else ''} (is the disk full?); nothing was written")
     finally:
         if previous is None:
             os.environ.pop("MINARI_DATASETS_PATH", None)

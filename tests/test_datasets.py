@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 
 import gymnasium as gym
 import numpy as np
@@ -289,3 +290,25 @@ def test_embedded_default_is_built_on_first_use(minari_root, monkeypatch):
     with pytest.raises(UserError, match="not built"):  # other local suites are never built implicitly
         load_dataset("local/hopper/medium-replay-v0")
     assert len(calls) == 1
+
+
+def test_a_dataset_that_cannot_fit_is_refused_before_writing(minari_root):
+    """`ulimit -f` (a file-size limit) or a full disk: one line, nothing written, no staging left (h5py used to
+    crash after pages of errors)."""
+    code = ("import resource, sys\n"
+            f"sys.path.insert(0, {str(ROOT)!r})\n"
+            "import numpy as np\n"
+            "from common.datasets import save_episodes\n"
+            "from common.errors import UserError\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, resource.RLIM_INFINITY))\n"
+            "n = 20_000\n"
+            "episode = {'observations': np.zeros((n + 1, 3), np.float32), 'actions': np.zeros((n, 1), np.float32),\n"
+            "           'rewards': np.zeros(n), 'terminations': np.zeros(n, bool), 'truncations': np.eye(1, n, n - 1)[0] > 0}\n"
+            "try:\n"
+            "    save_episodes('test/too-big/data-v0', [episode], 'Pendulum-v1')\n"
+            "except UserError as err:\n"
+            "    print(err)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "ulimit -f" in proc.stdout and "nothing was written" in proc.stdout
+    assert not (minari_root / "test" / "too-big").exists() and not list(minari_root.glob(".staging-*"))

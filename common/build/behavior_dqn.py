@@ -37,7 +37,6 @@ is a matter of luck.
 from __future__ import annotations
 
 import copy
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -52,6 +51,7 @@ import torch.nn.functional as F
 
 from common.build.behavior_sac import (Checkpoint, agent_state, agent_state_file, buffer_episodes,  # shared with SAC
                                        episode_returns, flat_obs, make_adam)
+from common.checkpoint import save_checkpoint
 from common.errors import UserError, fail
 from common.experts import POLICY_FILE, save_policy_file
 
@@ -402,10 +402,7 @@ class DQNAgent:
             "checkpoints": [asdict(c) for c in self.checkpoints],
             "train_returns": list(self.train_returns),
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        save_checkpoint(path, state)  # atomic; a failed write (disk full) is one line and leaves the last state
         self.last_save = t
 
     def load_state(self, path: Path) -> None:

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -49,6 +48,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common.checkpoint import save_checkpoint
 from common.errors import UserError, fail
 from common.experts import AGENT_STATE_FILE, POLICY_FILE, save_policy_file
 
@@ -577,10 +577,7 @@ class SACAgent:
             "checkpoints": [asdict(c) for c in self.checkpoints],
             "train_returns": list(self.train_returns),
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        save_checkpoint(path, state)  # atomic; a failed write (disk full) is one line and leaves the last state
         self.last_save = t
 
     def load_state(self, path: Path) -> None:

@@ -112,9 +112,13 @@ CUSTOM_DEFAULTS = Preset("", 100_000, 100_000, 0, 5_000, "")  # checkpoint_every
 def save_rollout(path: Path, episodes: list[dict], cut: bool) -> None:
     """Cache rolled-out episodes in the build folder (atomic: temporary file, then rename)."""
     tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez(tmp, lengths=np.array([len(e["rewards"]) for e in episodes]), cut=np.array(cut),
-             **{k: np.concatenate([e[k] for e in episodes]) for k in episodes[0]})
-    tmp.replace(path)
+    try:
+        np.savez(tmp, lengths=np.array([len(e["rewards"]) for e in episodes]), cut=np.array(cut),
+                 **{k: np.concatenate([e[k] for e in episodes]) for k in episodes[0]})
+        tmp.replace(path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        fail(f"cannot write {path}: {err.strerror or err} (is the disk full?)")
 
 
 def load_rollout(path: Path) -> tuple[list[dict], bool]:
