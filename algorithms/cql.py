@@ -38,7 +38,6 @@ from typing import Literal
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 # the nearest folder above this file that holds common/ (this repository, or a project it was copied into)
 sys.path.insert(0, next((str(p) for p in Path(__file__).resolve().parents if (p / "common" / "__init__.py").is_file()),
@@ -46,7 +45,8 @@ sys.path.insert(0, next((str(p) for p in Path(__file__).resolve().parents if (p 
 from common.datasets import DataSpec, ObsNormalizer, TensorSampler, load_dataset  # noqa: E402
 from common.errors import fail  # noqa: E402
 from common.evaluation import evaluate, make_eval_envs  # noqa: E402
-from common.networks import CriticEnsemble, VectorizedLinear  # noqa: E402
+from common.networks import (CriticEnsemble, VectorizedLinear, sample_tanh_gaussian,  # noqa: E402
+                             tanh_gaussian_log_prob)
 from common.optim import adam, load_optimizer, update_step  # noqa: E402
 from common.runs import Run, resolve_config, run_cli, setup  # noqa: E402
 
@@ -196,32 +196,6 @@ def orthogonal_init_(module: nn.Module) -> None:
                     nn.init.orthogonal_(matrix, gain=gain)
                     member.copy_(matrix.T)
             layer.bias.zero_()
-
-
-def _log_one_minus_tanh_sq(u: torch.Tensor) -> torch.Tensor:
-    """log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u)), finite for any u."""
-    return 2.0 * (math.log(2.0) - u - F.softplus(-2.0 * u))
-
-
-def tanh_gaussian_log_prob(u: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor,
-                           max_action: float) -> torch.Tensor:
-    """log pi(a|s) of a = max_action * tanh(u), as a density over the action box (last dim summed).
-
-    log pi(a|s) = sum_i [ log N(u_i; mu_i, sigma_i) - log(1 - tanh(u_i)^2) - log(max_action) ]. The last term
-    (the Jacobian of the scaling) makes log pi a density in the same units as the uniform proposal's
-    log(1 / (2 max_action))^|A|, so the two can be mixed in the importance-sampled logsumexp; for
-    max_action = 1 (D4RL) it is zero and this is the reference code's log-likelihood.
-    """
-    normal = -0.5 * ((u - mean) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)
-    return (normal - _log_one_minus_tanh_sq(u) - math.log(max_action)).sum(-1)
-
-
-def sample_tanh_gaussian(mean: torch.Tensor, log_std: torch.Tensor, max_action: float,
-                         num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reparameterised samples a ~ pi(.|s): mean/log_std (B, A) -> actions (B, n, A), log pi(a|s) (B, n)."""
-    mean, log_std = mean.unsqueeze(1), log_std.unsqueeze(1)
-    u = mean + log_std.exp() * torch.randn(mean.shape[0], num_samples, mean.shape[-1], device=mean.device)
-    return max_action * torch.tanh(u), tanh_gaussian_log_prob(u, mean, log_std, max_action)
 
 
 def uniform_log_density(act_dim: int, max_action: float) -> float:

@@ -45,17 +45,16 @@ from typing import Callable, Literal
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 # the nearest folder above this file that holds common/ (this repository, or a project it was copied into)
 sys.path.insert(0, next((str(p) for p in Path(__file__).resolve().parents if (p / "common" / "__init__.py").is_file()),
                         os.path.dirname(os.path.abspath(__file__))))
 from common.datasets import DataSpec, ObsNormalizer, TensorSampler, load_dataset  # noqa: E402
 from common.dynamics import (LearnedModel, check_model_config, dynamics_summary, fit_or_load_dynamics,  # noqa: E402
-                             model_data, model_rollout, sample_tanh_gaussian, termination_function)
+                             model_data, model_rollout, termination_function)
 from common.errors import fail  # noqa: E402
 from common.evaluation import evaluate, make_eval_envs  # noqa: E402
-from common.networks import CriticEnsemble  # noqa: E402
+from common.networks import CriticEnsemble, sample_tanh_gaussian  # noqa: E402
 from common.optim import adam, load_optimizer, update_step  # noqa: E402
 from common.runs import Run, apply_dataset_settings, resolve_config, run_cli, setup  # noqa: E402
 

@@ -22,7 +22,7 @@ What an algorithm file calls, in the order of its train():
     agent.model.add(rollouts, stats); agent.model.mix(batch, n_real)      # D_model, and f D + (1 - f) D_model
 The config is the algorithm's own dataclass: this module reads its dynamics fields (`ensemble_size`,
 `num_elites`, `dynamics_*`, `termination`, `dynamics`, `rollout_*`, `model_retain_rounds`, `seed`, `resume`).
-Both files' actors are the same tanh-squashed Gaussian, so its sampler and log-density are written here once
+Both files' actors are the same tanh-squashed Gaussian, whose sampler and log-density are common/networks.py's
 (`sample_tanh_gaussian`; two copies had drifted: one left out the -log(max_action) of the scaling). Saved files
 (`--dynamics`, the partial fit) are loaded with weights_only=True: nothing in them runs.
 
@@ -729,22 +729,3 @@ def fit_or_load_dynamics(model: LearnedModel, data: ModelData, config: Any, data
 # ---------------------------------------------------------------------------------------------------------
 # The policy both files roll out and train: SAC's tanh-squashed Gaussian, its samples and log-density
 # ---------------------------------------------------------------------------------------------------------
-
-
-def tanh_gaussian_log_prob(u: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor,
-                           max_action: float) -> torch.Tensor:
-    """log pi(a|s) of a = max_action * tanh(u), u ~ N(mean, exp(log_std)^2), a density over the action box
-    (last dim summed): sum_i [ log N(u_i; mu_i, sigma_i) - log(1 - tanh(u_i)^2) - log(max_action) ] by the
-    change of variables a = max_action tanh(u), with log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u)).
-    Shapes: u, mean, log_std (..., A) -> (...)."""
-    normal = -0.5 * ((u - mean) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)
-    return (normal - 2.0 * (math.log(2.0) - u - F.softplus(-2.0 * u)) - math.log(max_action)).sum(-1)
-
-
-def sample_tanh_gaussian(mean: torch.Tensor, log_std: torch.Tensor, max_action: float,
-                         num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reparameterised samples a ~ pi(.|s) and their log pi(a|s): mean, log_std (B, A) -> actions (B, n, A),
-    log-densities (B, n), n = num_samples."""
-    mean, log_std = mean.unsqueeze(1), log_std.unsqueeze(1)
-    u = mean + log_std.exp() * torch.randn(mean.shape[0], num_samples, mean.shape[-1], device=mean.device)
-    return max_action * torch.tanh(u), tanh_gaussian_log_prob(u, mean, log_std, max_action)

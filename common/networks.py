@@ -1,4 +1,5 @@
-"""Ensembles of small networks evaluated as one: the batched linear layer and the critic ensemble.
+"""Blocks several files share and that drifted when copied: the batched linear layer, the critic ensemble, and
+the tanh-squashed Gaussian policy's sampling and log-density.
 
 Written once, not copied per file: nine copies of the batched layer had drifted into five versions (two
 initialisation idioms, three forward styles, two state-dict layouts). The small networks an algorithm reads
@@ -78,3 +79,33 @@ def _sequential_keys_to_layers(state_dict, prefix, *args) -> None:
     for key in [k for k in state_dict if k.startswith(prefix + "net.")]:
         index, rest = key[len(prefix) + 4:].split(".", 1)
         state_dict[f"{prefix}layers.{int(index) // 2}.{rest}"] = state_dict.pop(key)
+
+
+# The tanh-squashed Gaussian of SAC-style actors (CQL, MOPO, COMBO): its copies drifted (one left out the
+# -log(max_action) of the scaling), so its density is written once.
+
+
+def _log_one_minus_tanh_sq(u: torch.Tensor) -> torch.Tensor:
+    """log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u)), finite for any u."""
+    return 2.0 * (math.log(2.0) - u - F.softplus(-2.0 * u))
+
+
+def tanh_gaussian_log_prob(u: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor,
+                           max_action: float) -> torch.Tensor:
+    """log pi(a|s) of a = max_action * tanh(u), as a density over the action box (last dim summed).
+
+    log pi(a|s) = sum_i [ log N(u_i; mu_i, sigma_i) - log(1 - tanh(u_i)^2) - log(max_action) ]. The last term
+    (the Jacobian of the scaling) makes log pi a density in the same units as the uniform proposal's
+    log(1 / (2 max_action))^|A|, so the two can be mixed in the importance-sampled logsumexp; for
+    max_action = 1 (D4RL) it is zero and this is the reference code's log-likelihood.
+    """
+    normal = -0.5 * ((u - mean) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)
+    return (normal - _log_one_minus_tanh_sq(u) - math.log(max_action)).sum(-1)
+
+
+def sample_tanh_gaussian(mean: torch.Tensor, log_std: torch.Tensor, max_action: float,
+                         num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reparameterised samples a ~ pi(.|s): mean/log_std (B, A) -> actions (B, n, A), log pi(a|s) (B, n)."""
+    mean, log_std = mean.unsqueeze(1), log_std.unsqueeze(1)
+    u = mean + log_std.exp() * torch.randn(mean.shape[0], num_samples, mean.shape[-1], device=mean.device)
+    return max_action * torch.tanh(u), tanh_gaussian_log_prob(u, mean, log_std, max_action)

@@ -15,7 +15,7 @@ import torch
 from conftest import (assert_states_equal, behaviour_return, checkpoint_agent, load_algorithm, random_batch,
                       run_config, train_straight_and_resumed)
 
-from common import dynamics
+from common import dynamics, networks
 from common.datasets import DataSpec
 from common.errors import UserError
 from common.runs import apply_dataset_settings
@@ -89,7 +89,7 @@ def test_update_losses_match_a_hand_computation():
         def sample(obs):
             mean, log_std = actor(obs)
             u = mean.unsqueeze(1) + log_std.exp().unsqueeze(1) * torch.randn(16, n + 1, 2)
-            return 2.0 * torch.tanh(u), dynamics.tanh_gaussian_log_prob(u, mean.unsqueeze(1), log_std.unsqueeze(1), 2.0)
+            return 2.0 * torch.tanh(u), networks.tanh_gaussian_log_prob(u, mean.unsqueeze(1), log_std.unsqueeze(1), 2.0)
         pi, log_pi = sample(b["obs"])
         pi_next, log_pi_next = sample(b["next_obs"])
         uniform = (2 * torch.rand(16, n, 2) - 1) * 2.0

@@ -14,7 +14,7 @@ from conftest import env_step_samples
 
 from torch.distributions import AffineTransform, Normal, TanhTransform, TransformedDistribution
 
-from common import dynamics
+from common import dynamics, networks
 from common.datasets import DataSpec
 from common.errors import UserError
 
@@ -274,7 +274,7 @@ def test_tanh_gaussian_log_prob_is_the_density_of_the_action_on_its_box(max_acti
     mean, log_std = torch.randn(256, 3, generator=g, dtype=torch.float64), 0.3 * torch.randn(256, 3, generator=g,
                                                                                                dtype=torch.float64)
     torch.manual_seed(1)
-    actions, log_prob = dynamics.sample_tanh_gaussian(mean, log_std, max_action, 4)
+    actions, log_prob = networks.sample_tanh_gaussian(mean, log_std, max_action, 4)
     assert actions.shape == (256, 4, 3) and log_prob.shape == (256, 4)
     assert (actions.abs() <= max_action).all()
     dist = TransformedDistribution(Normal(mean.unsqueeze(1), log_std.exp().unsqueeze(1)),
