@@ -40,14 +40,20 @@ class CriticEnsemble(nn.Module):
     """K critics Q_1..Q_K(s, a), each an MLP on [s, a] with ReLU hidden layers, evaluated together.
 
     `forward(obs (B, obs_dim), actions (B, act_dim))` returns Q-values of shape (K, B). Twin critics
-    (TD3, SAC, CQL, IQL) are K = 2; BEAR's and SAC-N's ensembles are larger.
+    (TD3, SAC, CQL, IQL) are K = 2; BEAR's and SAC-N's ensembles are larger. `layer_norm`: each hidden layer is
+    Linear -> ReLU -> LayerNorm, with a LayerNorm (scale and shift) per member (ReBRAC's critics, as the
+    authors' and d3rlpy's). `edac_init_()` re-initialises as SAC-N / EDAC / ReBRAC do.
     """
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden_dims: tuple[int, ...], ensemble_size: int = 2):
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dims: tuple[int, ...], ensemble_size: int = 2,
+                 layer_norm: bool = False):
         super().__init__()
         dims = [obs_dim + act_dim, *hidden_dims, 1]
         self.layers = nn.ModuleList(VectorizedLinear(i, o, ensemble_size) for i, o in zip(dims[:-1], dims[1:]))
         self.ensemble_size = ensemble_size
+        # per member and hidden layer: LayerNorm's scale (K, 1, width) and shift, after the ReLU
+        self.norms = nn.ModuleList(_EnsembleLayerNorm(width, ensemble_size) for width in hidden_dims) \
+            if layer_norm else None
         self._register_load_state_dict_pre_hook(_sequential_keys_to_layers)
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor, detach_weights: bool = False) -> torch.Tensor:
@@ -60,6 +66,8 @@ class CriticEnsemble(nn.Module):
             x = torch.baddbmm(bias, x, weight)
             if i < len(self.layers) - 1:
                 x = F.relu(x)
+                if self.norms is not None:
+                    x = self.norms[i](x, detach_weights)
         return x.squeeze(-1)
 
     def q1(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
@@ -70,7 +78,37 @@ class CriticEnsemble(nn.Module):
             x = torch.addmm(layer.bias[0].detach(), x, layer.weight[0].detach())
             if i < len(self.layers) - 1:
                 x = F.relu(x)
+                if self.norms is not None:
+                    x = self.norms[i](x.unsqueeze(0), True, member=0).squeeze(0)
         return x.squeeze(-1)
+
+    @torch.no_grad()
+    def edac_init_(self, hidden_bias: float = 0.1, head_bound: float = 3e-3) -> "CriticEnsemble":
+        """The initialisation of SAC-N / EDAC (the authors' and CORL's) and ReBRAC: hidden weights as nn.Linear
+        (kept), hidden biases `hidden_bias`, the head's weight and bias uniform in +-`head_bound`."""
+        for layer in self.layers[:-1]:
+            layer.bias.fill_(hidden_bias)
+        nn.init.uniform_(self.layers[-1].weight, -head_bound, head_bound)
+        nn.init.uniform_(self.layers[-1].bias, -head_bound, head_bound)
+        return self
+
+
+class _EnsembleLayerNorm(nn.Module):
+    """LayerNorm over the features of each member's activations (K, B, width), with a scale and a shift per
+    member (K critics with a LayerNorm each, evaluated together)."""
+
+    def __init__(self, width: int, ensemble_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ensemble_size, 1, width))
+        self.bias = nn.Parameter(torch.zeros(ensemble_size, 1, width))
+        self.width, self.eps = width, eps
+
+    def forward(self, x: torch.Tensor, detach_weights: bool = False, member: int | None = None) -> torch.Tensor:
+        weight, bias = (self.weight, self.bias) if member is None else (self.weight[member:member + 1],
+                                                                        self.bias[member:member + 1])
+        if detach_weights:
+            weight, bias = weight.detach(), bias.detach()
+        return torch.addcmul(bias, F.layer_norm(x, (self.width,), eps=self.eps), weight)
 
 
 def _sequential_keys_to_layers(state_dict, prefix, *args) -> None:
