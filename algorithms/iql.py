@@ -45,6 +45,7 @@ from common.datasets import DataSpec, ObsNormalizer, TensorSampler, load_dataset
 from common.errors import fail  # noqa: E402
 from common.evaluation import evaluate, make_eval_envs  # noqa: E402
 from common.networks import CriticEnsemble  # noqa: E402
+from common.online import OnlinePhase  # noqa: E402
 from common.optim import adam, load_optimizer, update_step  # noqa: E402
 from common.runs import Run, apply_dataset_settings, resolve_config, run_cli, setup  # noqa: E402
 
@@ -87,6 +88,9 @@ class Config:
     """download Minari datasets that are not stored locally (when online)"""
     compile: bool = False
     """torch.compile the update (faster after a warm-up compilation)"""
+    online_steps: int = 0
+    """env steps of online fine-tuning after the offline phase, one update each (0: offline only; see
+    common/online.py)"""
     # --- implicit Q-learning ---
     expectile: float | None = None
     """tau in the expectile loss l2^tau(Q - V) (None: from DATASET_SETTINGS; 0.7 locomotion, 0.9 antmaze).
@@ -117,6 +121,13 @@ class Config:
     """decay the actor's learning rate to zero over max_steps along a cosine (the official code)"""
     normalize_obs: bool = True
     """standardise observations with the dataset's mean and std (eps 1e-3), as CORL does"""
+    # --- online fine-tuning (--online-steps) ---
+    online_mix: float | None = None
+    """fraction of each online-phase batch drawn from the offline data (None: uniform over the offline and online
+    rows, one growing buffer, as CORL's IQL fine-tuning)"""
+    explore_noise: float = 0.03
+    """deterministic policy only: std of the Gaussian noise added to pi(s) when acting online (CORL's 0.03,
+    clipped at 0.5); the Gaussian policy samples pi(a|s) instead"""
 
 
 LOCOMOTION = {"expectile": 0.7, "beta": 3.0, "reward_transform": "return-range", "actor_dropout": 0.0}
@@ -215,8 +226,9 @@ class Agent:
 
     def update(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.config.cosine_schedule:
-            # lr_t = lr (1 + cos(pi t / T)) / 2, reaching 0 at T = max_steps (optax.cosine_decay_schedule)
-            progress = min(self.step / self.config.max_steps, 1.0)
+            # lr_t = lr (1 + cos(pi t / T)) / 2, reaching 0 at T = max_steps (optax.cosine_decay_schedule); in an
+            # online phase (t > T) it rises again along the same cosine, as CORL's CosineAnnealingLR keeps stepping
+            progress = self.step / self.config.max_steps
             self.actor_lr.fill_(self.config.lr * 0.5 * (1.0 + math.cos(math.pi * progress)))
         self.step += 1
         return self._update(batch["obs"], batch["actions"], batch["rewards"], batch["next_obs"],
@@ -292,6 +304,19 @@ class Agent:
         return action
 
     @torch.no_grad()
+    def explore(self, obs: torch.Tensor) -> torch.Tensor:
+        """The online phase's action: a ~ pi(a|s) for the Gaussian policy (CORL's fine-tuning), or pi(s) plus
+        N(0, explore_noise^2) clipped at 0.5 for the deterministic one; kept inside the action bounds."""
+        self.actor.eval()
+        mean = self.mean_action(obs)
+        self.actor.train()
+        if self.gaussian:
+            noise = torch.randn_like(mean) * self.log_std.clamp(LOG_STD_MIN, LOG_STD_MAX).exp()
+        else:
+            noise = (torch.randn_like(mean) * self.config.explore_noise).clamp(-0.5, 0.5)
+        return (mean + noise).clamp(-self.max_action, self.max_action)
+
+    @torch.no_grad()
     def q_value(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """min_k Q_target,k(s, a), shape (batch,): the estimate IQL's V and actor read."""
         return self.target_critic(obs, actions).min(dim=0).values
@@ -332,12 +357,18 @@ def train(config: Config) -> dict:
                              "next_obs": norm(data["next_obs"]), "terminals": data["terminals"]},
                             device, config.seed)
     agent = Agent(config, dataset.spec, device)
+    # the offline data, and with --online-steps the env the policy then acts in (common/online.py)
+    phase = OnlinePhase(agent, dataset, sampler, normalizer, config, device, reward_transform=config.reward_transform)
 
     run = Run("iql", config, dataset, device, normalizer)
-    start = run.resume(agent, sampler)
+    start = run.resume(agent, phase)
     envs = make_eval_envs(dataset, config.eval_episodes)
     for step in run.steps(start):
-        logs = agent.update(sampler.sample(config.batch_size))
+        if phase.online(step):  # the online phase: the current policy acts once in the env, the step is stored
+            episode = phase.interact()
+            if episode:
+                run.log(step, episode)
+        logs = agent.update(phase.sample(config.batch_size))
         if run.should_log(step):
             run.log(step, logs)
         if run.should_eval(step):
@@ -346,11 +377,11 @@ def train(config: Config) -> dict:
                                             config.seed, device, envs))
         if run.should_checkpoint(step):
             with run.timed():
-                run.save_checkpoint(step, agent, sampler)
+                run.save_checkpoint(step, agent, phase)
     result = evaluate(agent.act, dataset, normalizer, config.eval_episodes, config.seed, device, envs)
-    run.log_eval(config.max_steps, result)
+    run.log_eval(run.total_steps, result)
     envs.close()
-    return run.finish(result)
+    return run.finish(result, phase.summary())
 
 
 if __name__ == "__main__":

@@ -838,11 +838,14 @@ class TensorSampler:
 
     def sample(self, batch_size: int) -> dict[str, torch.Tensor]:
         """A batch of `batch_size` rows drawn uniformly with replacement, as device tensors."""
-        idx = torch.randint(0, self.size, (batch_size,), device=self.device, generator=self.generator)
+        return self.rows(torch.randint(0, self.size, (batch_size,), device=self.device, generator=self.generator))
+
+    def rows(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The rows `idx` (a device tensor of indices), as a batch."""
         batch = {}
         for table, keys, widths, shapes in self.tables:
             for key, part, shape in zip(keys, table.index_select(0, idx).split(widths, 1), shapes):
-                batch[key] = part if len(shape) == 1 else part.view(batch_size, *shape)
+                batch[key] = part if len(shape) == 1 else part.view(len(idx), *shape)
         return {k: batch[k] for k in self.keys}
 
     def state_dict(self) -> dict:

@@ -102,7 +102,7 @@ def resolve_device(device: str) -> torch.device:
 
 # Fields a resumed run may change: they steer bookkeeping, not the training maths. Every other field is
 # the run's own: a resumed run keeps it, and a flag that tries to change it is refused.
-RESUME_MAY_CHANGE = {"max_steps", "eval_every", "eval_episodes", "log_every", "checkpoint_every",
+RESUME_MAY_CHANGE = {"max_steps", "online_steps", "eval_every", "eval_episodes", "log_every", "checkpoint_every",
                      "checkpoint_dir", "resume", "track", "wandb_project", "runs_dir", "download", "threads",
                      "compile"}
 MAX_SEED = 2 ** 32 - 1  # numpy's seed range
@@ -181,12 +181,26 @@ def merge_resumed(config: Any, saved: dict, step: int) -> Any:
             values[f.name] = tuple(saved_value) if isinstance(saved_value, list) else saved_value
     values["resume"] = config.resume
     merged = dataclasses.replace(config, **values)
-    if merged.max_steps is not None and merged.max_steps < saved.get("max_steps", 0):
-        fail(f"--max-steps {merged.max_steps} is below the resumed run's {saved['max_steps']}: a resumed run "
-             f"may only be extended")
-    if merged.max_steps is not None and merged.max_steps < step:
-        fail(f"--resume checkpoint is at step {step}, beyond --max-steps {merged.max_steps}")
+    check_extension(merged, saved, step)
     return merged
+
+
+def check_extension(config: Any, saved: dict, step: int) -> None:
+    """A resumed run may only be extended: `--max-steps` and `--online-steps` never below the run's, the
+    checkpoint's step within the new total, and `--max-steps` fixed once the online phase has begun."""
+    max_steps, saved_max = config.max_steps, saved.get("max_steps") or 0
+    online, saved_online = getattr(config, "online_steps", 0) or 0, saved.get("online_steps") or 0
+    if max_steps is not None and max_steps < saved_max:
+        fail(f"--max-steps {max_steps} is below the resumed run's {saved_max}: a resumed run may only be extended")
+    if online < saved_online:
+        fail(f"--online-steps {online} is below the resumed run's {saved_online}: a resumed run may only be "
+             f"extended")
+    if step > saved_max and max_steps is not None and max_steps != saved_max:
+        fail(f"--max-steps cannot change once the online phase has begun (the checkpoint is at step {step}, "
+             f"{step - saved_max} env steps into it)")
+    if max_steps is not None and step > max_steps + online:
+        beyond = f"--max-steps {max_steps}" + (f" + --online-steps {online}" if online else "")
+        fail(f"--resume checkpoint is at step {step}, beyond {beyond}")
 
 
 def validate_config(config: Any) -> None:
@@ -208,9 +222,15 @@ def validate_config(config: Any) -> None:
     need(config.threads >= 1, f"--threads must be at least 1, got {config.threads}")
     need(config.max_steps is None or config.max_steps >= 1,
          f"--max-steps must be at least 1, got {config.max_steps}")
-    for name in ("eval_every", "checkpoint_every"):
+    for name in ("eval_every", "checkpoint_every", *(["online_steps"] if "online_steps" in names else [])):
         value = getattr(config, name)
         need(value >= 0, f"{_flag(name)} must be 0 (off) or positive, got {value}")
+    if getattr(config, "online_steps", 0):
+        module = sys.modules.get(type(config).__module__)
+        agent = getattr(module, "Agent", None)
+        need(agent is not None and hasattr(agent, "explore"),
+             f"--online-steps: {Path(getattr(module, '__file__', 'this file')).name} has no online phase (its Agent "
+             f"cannot explore); the files with one list `explore` in their Agent (see CONTRIBUTING.md)")
     for name in sorted(n for n in names if n.endswith("hidden_dims")):
         widths = getattr(config, name)
         need(len(widths) >= 1 and all(w >= 1 for w in widths),
@@ -364,11 +384,7 @@ def cli_config(config_type: type, argv: list[str]) -> Any:
     if conflicts:
         fail(f"--resume {resume}: these settings differ from the run's and cannot change on resume: "
              f"{'; '.join(conflicts)}. Drop them to continue the run as it was, or start a new run")
-    if config.max_steps is not None and config.max_steps < saved.get("max_steps", 0):
-        fail(f"--max-steps {config.max_steps} is below the resumed run's {saved['max_steps']}: a resumed run "
-             f"may only be extended")
-    if config.max_steps is not None and config.max_steps < step:
-        fail(f"--resume checkpoint is at step {step}, beyond --max-steps {config.max_steps}")
+    check_extension(config, saved, step)
     object.__setattr__(config, "_resume_merged", True)  # resolve_config: already merged, exactly
     return config
 
@@ -514,12 +530,16 @@ class Run:
                  normalizer: Any = None):
         self.algo, self.config, self.dataset, self.device = algo, config, dataset, device
         self.normalizer = normalizer
+        # an online phase (common/online.py) follows the max_steps offline updates: one update per env step
+        self.online_steps = int(getattr(config, "online_steps", 0) or 0)
+        self.total_steps = config.max_steps + self.online_steps
         self.config_dict = dataclasses.asdict(config)
         self.wandb = None
         self._last_log_time = time.perf_counter()
         self._last_log_step = 0
         self._excluded_time = 0.0  # evaluation and checkpoint time, left out of steps/s
         self._evaluated_steps: set[int] = set()  # steps whose evaluation row a resumed run keeps
+        self._switch_entries: dict | None = None  # the evaluation at the switch to the online phase
         resume_ckpt = None
         if getattr(config, "resume", None):
             # read (and checked) before anything of the run is written
@@ -614,8 +634,9 @@ class Run:
             if saved.get(key) != self.config_dict.get(key):
                 fail(f"--resume checkpoint has {key}={saved.get(key)!r} but this run has "
                      f"{key}={self.config_dict.get(key)!r}; pass the same --{key}")
-        if ckpt["step"] > self.config.max_steps:
-            fail(f"--resume checkpoint is at step {ckpt['step']}, beyond --max-steps {self.config.max_steps}")
+        if ckpt["step"] > self.total_steps:
+            fail(f"--resume checkpoint is at step {ckpt['step']}, beyond --max-steps {self.config.max_steps}"
+                 + (f" + --online-steps {self.online_steps}" if self.online_steps else ""))
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop metrics logged after the checkpoint's step (the resumed run logs them again), and a partial
@@ -677,24 +698,29 @@ class Run:
         return int(ckpt["step"])
 
     def steps(self, start: int) -> Iterator[int]:
-        """Yield steps start+1 .. max_steps with a progress bar."""
-        self.progress = Progress(f"{self.algo} {self.dataset.name}", self.config.max_steps, start)
+        """Yield steps start+1 .. max_steps (+ online_steps) with a progress bar."""
+        self.progress = Progress(f"{self.algo} {self.dataset.name}", self.total_steps, start)
         self._last_log_step = start
         self._last_log_time = time.perf_counter()
-        for step in range(start + 1, self.config.max_steps + 1):
+        for step in range(start + 1, self.total_steps + 1):
             yield step
             self.progress.update(step)
         self.progress.close()
 
     def should_log(self, step: int) -> bool:
-        return step % self.config.log_every == 0 or step == self.config.max_steps
+        return step % self.config.log_every == 0 or step in (self.config.max_steps, self.total_steps)
 
     def should_eval(self, step: int) -> bool:
-        return self.config.eval_every > 0 and step % self.config.eval_every == 0 and step != self.config.max_steps
+        """Every eval_every steps, on the same cadence across the phase boundary; with an online phase also at
+        the switch (the offline phase's final score). The run's last step is evaluated by train() itself."""
+        if step == self.total_steps:
+            return False
+        switch = self.online_steps > 0 and step == self.config.max_steps
+        return switch or (self.config.eval_every > 0 and step % self.config.eval_every == 0)
 
     def should_checkpoint(self, step: int) -> bool:
         every = self.config.checkpoint_every
-        return (every > 0 and step % every == 0) or step == self.config.max_steps
+        return (every > 0 and step % every == 0) or step in (self.config.max_steps, self.total_steps)
 
     def log(self, step: int, metrics: dict[str, Any]) -> dict[str, float]:
         """Read `metrics` to floats (the only host sync), check them, and write them out.
@@ -726,6 +752,8 @@ class Run:
         from common.evaluation import eval_log_entries
 
         entries = eval_log_entries(result)
+        if self.online_steps and step == self.config.max_steps:
+            self._switch_entries = entries  # the offline phase's final score: the summary names it
         if step not in self._evaluated_steps:  # a resumed finished run evaluates again: one row per step
             self._write(step, entries)
         score = entries.get("eval/normalized_score_mean")
@@ -784,6 +812,13 @@ class Run:
                    "reference_scores": self.dataset.ref_source, "eval_episodes": len(result["returns"]),
                    "dataset_sha256": (self.dataset.metadata or {}).get("sha256"),
                    "git_commit": git_commit(), "run_dir": str(self.dir), **(extra or {})}
+        if self.online_steps:
+            switch = self._switch_entries or self._logged_eval(self.config.max_steps)
+            summary.update(online_steps=self.online_steps, phases=(
+                f"offline: {self.config.max_steps} updates on the dataset; online: {self.online_steps} env steps "
+                f"with one update each"),
+                offline_return_mean=(switch or {}).get("eval/return_mean"),
+                offline_normalized_score_mean=(switch or {}).get("eval/normalized_score_mean"))
         (self.dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self.metrics_file.close()
         lock = _RUN_LOCKS.pop(str(self.dir.resolve()), None)
@@ -792,9 +827,21 @@ class Run:
         if self.wandb is not None:
             self.wandb.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float))})
             self.wandb.finish()
-        print(f"{self.algo} on {self.dataset.name}, seed {self.config.seed}, {self.config.max_steps} steps: "
+        steps = f"{self.config.max_steps} steps" + (f" + {self.online_steps} online" if self.online_steps else "")
+        print(f"{self.algo} on {self.dataset.name}, seed {self.config.seed}, {steps}: "
               f"{format_result(result, self.dataset)}", flush=True)
         return summary
+
+    def _logged_eval(self, step: int) -> dict | None:
+        """The evaluation row of `step` in metrics.jsonl (a resumed run's switch score), or None."""
+        for line in (self.dir / "metrics.jsonl").read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if entry.get("step") == step and "eval/return_mean" in entry:
+                return entry
+        return None
 
 
 def _algorithm_file_of(agent: Any) -> str | None:
