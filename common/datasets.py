@@ -142,6 +142,25 @@ def minari_root() -> Path:
     return Path(root) if root else Path.home() / ".minari" / "datasets"
 
 
+def stored_env_id(minari_id: str) -> str | None:
+    """The id of the env a locally stored dataset came from (its eval env spec, else its env spec), read from its
+    metadata without loading the data; None when the dataset is not stored here or names no env."""
+    path = minari_root() / minari_id / "data" / "metadata.json"
+    try:
+        metadata = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    for key in ("eval_env_spec", "env_spec"):
+        spec = metadata.get(key)
+        try:
+            env_id = json.loads(spec).get("id") if isinstance(spec, str) else (spec or {}).get("id")
+        except (ValueError, AttributeError):
+            env_id = None
+        if env_id:
+            return env_id
+    return None
+
+
 def local_dataset_ids() -> list[str]:
     """Ids of every Minari dataset stored under the Minari root (a folder `<root>/<id>/data/`)."""
     root = minari_root()

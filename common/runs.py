@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -291,37 +292,70 @@ def resolve_config(config: Any, table: list[tuple[str, dict]]) -> Any:
 
 
 def apply_dataset_settings(config: Any, table: list[tuple[str, dict]], quiet: bool = False) -> Any:
-    """Fill the config fields left at None from the first row of `table` whose pattern matches.
+    """Fill the config fields left at None from the first row of `table` whose pattern matches the dataset.
 
-    `table` rows are `(fnmatch pattern, {field: value})`, matched against `config.env` and against the
-    Minari id it resolves to (or, for a registered Gymnasium env id, the id alone) (e.g. "antmaze-*", "D4RL/antmaze/*", "local/pendulum/*", "*"). Fields the user
-    set on the command line are never changed. Prints what it filled, so the settings are visible.
+    `table` rows are `(fnmatch pattern, {field: value})` (e.g. "antmaze-*", "D4RL/antmaze/*", "local/pendulum/*",
+    "*" last), matched against `config.env` and the Minari id it resolves to (or, for a registered Gymnasium
+    env id, the id alone). Settings follow what the data is, not only its name: when no row but the catch-all
+    "*" matches the name, the row is chosen by the env the data came from (its stored eval env spec, e.g.
+    Hopper-v5 -> the hopper family's row), so a dataset built or renamed by a user gets its family's settings
+    (`settings_row`). Fields the user set are never changed. Prints the row it used and why, and what it filled.
     """
     from common.datasets import resolve_name
 
     try:
-        names = {config.env, resolve_name(config.env).minari_id}
+        resolved = resolve_name(config.env).minari_id
+        names = {config.env, resolved}
     except UserError:
         import gymnasium as gym
 
-        if config.env not in gym.registry:
+        if config.env.split(":")[-1] not in gym.registry and ":" not in config.env:
             raise
-        names = {config.env}  # a Gymnasium env id (interactive files such as dagger.py): the patterns match it
+        resolved, names = None, {config.env, config.env.split(":")[-1]}  # a Gymnasium env id (dagger.py)
+    row, why = settings_row(table, names, resolved)
     filled = {}
-    for pattern, settings in table:
-        if any(fnmatch.fnmatch(n, pattern) for n in names):
-            for key, value in settings.items():
-                if getattr(config, key) is None:
-                    filled[key] = value
-            break
+    if row is not None:
+        for key, value in table[row][1].items():
+            if getattr(config, key) is None:
+                filled[key] = value
     missing = [f.name for f in dataclasses.fields(config) if getattr(config, f.name) is None
-               and f.name not in filled and f.name in {k for _, row in table for k in row}]
+               and f.name not in filled and f.name in {k for _, settings in table for k in settings}]
     if missing:
         fail(f"no per-dataset default for {', '.join(missing)} on '{config.env}'; set them with flags")
     if filled and not quiet:
-        print("per-dataset settings: " + ", ".join(f"{k}={v}" for k, v in filled.items()),
-              file=sys.stderr, flush=True)
+        print(f"per-dataset settings from the row '{table[row][0]}' ({why}): "
+              + ", ".join(f"{k}={v}" for k, v in filled.items()), file=sys.stderr, flush=True)
     return dataclasses.replace(config, **filled)
+
+
+def settings_row(table: list[tuple[str, dict]], names: set[str], minari_id: str | None) -> tuple[int | None, str]:
+    """(index of the row of `table` that applies, why): the first row whose pattern matches one of `names`;
+    when only the catch-all "*" does, the row of the family of the env the data came from (`env_family`): the
+    first row matching a local build of the family (`local/<family>/<x>`), else Minari's name
+    (`mujoco/<family>/<x>`), else D4RL's (`D4RL/<family>/<x>`, `<family>-<x>-v2`); else the catch-all."""
+    by_name = next((i for i, (pattern, _) in enumerate(table) if any(fnmatch.fnmatch(n, pattern) for n in names)),
+                   None)
+    if by_name is not None and table[by_name][0] != "*":
+        return by_name, "its pattern matches the dataset's name"
+    from common.datasets import stored_env_id
+
+    env_id = stored_env_id(minari_id) if minari_id else None
+    for family in env_family(env_id) if env_id else []:
+        # a local build of that env's family first (the same env versions as the user's data), then Minari's
+        # name, then D4RL's
+        for alias in (f"local/{family}/data-v0", f"mujoco/{family}/data-v0", f"D4RL/{family}/data-v0",
+                      f"{family}-data-v2"):
+            for i, (pattern, _) in enumerate(table):
+                if pattern != "*" and fnmatch.fnmatch(alias, pattern):
+                    return i, f"the dataset's env is {env_id}, of the {family} family; its name matches no row"
+    return by_name, "the catch-all: neither the dataset's name nor its env matches a row"
+
+
+def env_family(env_id: str) -> list[str]:
+    """The family names a Gymnasium env id stands for, most specific first: 'Hopper-v5' -> ['hopper'],
+    'HalfCheetah-v5' -> ['halfcheetah'], 'AntMaze_UMaze-v4' -> ['antmaze_umaze', 'antmaze']."""
+    base = re.sub(r"-v\d+$", "", env_id.split(":")[-1]).lower()
+    return list(dict.fromkeys([base, base.split("_")[0]]))
 
 
 T = TypeVar("T")
