@@ -206,3 +206,32 @@ def test_a_row_names_the_settings_its_runs_changed_from_the_files_defaults(tmp_p
     assert results.changed_settings(changed) == "batch_size=64, expectile=0.9"
     assert results.changed_settings(unknown) is None  # no file to compare with: the row keeps its plain label
     assert {g.label for g in results.group_runs([default, changed])} == {"iql", "iql (batch_size=64, expectile=0.9)"}
+
+
+def test_figures_keep_every_label_inside_the_canvas_and_waste_no_half_page(tmp_path):
+    """The aggregate figure: long row labels (bc_expressive, a label with its changed settings) drawn fully
+    inside the saved image, the panels filling most of it, rows in the algorithm files' order and each
+    algorithm in the colour it has in every figure."""
+    labels = ["td3_bc", "bc_expressive", "diffusion_bc (warmup_steps=100, lr=0.001)", "awac", "iql"]
+    scores = {label: np.full((3, 2), 10.0 * i) for i, label in enumerate(labels)}
+    agg = results.Aggregate(["A", "B"], scores, {k: [0, 1, 2] for k in labels}, [],
+                            point={k: np.array([v.mean(), v.mean()]) for k, v in scores.items()},
+                            interval={k: np.array([[v.mean() - 2] * 2, [v.mean() + 2] * 2]) for k, v in scores.items()})
+    fig = results.interval_figure(agg)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    canvas = fig.bbox
+    ticks = [t for ax in fig.axes for t in ax.get_yticklabels() if t.get_text()]
+    assert [t.get_text() for t in ticks[:5]][::-1] == results.ordered(labels)  # first algorithm on top
+    shown = [t for ax in fig.axes for t in ax.get_xticklabels()  # the tick labels drawn (inside the x limits)
+             if t.get_text() and ax.get_xlim()[0] <= t.get_position()[0] <= ax.get_xlim()[1]]
+    for text in [*ticks, *shown]:
+        box = text.get_window_extent(renderer)
+        assert box.x0 >= canvas.x0 - 1 and box.x1 <= canvas.x1 + 1 and box.y0 >= canvas.y0 - 1 \
+            and box.y1 <= canvas.y1 + 1, f"label {text.get_text()!r} is cut: {box} outside {canvas}"
+    covered = sum(ax.get_window_extent(renderer).height for ax in fig.axes[:1]) / canvas.height
+    assert covered > 0.6, f"the panels fill {covered:.0%} of the figure's height"
+    colours = {t.get_text(): results.algorithm_colour(t.get_text()) for t in ticks}
+    assert colours["iql"] != colours["awac"] and results.algorithm_colour("iql (lr=0.1)") == colours["iql"]
+    results._save(fig, tmp_path / "a.png", "caption " * 40)
+    assert (tmp_path / "a.png").stat().st_size > 0

@@ -538,13 +538,6 @@ def _pyplot():
     return plt
 
 
-def _footer(fig, text: str) -> None:
-    import textwrap
-
-    wrapped = "\n".join(textwrap.wrap(text, 150))
-    fig.text(0.01, 0.005, wrapped, fontsize=6.5, va="bottom", ha="left", color="0.3")
-
-
 def curve_of(group: Group) -> tuple[list[int], np.ndarray, np.ndarray]:
     """(steps, mean, std over seeds) of the evaluations at the steps every seed of `group` evaluated."""
     steps = sorted(set.intersection(*(set(s for s, _ in r.curve) for r in group.runs)))
@@ -552,29 +545,82 @@ def curve_of(group: Group) -> tuple[list[int], np.ndarray, np.ndarray]:
     return steps, values.mean(axis=0), values.std(axis=0)
 
 
+# Every figure draws an algorithm in the same colour, and rows in the same order: the algorithm files sorted
+ALGORITHM_FILES = sorted(p.stem for p in (ROOT / "algorithms").glob("*.py") if not p.stem.startswith("_"))
+
+
+def algorithm_colour(label: str):
+    """The colour of a row's algorithm (its label's first word: 'dt (warmup_steps=100)' -> dt), the same in
+    every figure: its place among the algorithm files in matplotlib's 20-colour qualitative maps."""
+    import matplotlib
+
+    algo = label.split(" ")[0]
+    index = ALGORITHM_FILES.index(algo) if algo in ALGORITHM_FILES else len(ALGORITHM_FILES)
+    if index < 20:  # tab20's strong colours for the first ten files, its light ones for the next ten
+        return matplotlib.colormaps["tab20"].colors[(2 * index) % 20 + index // 10]
+    return matplotlib.colormaps["tab20b"].colors[index % 20]
+
+
+def ordered(labels) -> list[str]:
+    """Rows in the order of every figure and table: by algorithm file, then label."""
+    rank = {a: i for i, a in enumerate(ALGORITHM_FILES)}
+    return sorted(labels, key=lambda label: (rank.get(label.split(" ")[0], len(rank)), label))
+
+
+def _save(fig, path: Path, caption: str) -> None:
+    """Save with the caption under the axes, every label inside the canvas, no empty margins."""
+    import textwrap
+
+    fig.text(0.0, -0.02, "\n".join(textwrap.wrap(caption, 130)), fontsize=6.5, va="top", ha="left",
+             color="0.3", transform=fig.transFigure)
+    fig.savefig(path, dpi=120, bbox_inches="tight", pad_inches=0.15)
+
+
 def curve_figure(env: str, groups: list[Group], info: DatasetInfo, path: Path, caption: str) -> None:
     """eval/normalized_score_mean against the step for each row on `env`: mean ± std over its seeds."""
     plt = _pyplot()
 
-    fig, ax = plt.subplots(figsize=(7, 4.6))
-    fig.subplots_adjust(bottom=0.24)
-    for g in groups:
+    fig, ax = plt.subplots(figsize=(7, 4.2), layout="constrained")
+    order = ordered([g.label for g in groups])
+    for g in sorted(groups, key=lambda g: order.index(g.label)):
         if not g.runs or g.finals() is None:
             continue
         steps, mean, std = curve_of(g)
-        line, = ax.plot(steps, mean, marker="o" if len(steps) < 3 else None, ms=4,
-                        label=f"{g.label}, {g.steps} steps ({len(g.runs)} seeds)")
-        ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+        colour = algorithm_colour(g.label)
+        ax.plot(steps, mean, marker="o" if len(steps) < 3 else None, ms=4, color=colour,
+                label=f"{g.label}, {g.steps} steps ({len(g.runs)} seeds)")
+        ax.fill_between(steps, mean - std, mean + std, color=colour, alpha=0.2)
     if info.data_score is not None:
         ax.axhline(info.data_score, color="0.4", ls="--", lw=1, label=f"the data ({info.data_score:.1f})")
     ax.set_xlabel("gradient step")
     ax.set_ylabel("normalised score (mean ± std over seeds)")
     ax.set_title(f"{env}", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    _footer(fig, caption)
-    fig.savefig(path, dpi=120)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    _save(fig, path, caption)
     plt.close(fig)
+
+
+def interval_figure(agg: Aggregate):
+    """IQM and mean of each row with its interval, one panel per statistic, one line per row: a figure sized to
+    its rows (returned for the layout test)."""
+    plt = _pyplot()
+
+    labels = ordered(agg.scores)[::-1]  # the first algorithm at the top
+    height = 0.9 + 0.28 * len(labels)
+    fig, axes = plt.subplots(1, len(AGGREGATE_METRICS), figsize=(7.5, height), sharey=True, layout="constrained")
+    for m, (ax, metric) in enumerate(zip(axes, AGGREGATE_METRICS)):
+        for y, label in enumerate(labels):
+            low, high = agg.interval[label][:, m]
+            colour = algorithm_colour(label)
+            ax.barh(y, high - low, left=low, height=0.6, color=colour, alpha=0.75)
+            ax.plot([agg.point[label][m]] * 2, [y - 0.3, y + 0.3], color="k", lw=1.5)
+        ax.set_title(metric, fontsize=10)
+        ax.set_yticks(range(len(labels)), labels, fontsize=8)
+        ax.grid(axis="x", alpha=0.3)
+        ax.tick_params(axis="x", labelsize=8)
+    fig.supxlabel("normalised score (final evaluation), 95% stratified-bootstrap interval", fontsize=8)
+    return fig
 
 
 def aggregate_figures(agg: Aggregate, folder: Path, caption: str, reps: int, seed: int) -> list[str]:
@@ -582,15 +628,8 @@ def aggregate_figures(agg: Aggregate, folder: Path, caption: str, reps: int, see
     plt = _pyplot()
     from rliable import library as rly, plot_utils
 
-    labels = list(agg.scores)
-    fig, _ = plot_utils.plot_interval_estimates(agg.point, agg.interval, metric_names=list(AGGREGATE_METRICS),
-                                             algorithms=labels, xlabel="", subfigure_width=3.6, row_height=0.45)
-    fig.set_size_inches(8, 1.9 + 0.45 * len(labels))
-    fig.subplots_adjust(bottom=0.42, left=0.2, top=0.88)
-    fig.text(0.55, 0.2, "normalised score (final evaluation), 95% stratified-bootstrap interval", ha="center",
-             fontsize=9)
-    _footer(fig, caption)
-    fig.savefig(folder / "aggregate.png", dpi=120)
+    fig = interval_figure(agg)
+    _save(fig, folder / "aggregate.png", caption)
     plt.close(fig)
 
     everything = np.concatenate([x.ravel() for x in agg.scores.values()])
@@ -599,14 +638,14 @@ def aggregate_figures(agg: Aggregate, folder: Path, caption: str, reps: int, see
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         profiles, cis = rly.create_performance_profile(agg.scores, tau, method="percentile", reps=min(reps, 2000))
-    fig, ax = plt.subplots(figsize=(7, 4.6))
-    fig.subplots_adjust(bottom=0.26, left=0.14)
-    plot_utils.plot_performance_profiles(profiles, tau, performance_profile_cis=cis, ax=ax,
+    fig, ax = plt.subplots(figsize=(7, 4.2), layout="constrained")
+    labels = ordered(agg.scores)
+    plot_utils.plot_performance_profiles({k: profiles[k] for k in labels}, tau, performance_profile_cis=cis, ax=ax,
+                                         colors={k: algorithm_colour(k) for k in labels},
                                          xlabel=r"normalised score $\tau$",
                                          ylabel=r"fraction of runs with score $> \tau$")
-    ax.legend(fontsize=8)
-    _footer(fig, caption)
-    fig.savefig(folder / "profiles.png", dpi=120)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    _save(fig, folder / "profiles.png", caption)
     plt.close(fig)
     return ["aggregate.png", "profiles.png"]
 
