@@ -24,10 +24,15 @@ The three steps, as the slides order them:
      that has an action, s_{T-1}).
   2. Upper envelope. V_phi (MLP 128-128, output layer scaled by 0.1, as the authors) minimises
      L^K = mean_i (V(s_i) - G_i)^2 {1(V >= G) + K 1(V < G)} with Adam (lr 3e-3, weight decay 2e-2 as lambda),
-     batch 800, at most 50 epochs over the training split (80%; the highest return is kept in training), the
-     validation loss after every epoch; after 4 epochs without improvement training stops and the best phi is
-     restored. (The authors' train_upper_envelope keeps `state_dict()` references, so its "restore" is a no-op
-     and it returns the last epoch's envelope; this file restores a real copy.)
+     batch 800, 50 epochs over the training split (80%; the highest return is kept in training), the validation
+     loss after every epoch (all as the authors). What happens with that validation loss differs:
+       - this file (default, `--envelope-early-stopping`): after 4 epochs without a lower validation loss the
+         training stops and the phi of the lowest validation loss is restored: the slides' "validation split and
+         early stopping", made to work;
+       - the authors' code (`--no-envelope-early-stopping`): all 50 epochs run and the last phi is kept. Their
+         train_upper_envelope counts 4 epochs without improvement and then "restores" the best weights, but
+         it keeps `state_dict()` references (views of the live weights), so the restore is a no-op, and it
+         never stops early.
   3. Selection and BC. ratio_i = G_i / V(s_i); the top p = 25% ratios are kept (x = the smallest kept ratio), then
      a deterministic tanh policy (400-300) is cloned on them with the l2 loss (Adam 1e-3, batch 1000).
      V <= 0: the paper's ratio assumes positive returns. When some return is negative, returns and envelope
@@ -134,9 +139,14 @@ class Config:
     envelope_batch_size: int = 800
     """minibatch B of the envelope's steps (the authors' 800)"""
     envelope_epochs: int = 50
-    """at most this many passes over the training split B_t (the authors' 50)"""
+    """passes over the training split B_t, at most (the authors' 50)"""
+    envelope_early_stopping: bool = True
+    """stop after --envelope-patience epochs without a lower validation loss and restore the phi of the lowest
+    one (this file's default: the slides' early stopping); --no-envelope-early-stopping runs every epoch and
+    keeps the last phi, which is what the authors' code does (its restore is a no-op)"""
     envelope_patience: int = 4
-    """stop after this many epochs without a lower validation loss and restore the best phi (the authors' 4)"""
+    """with --envelope-early-stopping: epochs without a lower validation loss before stopping (the authors' count
+    of 4)"""
     val_fraction: float = 0.2
     """share of the data held out as the validation set B_v (the authors' 20%; 0: no early stopping)"""
     select_fraction: float = 0.25
@@ -231,8 +241,9 @@ class Agent:
 
     def fit_envelope(self, obs: torch.Tensor, returns: torch.Tensor,
                      log: Callable[[dict[str, float]], None] = lambda _: None) -> dict[str, float]:
-        """Fit V_phi to (obs, returns) on a random training split with early stopping on the validation split,
-        restore the best phi, and return the fit's statistics (also kept in `envelope_stats`)."""
+        """Fit V_phi to (obs, returns) on a random training split with early stopping on the validation split and
+        the best phi restored (--no-envelope-early-stopping: every epoch, the last phi kept, as the authors), and
+        return the fit's statistics (also kept in `envelope_stats`)."""
         cfg = self.config
         n = len(returns)
         generator = torch.Generator().manual_seed(cfg.seed)  # split and epoch order: CPU, the same on any device
@@ -257,9 +268,11 @@ class Agent:
                 best, since_best = (val_loss, epoch, copy.deepcopy(self.envelope.state_dict())), 0
             else:
                 since_best += 1
-                if since_best >= cfg.envelope_patience:
+                if since_best >= cfg.envelope_patience and cfg.envelope_early_stopping:
                     break
-        self.envelope.load_state_dict(best[2])  # phi' : the lowest validation loss
+        if cfg.envelope_early_stopping:
+            self.envelope.load_state_dict(best[2])  # phi' : the lowest validation loss
+        # else the last epoch's phi, as the authors' code returns it
         values = self.values(obs)
         under = (values >= returns).float()
         self.envelope_stats = {"envelope/epochs": epoch, "envelope/best_epoch": best[1],
@@ -416,7 +429,8 @@ def train(config: Config) -> dict:
         agent.fit_envelope(obs_t, returns_t, log=lambda entries: run.log(0, entries))
         stats = agent.select(obs_t, returns_t)
         run.log(0, stats)
-        print(f"upper envelope: {stats['envelope/epochs']} epochs (best {stats['envelope/best_epoch']}), "
+        kept = "restored" if config.envelope_early_stopping else "the last kept"
+        print(f"upper envelope: {stats['envelope/epochs']} epochs (best {stats['envelope/best_epoch']}, {kept}), "
               f"{100 * stats['envelope/under_fraction']:.1f}% of the training returns under it; selected "
               f"{100 * stats['envelope/selected_fraction']:.1f}% of {len(returns)} points (x = "
               f"{stats['envelope/border_x']:.3f}, mean return {stats['envelope/selected_return_mean']:.1f} against "

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 sys.path.insert(0, next((str(p) for p in Path(__file__).resolve().parents if (p / "common" / "__init__.py").is_file()),
                         os.path.dirname(os.path.abspath(__file__))))
 from common.datasets import DataSpec, ObsNormalizer, TensorSampler, load_dataset  # noqa: E402
+from common.errors import fail  # noqa: E402
 from common.evaluation import evaluate, make_eval_envs  # noqa: E402
 from common.optim import adam, load_optimizer, update_step  # noqa: E402
 from common.runs import Run, resolve_config, run_cli, setup  # noqa: E402
@@ -180,8 +181,17 @@ class Agent:
         load_optimizer(self.optimizer, state["optimizer"])
 
 
+def check_config(config: Config) -> None:
+    """One clear line for filtered-BC settings outside their range (before anything is read or written)."""
+    if not 0.0 < config.top_fraction <= 1.0:  # NaN fails too
+        fail(f"--top-fraction must lie in (0, 1] (the share of episodes kept; 1 keeps all), got {config.top_fraction}")
+    if not 0.0 <= config.top_discount <= 1.0:
+        fail(f"--top-discount must lie in [0, 1] (gamma of the ranking return), got {config.top_discount}")
+
+
 def train(config: Config) -> dict:
     config = resolve_config(config, DATASET_SETTINGS)  # resumed settings, checks, per-dataset defaults
+    check_config(config)
     device = setup(config.seed, config.device, config.threads)
     dataset = load_dataset(config.env, download=config.download)
     if config.top_fraction < 1.0:

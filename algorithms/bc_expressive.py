@@ -29,7 +29,9 @@ Heads (`--head`), each trained by maximum likelihood on (s, a) pairs, actions sc
 Random choices at evaluation (mixture component, bins, latent) are fresh at every step and come from a private
 device generator, seeded with --seed when the agent is built and reseeded by `reset_sampling()` before every
 evaluation: the same weights and seed give the same evaluation episodes, and act() leaves the training RNG
-(and so resumed training) untouched.
+(and so resumed training) untouched. Evaluation samples (act()); a loaded policy (`common.checkpoint.load_policy`)
+is the deterministic mode (`act_deterministic`: the most probable component's mean, each dimension's most
+probable bin, the decoder at z = 0) unless loaded with `sample=True`, which replays the evaluation's draws.
 Per-dataset settings (training length) live in `DATASET_SETTINGS`; robomimic trains with lr 1e-4 and
 1024-1024 MLPs on robot demonstrations; here every head uses bc.py's 256-256 and 3e-4, so that the heads
 and bc.py's l2 head differ only in the distribution class.
@@ -226,7 +228,10 @@ class ConditionalVAE(nn.Module):
 
 
 class Agent:
-    """The chosen head, its optimiser, the maximum-likelihood update and the sampling act()."""
+    """The chosen head, its optimiser, the maximum-likelihood update, the sampling act() (evaluation) and the
+    deterministic act_deterministic() (`common.checkpoint.load_policy`'s default)."""
+
+    SAMPLES_ACTIONS = True  # act() draws from pi(a|s): load_policy returns act_deterministic unless sample=True
 
     def __init__(self, config: Config, spec: DataSpec, device: torch.device):
         if spec.discrete:
@@ -319,6 +324,21 @@ class Agent:
         else:
             z = torch.randn(batch, self.latent_dim, device=obs.device, generator=g)  # z ~ p(z) = N(0, I)
             action = self.policy.decode(obs, z)
+        return self.max_action * action.clamp(-1.0, 1.0)
+
+    @torch.no_grad()
+    def act_deterministic(self, obs: torch.Tensor) -> torch.Tensor:
+        """The head's deterministic mode, no random draw: gmm, the mean mu_k(s) of the most probable component
+        (largest w_k(s)); discrete, the centre of each dimension's most probable bin; vae, the decoder at the
+        prior's mean and mode, D(s, z = 0)."""
+        head = self.config.head
+        if head == "gmm":
+            logits, means, _ = self.policy(obs)
+            action = means[torch.arange(obs.shape[0], device=obs.device), logits.argmax(-1)]
+        elif head == "discrete":
+            action = self.centres[self.policy(obs).argmax(-1)]
+        else:
+            action = self.policy.decode(obs, torch.zeros(obs.shape[0], self.latent_dim, device=obs.device))
         return self.max_action * action.clamp(-1.0, 1.0)
 
     def state_dict(self) -> dict:

@@ -15,14 +15,18 @@ Usage:
     python algorithms/diffusion_bc.py --env local/pendulum/expert-v0 --diffusion-steps 50
     python algorithms/diffusion_bc.py --env local/fork/expert-v0 --action-horizon 8 --execute-steps 4
 
-Training (one step): scale actions to [-1, 1] by max_action (Diffusion Policy's "limits" normaliser for
-symmetric bounds), draw t ~ U{0..T-1} and eps ~ N(0, I), noise the action to
+Training (one step): scale actions to [-1, 1] by dividing by the env's bound max_action (Diffusion Policy's
+"limits" normaliser instead fits each action dimension's data min and max to [-1, 1]; the two agree only where
+the data spans the whole box), draw t ~ U{0..T-1} and eps ~ N(0, I), noise the action to
 x_t = sqrt(abar_t) a + sqrt(1 - abar_t) eps, regress eps_theta(x_t, t, s) on eps (epsilon prediction),
 then move the EMA copy of the denoiser. Sampling (evaluation, with the EMA weights): x_T ~ N(0, I); for
 t = T-1..0: x0_hat = (x_t - sqrt(1 - abar_t) eps_theta) / sqrt(abar_t), clamped to [-1, 1] (the action
 bounds), x_{t-1} = mu_tilde(x0_hat, x_t) + sigma_t z with the posterior's variance beta_tilde_t
 ("fixed_small"), no noise at t = 0. Random draws come from a private device generator, seeded with
 --seed and reseeded before every evaluation: evaluation is reproducible and leaves the training RNG alone.
+The policy only samples (it has no deterministic mode): `common.checkpoint.load_policy` needs `sample=True`
+and then replays the evaluation's draws; with action chunks it returns a policy that keeps its plan across
+calls (`Agent.stateful_policy`), reset between episodes.
 
 Choices, from the reference implementations: T = 100 steps with the squared-cosine schedule
 (squaredcos_cap_v2), epsilon prediction, clipped x0_hat and fixed_small variance, EMA with warm-up
@@ -46,6 +50,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Literal
 
 import numpy as np
@@ -253,6 +258,8 @@ def ema_decay(updates_done: int, power: float, max_decay: float) -> float:
 class Agent:
     """The denoiser, its EMA copy, the noise schedule, the DDPM update and the sampling act()."""
 
+    SAMPLES_ACTIONS = True  # act() draws x_T ~ N(0, I): load_policy needs sample=True (no deterministic mode)
+
     def __init__(self, config: Config, spec: DataSpec, device: torch.device):
         if spec.discrete:
             fail("diffusion_bc.py is for continuous (Box) actions; for discrete actions bc.py's categorical head "
@@ -270,6 +277,8 @@ class Agent:
         # 1 - decay as a device tensor changed in place: a compiled update never retraces
         self.ema_weight = torch.zeros((), device=device)
         self.act_generator = torch.Generator(device=device)
+        # with action chunks the next action depends on the plan made earlier in the episode
+        self.history_dependent = config.action_horizon > 1
         self.reset_sampling()
         # zero_grad, then _update_impl (torch.compile'd whole under --compile)
         self._update = update_step(self._update_impl, config, self.optimizer)
@@ -313,15 +322,30 @@ class Agent:
     @torch.no_grad()
     def act(self, obs: torch.Tensor) -> torch.Tensor:
         """The next action; with chunks, the next of the current plan, sampled anew every execute_steps calls."""
-        horizon = self.config.action_horizon
-        if horizon == 1:
+        if self.config.action_horizon == 1:
             return self.sample(obs)
-        if self.plan is None or self.plan_step >= self.config.execute_steps or self.plan.shape[0] != obs.shape[0]:
-            self.plan = self.sample(obs).view(obs.shape[0], horizon, self.spec.act_dim)
-            self.plan_step = 0
-        action = self.plan[:, self.plan_step]
-        self.plan_step += 1
+        return self.next_planned_action(self, obs)
+
+    @torch.no_grad()
+    def next_planned_action(self, holder, obs: torch.Tensor) -> torch.Tensor:
+        """The next action of the plan kept in `holder.plan` (B, H, A) / `holder.plan_step` (the agent itself
+        for act(), a policy's own state for stateful_policy), planning anew every execute_steps calls."""
+        horizon = self.config.action_horizon
+        if holder.plan is None or holder.plan_step >= self.config.execute_steps or holder.plan.shape[0] != obs.shape[0]:
+            holder.plan = self.sample(obs).view(obs.shape[0], horizon, self.spec.act_dim)
+            holder.plan_step = 0
+        action = holder.plan[:, holder.plan_step]
+        holder.plan_step += 1
         return action
+
+    def stateful_policy(self, num_envs: int):
+        """A policy of its own plan for `num_envs` episodes, called as policy(obs (n, obs_dim), rewards (n,)) (the
+        protocol of `common.evaluation.evaluate_stateful`; rewards unused): act()'s receding horizon, its draws
+        from the agent's generator (`common.checkpoint.load_policy` with sample=True)."""
+        holder = SimpleNamespace(plan=None, plan_step=0)
+        if self.config.action_horizon == 1:
+            return lambda obs, rewards: self.sample(obs)
+        return lambda obs, rewards: self.next_planned_action(holder, obs)
 
     def state_dict(self) -> dict:
         return {"denoiser": self.denoiser.state_dict(), "ema_denoiser": self.ema_denoiser.state_dict(),

@@ -42,7 +42,9 @@ Evaluation follows the slide's test-time loop for every target return at once: a
 episodes of all targets are stepped together in one vector env (`evaluate_stateful`); each starts with
 R^_0 = its target, feeds the last K steps (timesteps absolute) and after each step sets R^ <- R^ - r. The
 first (highest) target's result is logged as `eval/return_mean` etc., every target's as
-`eval/target_<R>/return_mean` etc.
+`eval/target_<R>/return_mean` etc. `common.checkpoint.load_policy` returns the same loop for the first target
+(`Agent.stateful_policy`): an object called once per step with the observation and the previous reward, reset
+between episodes. Target returns must be finite and within 100x the data's largest |episode return|.
 
 Per-dataset settings live in `DATASET_SETTINGS` below: the paper's target returns (hopper 3600/1800,
 halfcheetah 12000/6000, walker2d 5000/2500) and return-to-go scale 1/1000; for local builds and other
@@ -160,6 +162,9 @@ class Config:
 
 
 D4RL_EPISODE_LEN = 1000  # D4RL locomotion's time limit: the table size when no dataset says otherwise
+# targets beyond this many times the data's largest |episode return| (or 1) are refused: far outside anything
+# the model saw (the paper's targets are at most 2x the data's best), most likely a typo or a unit error
+TARGET_RETURN_LIMIT = 100.0
 FROM_DATA = {"target_returns": (), "return_scale": 0.0}  # derived from the dataset in train()
 
 
@@ -334,10 +339,13 @@ class Agent:
             fail("target returns and the return scale come from the dataset here: train() fills them, or set "
                  "--target-returns and --return-scale")
 
+    # the policy depends on the episode so far: common.checkpoint.load_policy returns `stateful_policy`
+    history_dependent = True
+
     @torch.no_grad()
     def act(self, obs: torch.Tensor) -> torch.Tensor:
         """a_0 = Transformer(R^_0, s_0) for the first target return: the first step of the test-time loop,
-        with no history (a stateless policy, e.g. for `load_policy`; `rollout` runs the whole loop)."""
+        with no history (right only at an episode's first step; `rollout` and `stateful_policy` run the loop)."""
         self._check_targets()
         target = self.config.target_returns[0] * self.config.return_scale
         self.model.eval()
@@ -351,6 +359,14 @@ class Agent:
         """A fresh test-time loop for len(target_returns) episodes, one target return each."""
         self._check_targets()
         return ReturnConditionedRollout(self, target_returns)
+
+    def stateful_policy(self, num_envs: int, target_return: float | None = None) -> "ReturnConditionedRollout":
+        """The test-time loop for `num_envs` episodes, all from R^_0 = `target_return` (None: the run's first
+        target, the one reported as eval/return_mean): called as policy(obs (n, obs_dim), rewards (n,)), the
+        protocol of `common.evaluation.evaluate_stateful` (what `common.checkpoint.load_policy` returns)."""
+        self._check_targets()
+        target = self.config.target_returns[0] if target_return is None else float(target_return)
+        return ReturnConditionedRollout(self, torch.full((num_envs,), target))
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step}
@@ -529,6 +545,15 @@ def check_config(config: Config, dataset: OfflineDataset) -> None:
         fail(f"--max-episode-len {config.max_episode_len} is shorter than the longest episode ({longest} steps)")
     returns = [e.total_return for e in dataset.episodes]
     low, high = min(returns), max(returns)
+    # a NaN or huge target only shows at evaluation, as NaN actions the env refuses: refuse it before the run
+    limit = TARGET_RETURN_LIMIT * max(abs(low), abs(high), 1.0)
+    for target in config.target_returns:
+        if not math.isfinite(target):
+            fail(f"--target-returns must be finite numbers, got {target}")
+        if abs(target) > limit:
+            fail(f"--target-returns {target:g} is more than {TARGET_RETURN_LIMIT:g} times the largest |episode return| "
+                 f"of '{dataset.name}' ({max(abs(low), abs(high)):.4g}); DT conditions on returns like the data's: "
+                 f"use a target near {low:.4g} .. {high:.4g}")
     for target in config.target_returns:
         if not low <= target <= high:
             print(f"warning: target return {target:g} lies outside the episode returns of '{dataset.name}' "

@@ -10,8 +10,12 @@ Papers: Precup, Sutton & Singh 2000 (per-decision and weighted importance sampli
 
 Usage:
     python algorithms/ope.py --policy runs/iql/local-pendulum-medium-replay-v0/0-20261201-101500
-    python algorithms/ope.py                       # the newest run under --runs-dir trained on --env
+    python algorithms/ope.py                       # the newest run under --runs-dir it can evaluate on --env
     python algorithms/ope.py --env local/pendulum/expert-v0 --policy runs/td3_bc/... --target-std 0.1
+Without --policy, newer runs it cannot evaluate (sampling or history-dependent policies, other spaces) are
+skipped, each named with the reason. The output names the evaluated run, its algorithm and checkpoint step
+(the summary too: `policy`, `policy_algo`, `policy_step`). An ope.py run is not a policy: `load_policy` and
+`load_agent` refuse it (`NOT_A_POLICY`).
 
 What is estimated: J(pi) = E_(s0 ~ D) [ sum_t gamma^t r_t ], the discounted return from the dataset's initial
 states, gamma = --gamma from `DATASET_SETTINGS` (chosen per dataset so that gamma^T is small for the
@@ -22,7 +26,8 @@ Gaussian target's for importance sampling, and the undiscounted return the train
 
 One training loop fits two networks on the dataset, step for step (the `Agent`): the FQE critic,
 L_Q = E_(s,a,r,s')~D [ (Q(s,a) - (r + gamma (1 - d) Q_target(s', pi(s'))))^2 ], and pi_beta_hat, a Gaussian
-behaviour-cloning model N(mu(s), sigma(s)^2) trained by negative log-likelihood (pi_beta is unknown). Then
+behaviour-cloning model N(mu(s), sigma(s)^2) restricted to the action box, trained by negative log-likelihood
+of that same box-restricted density (pi_beta is unknown; the density fitted is the density the ratios use). Then
 rho_t = pi(a_t|s_t) / pi_beta_hat(a_t|s_t) gives, over n episodes, with rho_{0:t} = prod_{k <= t} rho_k:
     ordinary IS           (1/n) sum_i rho_{0:T-1}^i G^i
     per-decision IS       (1/n) sum_i sum_t gamma^t rho_{0:t}^i r_t^i
@@ -46,7 +51,10 @@ Limits (the lecture's "Shortcomings", measured in results/figures/ figure 7):
     N(pi(s), (--target-std * max_action)^2) restricted to the action box instead, whose value the output
     measures separately. Both densities of the ratio are Gaussians renormalised to the box (the behaviour
     model's too): the data has its actions in the box, so mass a Gaussian puts outside it could never be
-    re-weighted, and clipping it onto the bounds would make atoms no density over the box can weight.
+    re-weighted, and clipping it onto the bounds would make atoms no density over the box can weight. The
+    behaviour model is fitted with that box-restricted likelihood: an unrestricted Gaussian fit to actions
+    near a bound converges to another density (data of N(0.9, 0.5^2) on [-1, 1]: mean 0.56, std 0.33 instead
+    of 0.9, 0.5), and the ratio would then divide by the wrong pi_beta.
   * FQE extrapolates Q to pi's actions wherever the data lacks them (the distribution-shift problem of the
     same slides): far from pi_beta it is biased, in either direction, and the interval cannot show it.
 Discrete-action policies are not supported (continuous Box actions only).
@@ -127,7 +135,7 @@ class Config:
     # --- off-policy evaluation ---
     policy: str | None = None
     """the policy pi to evaluate: a run directory of this library (or its checkpoint.pt); None: the newest run
-    under --runs-dir trained on --env"""
+    under --runs-dir trained on --env that this file can evaluate (a policy of the state, same spaces)"""
     gamma: float | None = None
     """gamma of the estimated value J = E[sum_t gamma^t r_t] and of FQE's target (None: from DATASET_SETTINGS)"""
     target_std: float = 0.2
@@ -160,6 +168,12 @@ DATASET_SETTINGS: list[tuple[str, dict]] = [
 ]
 
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # clip of the behaviour model's log-std
+
+# An ope.py run holds FQE's critic and the behaviour model, not a policy (its `act` is the evaluated policy,
+# rebuilt only while it trains): common.checkpoint.load_agent / load_policy refuse every run of a file that
+# defines NOT_A_POLICY, with this line (braces: fields of the run's config), and results tables skip them.
+NOT_A_POLICY = ("an OPE run estimates another run's value and is not a policy itself; load the run it evaluated: "
+                "{policy}")
 
 
 def mlp(in_dim: int, hidden_dims: tuple[int, ...], out_dim: int) -> nn.Sequential:
@@ -209,6 +223,10 @@ class Agent:
         self.critic = mlp(spec.obs_dim + spec.act_dim, config.hidden_dims, 1).to(device)
         self.target_critic = copy.deepcopy(self.critic).requires_grad_(False)
         self.behavior = mlp(spec.obs_dim, config.behavior_hidden_dims, 2 * spec.act_dim).to(device)
+        # the action box [low, high] (act_dim,) of pi_beta_hat's density: +-max_action until train() sets the
+        # dataset's own bounds (the box the importance ratios restrict both densities to)
+        self.action_low = torch.full((spec.act_dim,), -spec.max_action, device=device)
+        self.action_high = torch.full((spec.act_dim,), spec.max_action, device=device)
         self.critic_optimizer = adam(self.critic.parameters(), config.lr, config)
         self.behavior_optimizer = adam(self.behavior.parameters(), config.lr, config)
         # zero_grad of both optimisers, then _update_impl (torch.compile'd whole under --compile)
@@ -238,8 +256,9 @@ class Agent:
         q = self.q(self.critic, obs, actions)
         critic_loss = (q - y).square().mean()
         # L_beta = -E_(s,a)~D [ log pi_beta_hat(a|s) ]   (pi_beta is unknown: "In many cases we do not know pi_beta!")
+        # with pi_beta_hat the Gaussian restricted to the action box: the density the importance ratios divide by
         mean, log_std = self.behavior_distribution(obs)
-        behavior_loss = -gaussian_log_prob(actions, mean, log_std).mean()
+        behavior_loss = -box_gaussian_log_prob(actions, mean, log_std, self.action_low, self.action_high).mean()
         # logged values are taken before the backward (which consumes the graph they hang on)
         logs = {"train/fqe_loss": critic_loss.detach(), "train/q_data": q.detach().mean(),
                 "train/behavior_nll": behavior_loss.detach(), "train/behavior_std": log_std.detach().exp().mean()}
@@ -389,19 +408,6 @@ def _dataset_env_id(name: str) -> str | None:
         return None
 
 
-def newest_run(runs_dir: str, env: str) -> str:
-    """The newest run directory under `runs_dir` (any algorithm but ope) trained on dataset `env`."""
-    folder = env.replace("/", "-")
-    found = [Path(p) for name in ("checkpoint.pt", "checkpoint.path")  # .path: runs with --checkpoint-dir
-             for p in glob.glob(os.path.join(runs_dir, "*", folder, "*", name))]
-    candidates = [p.parent for p in found if p.parts[-4] != "ope"]
-    if not candidates:
-        fail(f"no trained run for '{env}' under {runs_dir}/ to evaluate; train one (e.g. `python algorithms/iql.py "
-             f"--env {env}`) or pass --policy RUN_DIR")
-    return str(max(candidates, key=lambda p: (p / "config.json").stat().st_mtime if (p / "config.json").exists()
-                   else p.stat().st_mtime))
-
-
 # runs whose act() is not one deterministic action per state (the estimators below evaluate pi(s))
 NOT_A_FUNCTION_OF_THE_STATE = {
     "bc_expressive": "samples its action from the fitted distribution",
@@ -410,27 +416,65 @@ NOT_A_FUNCTION_OF_THE_STATE = {
 }
 
 
+def policy_problem(ckpt: dict, dataset) -> str | None:
+    """Why the run of checkpoint `ckpt` cannot be evaluated on `dataset` here (one line), or None when it can:
+    it must be a trained policy of the state alone, for the same observation and action spaces and env."""
+    algo, trained_on = ckpt.get("algo"), ckpt.get("config", {}).get("env", "?")
+    if algo == "ope":
+        return "it is an ope.py run, not a trained policy; pass the run directory of a training run"
+    if algo in NOT_A_FUNCTION_OF_THE_STATE:
+        return (f"it is a {algo}.py run, whose policy {NOT_A_FUNCTION_OF_THE_STATE[algo]}: importance sampling and FQE "
+                f"here need one deterministic action per state, pi(s)")
+    spec = DataSpec(**ckpt["spec"])
+    if spec != dataset.spec:
+        kind = lambda s: "discrete" if s.discrete else "continuous"  # noqa: E731
+        return (f"its policy was trained on '{trained_on}' (obs {spec.obs_dim}-d, {kind(spec)} {spec.act_dim}-d "
+                f"actions, bound {spec.max_action:g}) but '{dataset.name}' has obs {dataset.obs_dim}-d, "
+                f"{kind(dataset)} {dataset.act_dim}-d actions, bound {dataset.max_action:g}: evaluate it on a dataset "
+                f"of the environment it was trained for")
+    own_env, data_env = _dataset_env_id(trained_on), getattr(dataset.eval_env_spec, "id", None)
+    if own_env and data_env and own_env != data_env:
+        return (f"its policy was trained on '{trained_on}' ({own_env}) but '{dataset.name}' comes from {data_env}: "
+                f"evaluate it on a dataset of the environment it was trained for")
+    return None
+
+
+def newest_run(runs_dir: str, env: str, dataset) -> str:
+    """The newest run directory under `runs_dir` (any algorithm but ope) trained on dataset `env` that can be
+    evaluated on `dataset` (see `policy_problem`): newer runs that cannot are skipped, each named on stderr with
+    the reason; `UserError` saying why when none can."""
+    folder = env.replace("/", "-")
+    found = [Path(p) for name in ("checkpoint.pt", "checkpoint.path")  # .path: runs with --checkpoint-dir
+             for p in glob.glob(os.path.join(runs_dir, "*", folder, "*", name))]
+    candidates = sorted({p.parent for p in found if p.parts[-4] != "ope"}, reverse=True,
+                        key=lambda p: ((p / "config.json").stat().st_mtime if (p / "config.json").exists()
+                                       else p.stat().st_mtime, str(p)))
+    if not candidates:
+        fail(f"no trained run for '{env}' under {runs_dir}/ to evaluate; train one (e.g. `python algorithms/iql.py "
+             f"--env {env}`) or pass --policy RUN_DIR")
+    skipped = []
+    for run_dir in candidates:
+        try:
+            problem = policy_problem(load_checkpoint(run_dir, map_location="cpu"), dataset)
+        except UserError as err:  # an unreadable or unfinished run: say so and look further
+            problem = str(err)
+        if problem is None:
+            for line in skipped:
+                print(f"skipping a newer run: {line}", file=sys.stderr, flush=True)
+            return str(run_dir)
+        skipped.append(f"{run_dir}: {problem}")
+    fail(f"none of the {len(candidates)} run(s) for '{env}' under {runs_dir}/ can be evaluated by ope.py (the newest, "
+         f"{skipped[0]}); train a policy of the state (e.g. `python algorithms/iql.py --env {env}`) or pass "
+         f"--policy RUN_DIR")
+
+
 def load_target_policy(path: str, dataset, device: torch.device):
     """(deterministic torch policy on normalised observations, its ObsNormalizer or None, checkpoint) of the
     run at `path`, checked against `dataset` (same observation and action sizes, same environment)."""
     ckpt = load_checkpoint(path, map_location="cpu")  # one clear line when the run or file is missing
-    spec = DataSpec(**ckpt["spec"])
-    trained_on = ckpt.get("config", {}).get("env", "?")
-    if ckpt.get("algo") == "ope":
-        fail(f"{path} is an ope.py run, not a trained policy; pass the run directory of a training run")
-    if ckpt.get("algo") in NOT_A_FUNCTION_OF_THE_STATE:
-        fail(f"{path} is a {ckpt['algo']}.py run, whose policy {NOT_A_FUNCTION_OF_THE_STATE[ckpt['algo']]}: "
-             f"importance sampling and FQE here need one deterministic action per state, pi(s)")
-    if spec != dataset.spec:
-        fail(f"the policy in {path} was trained on '{trained_on}' (obs {spec.obs_dim}-d, "
-             f"{'discrete' if spec.discrete else 'continuous'} {spec.act_dim}-d actions, bound {spec.max_action:g}) "
-             f"but '{dataset.name}' has obs {dataset.obs_dim}-d, "
-             f"{'discrete' if dataset.discrete else 'continuous'} {dataset.act_dim}-d actions, bound "
-             f"{dataset.max_action:g}: evaluate it on a dataset of the environment it was trained for")
-    own_env, data_env = _dataset_env_id(trained_on), getattr(dataset.eval_env_spec, "id", None)
-    if own_env and data_env and own_env != data_env:
-        fail(f"the policy in {path} was trained on '{trained_on}' ({own_env}) but '{dataset.name}' comes from "
-             f"{data_env}: evaluate it on a dataset of the environment it was trained for")
+    problem = policy_problem(ckpt, dataset)
+    if problem is not None:
+        fail(f"{path}: {problem}")
     agent, ckpt = load_agent(path, str(device))
     normalizer = ObsNormalizer.from_state_dict(ckpt["normalizer"]) if ckpt.get("normalizer") else None
     return agent.act, normalizer, ckpt
@@ -455,7 +499,9 @@ def log_ratios(agent: Agent, episodes: dict, target_std: float, low: np.ndarray,
     for obs, actions in zip(episodes["obs"], episodes["actions"]):
         s = torch.as_tensor(obs, device=device)
         a = torch.as_tensor(actions, device=device)
-        target = box_gaussian_log_prob(a, agent.act(s), torch.full_like(a, log_sigma), low, high)
+        # log sigma in float64: rounded to float32 it would shift log pi by up to ~1e-6 per step at |z| ~ 10
+        target = box_gaussian_log_prob(a, agent.act(s), torch.full_like(a, log_sigma, dtype=torch.float64), low,
+                                       high)
         mean, log_std = agent.behavior_distribution(s)
         out.append((target - box_gaussian_log_prob(a, mean, log_std, low, high)).cpu().numpy())
     return out
@@ -514,9 +560,10 @@ def estimate(agent: Agent, episodes: dict, config: Config, action_space, device:
 
 
 def report(estimates: dict, truth: dict | None, config: Config, n_episodes: int, policy_path: str,
-           trained_on: str, algo: str) -> str:
+           trained_on: str, algo: str, step: int) -> str:
     """The printed table: each estimate, its interval, and the true value beside it."""
-    lines = [f"off-policy evaluation of {policy_path} ({algo}, trained on {trained_on}) on {config.env}: "
+    lines = [f"off-policy evaluation of {policy_path} ({algo}, trained on {trained_on}, checkpoint step {step}) on "
+             f"{config.env}: "
              f"{n_episodes} episodes, gamma {config.gamma:g}, IS target N(pi(s), ({config.target_std:g} max_action)^2) "
              f"on the action box, {config.confidence:.0%} bootstrap intervals ({config.bootstrap} resamples)",
              f"{'estimator':26s} {'estimate':>12s} {'interval':>27s} {'true value':>12s}"]
@@ -547,10 +594,13 @@ def train(config: Config) -> dict:
     dataset = load_dataset(config.env, download=config.download)
     if dataset.discrete:
         fail(f"ope.py evaluates continuous-action policies; '{config.env}' has discrete actions")
-    policy_path = config.policy or newest_run(config.runs_dir, config.env)
+    policy_path = config.policy or newest_run(config.runs_dir, config.env, dataset)
     policy, normalizer, policy_ckpt = load_target_policy(policy_path, dataset, device)
+    policy_algo, policy_step = policy_ckpt.get("algo", "?"), int(policy_ckpt["step"])
+    chosen = "" if config.policy else f" (the newest run on {config.env} that ope.py can evaluate)"
+    print(f"evaluating {policy_path}{chosen}: {policy_algo}, checkpoint step {policy_step}", file=sys.stderr,
+          flush=True)
     if config.policy is None:
-        print(f"evaluating the newest run on {config.env}: {policy_path}", file=sys.stderr, flush=True)
         config = dataclasses.replace(config, policy=policy_path)  # saved with the run: a resume evaluates it again
 
     data = dataset.transitions()
@@ -558,6 +608,9 @@ def train(config: Config) -> dict:
     sampler = TensorSampler({"obs": norm(data["obs"]), "actions": data["actions"], "rewards": data["rewards"],
                              "next_obs": norm(data["next_obs"]), "terminals": data["terminals"]}, device, config.seed)
     agent = Agent(config, dataset.spec, device, target_policy=policy)
+    # pi_beta_hat's box: the dataset's own action bounds, as the ratios in `estimate` use
+    agent.action_low = torch.as_tensor(dataset.action_space.low, dtype=torch.float32, device=device).reshape(-1)
+    agent.action_high = torch.as_tensor(dataset.action_space.high, dtype=torch.float32, device=device).reshape(-1)
     episodes = episode_arrays(dataset, normalizer)
     s0 = torch.as_tensor(np.stack([o[0] for o in episodes["obs"]]), device=device)
 
@@ -591,12 +644,13 @@ def train(config: Config) -> dict:
                   "normalized_std": None if normalized is None else float(normalized.std())}
         run.log_eval(config.max_steps, result)
     print(report(estimates, truth, config, len(episodes["rewards"]), policy_path,
-                 policy_ckpt.get("config", {}).get("env", "?"), policy_ckpt.get("algo", "?")), flush=True)
+                 policy_ckpt.get("config", {}).get("env", "?"), policy_algo, policy_step), flush=True)
     if result is None:
         nan = float("nan")
         result = {"returns": np.zeros(0), "return_mean": nan, "return_std": nan, "normalized_mean": None,
                   "normalized_std": None}
-    return run.finish(result, extra={"policy": str(policy_path), "gamma": config.gamma,
+    return run.finish(result, extra={"policy": str(policy_path), "policy_algo": policy_algo,
+                                     "policy_step": policy_step, "gamma": config.gamma,
                                      "estimates": estimates, "true_values": truth})
 
 

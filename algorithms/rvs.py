@@ -26,8 +26,12 @@ Two conditionings omega, concatenated to the state (no observation normalisation
     behaviour policy chased, not the hindsight goal omega); at test time omega is the env's desired goal.
 
 The policy is a diagonal Gaussian with a state-independent learned log-std (the authors' stable-baselines3
-policy with the value head removed), trained by negative log-likelihood with Adam at a constant learning
-rate; evaluation acts with the mean.
+ActorCriticPolicy with the value head removed), initialised as that policy is (SB3's ortho_init: orthogonal
+weights with gain sqrt(2) in the hidden layers and 0.01 in the action head, zero biases, log-std 0), trained
+by negative log-likelihood with Adam at a constant learning rate; evaluation acts with the mean.
+Minibatches are drawn iid (uniformly with replacement, every step), where the authors' PyTorch Lightning loader
+iterates the data in order without shuffling (RvS-R; RvS-G's goal sampler draws at random in both): the same
+number of samples per epoch, not the same order.
 
 THE PAPER TUNES THE TARGET FRACTION ONLINE. Its RvS-R scores are the best over a sweep of fractions
 (0.3, 0.4, ..., 1.2), each chosen by evaluating in the environment. This file evaluates the whole sweep at
@@ -38,9 +42,15 @@ line says which fraction scored best. Picking the best of the sweep is online tu
 
 Per-dataset settings (the authors' configs, experiments/config/d4rl/*.cfg) live in `DATASET_SETTINGS`:
 conditioning reward on gym locomotion, goal on antmaze and kitchen; dropout 0 (0.1 on kitchen); training
-length. Fixed for every dataset as the paper: hidden 1024x1024, lr 1e-3, and batch 16384 (gym and antmaze;
-the kitchen runs used 256: pass `--batch-size 256`). On one CPU core a batch-16384 update of the 1024-wide
-MLP takes about 0.8 s, so the local pendulum rows train for few steps; `--batch-size 256` is 75x cheaper
+length, in the authors' unit: 2000 epochs on gym, 50 on kitchen (`--epochs`), 20k steps on antmaze. An
+epoch is ceil(N / batch) steps of the batch actually used (`--batch-size`), as the authors' loader counts
+it, N being the examples of one epoch: the dataset's transitions for RvS-R, and for RvS-G the fixed 2,450,000
+pairs per epoch of the authors' goal sampler (D4RLIterableDataset's epoch_size, whatever the dataset's size).
+So a smaller batch trains more steps on the same samples: hopper-medium-replay (402k transitions) gets
+2000 x 25 = 50k steps of batch 16384; kitchen 50 x 150 = 7,500 steps of 16384, or the authors' 50 x 9,571 =
+478,550 steps with their `--batch-size 256`. Fixed for every dataset as the paper: hidden 1024x1024, lr 1e-3,
+batch 16384 (gym and antmaze; kitchen used 256). On one CPU core a batch-16384 update of the 1024-wide MLP
+takes about 0.8 s, so the local pendulum rows train for a fixed few steps; `--batch-size 256` is 75x cheaper
 per step.
 
 --compile compiles the whole update (common/optim.py), dropout's mask drawn on the device inside.
@@ -71,6 +81,7 @@ from common.optim import adam, load_optimizer, update_step  # noqa: E402
 from common.runs import Run, apply_dataset_settings, resolve_config, run_cli, setup  # noqa: E402
 
 PAPER_BATCH_SIZE = 16_384  # the authors' batch for gym RvS-R and antmaze RvS-G (kitchen: 256)
+GOAL_EPOCH_EXAMPLES = 2_450_000  # examples in one epoch of the authors' RvS-G sampler (D4RLIterableDataset)
 PAPER_FRACTIONS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2)  # the sweep of the authors' analysis
 FRACTION_RANGE = (0.0, 2.0)  # accepted target fractions: from the reference minimum to twice its range
 
@@ -88,7 +99,7 @@ class Config:
     threads: int = 1
     """torch CPU threads (1 is fastest for small MLPs and never stalls when another process holds a core)"""
     max_steps: int | None = None
-    """gradient steps (None: from DATASET_SETTINGS)"""
+    """gradient steps (None: from --epochs, or from DATASET_SETTINGS)"""
     batch_size: int = PAPER_BATCH_SIZE
     """minibatch size (the paper's 16384 for gym and antmaze; 256 for kitchen)"""
     eval_every: int = 5_000
@@ -114,6 +125,10 @@ class Config:
     compile: bool = False
     """torch.compile the update (faster after a warm-up compilation)"""
     # --- RvS ---
+    epochs: int | None = None
+    """training length in the authors' unit: max_steps = epochs * ceil(N / batch_size), N the examples of one
+    epoch (the transitions for RvS-R, 2,450,000 for RvS-G) (None: from DATASET_SETTINGS, where the authors give
+    epochs; give --epochs or --max-steps, not both)"""
     conditioning: Literal["reward", "goal"] | None = None
     """omega: reward (RvS-R, the average reward-to-go) or goal (RvS-G, an achieved goal from the same
     trajectory's future) (None: from DATASET_SETTINGS; reward on locomotion, goal on antmaze and kitchen)"""
@@ -133,30 +148,25 @@ class Config:
     """Adam learning rate, constant (the paper's 1e-3)"""
 
 
-GYM = {"conditioning": "reward", "dropout": 0.0}
-# antmaze: 20k steps of batch 16384 (the authors' launch script); kitchen: 50 epochs of batch 256 in the paper
-ANTMAZE = {"conditioning": "goal", "dropout": 0.0, "max_steps": 20_000}
-KITCHEN = {"conditioning": "goal", "dropout": 0.1, "max_steps": 30_000}
+# Each row gives the training length one way, the other field None: epochs where the authors count epochs
+# (gym: 2000, kitchen: 50; max_steps then follows from the data in train()), max_steps where they count steps
+# (antmaze: 20k, the authors' config) or where this file sets a budget (the local and test sets).
+GYM = {"conditioning": "reward", "dropout": 0.0, "epochs": 2_000, "max_steps": None}
+ANTMAZE = {"conditioning": "goal", "dropout": 0.0, "epochs": None, "max_steps": 20_000}
+KITCHEN = {"conditioning": "goal", "dropout": 0.1, "epochs": 50, "max_steps": None}
 
 # Per-dataset settings: a field left at None takes the value of the first row whose pattern matches the
-# --env name or its Minari id. The paper trains gym datasets for 2000 epochs of batch 16384 (about 50k
-# steps on hopper-medium-replay's 402k transitions; 244k on the 2M-transition medium-expert sets).
-# The local pendulum sets hold 3k-100k transitions: 500 steps of batch 16384 are 80 (medium-expert) to 2700
-# (medium-replay) epochs, about 5 minutes on one free CPU core.
+# --env name or its Minari id. The local pendulum sets hold 3k-100k transitions: 500 steps of batch 16384 are
+# 80 (medium-expert) to 2700 (medium-replay) epochs, about 5 minutes on one free CPU core.
 DATASET_SETTINGS: list[tuple[str, dict]] = [
     ("antmaze-*", ANTMAZE),
     ("D4RL/antmaze/*", ANTMAZE),
     ("D4RL/pointmaze/*", ANTMAZE),
     ("kitchen-*", KITCHEN),
     ("D4RL/kitchen/*", KITCHEN),
-    ("local/pendulum/*", {**GYM, "max_steps": 500}),
-    ("test/*", {**GYM, "max_steps": 2_000}),
-    # 2000 epochs of the 2M-transition medium-expert sets (D4RL's, or the D4RL-size local builds) are about
-    # 244k steps of batch 16384
-    *[(pattern, {**GYM, "max_steps": 244_000}) for pattern in (
-        "*-medium-expert-v*", "local/halfcheetah/medium-expert-v0", "local/hopper/medium-expert-v0",
-        "local/walker2d/medium-expert-v0")],
-    ("*", {**GYM, "max_steps": 50_000}),
+    ("local/pendulum/*", {**GYM, "epochs": None, "max_steps": 500}),
+    ("test/*", {**GYM, "epochs": None, "max_steps": 2_000}),
+    ("*", GYM),
 ]
 
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # keeps the Gaussian's variance in a sane range (as bc.py)
@@ -172,6 +182,17 @@ def mlp(in_dim: int, hidden_dims: tuple[int, ...], out_dim: int, dropout: float 
         last = width
     layers.append(nn.Linear(last, out_dim))
     return nn.Sequential(*layers)
+
+
+@torch.no_grad()
+def sb3_orthogonal_init(policy: nn.Sequential) -> None:
+    """The authors' initialisation, stable-baselines3's ActorCriticPolicy with ortho_init (SB3 <= 1.2, which
+    their setup pins): orthogonal weights with gain sqrt(2) in the hidden layers (the mlp_extractor) and 0.01
+    in the action head (action_net), every bias 0."""
+    linears = [m for m in policy if isinstance(m, nn.Linear)]
+    for layer in linears:
+        nn.init.orthogonal_(layer.weight, gain=0.01 if layer is linears[-1] else math.sqrt(2))
+        nn.init.zeros_(layer.bias)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -195,6 +216,7 @@ class Agent:
         omega_dim = len(config.goal_columns) if self.goal_conditioned else 1
         self.max_action = spec.max_action
         self.policy = mlp(spec.obs_dim + omega_dim, config.hidden_dims, spec.act_dim, config.dropout).to(device)
+        sb3_orthogonal_init(self.policy)
         self.log_std = nn.Parameter(torch.zeros(spec.act_dim, device=device))  # state-independent, init 0 (SB3)
         self.params = [*self.policy.parameters(), self.log_std]
         self.optimizer = adam(self.params, config.lr, config)
@@ -287,6 +309,18 @@ def check_episodes(dataset: OfflineDataset) -> None:
         fail(f"'{dataset.name}' has {len(short)} episode(s) shorter than 2 steps (episode {short[0]} has "
              f"{len(episodes[short[0]])}); RvS conditions on a trajectory's future: drop them or use another "
              f"dataset")
+
+
+def steps_for_epochs(epochs: int, examples: int, batch_size: int) -> int:
+    """Gradient steps of `epochs` passes over `examples` in minibatches of `batch_size`, the last one smaller:
+    epochs * ceil(examples / batch_size), as the authors' data loader counts an epoch."""
+    return epochs * math.ceil(examples / batch_size)
+
+
+def epoch_examples(config: Config, dataset: OfflineDataset) -> int:
+    """N, the examples of one of the authors' epochs: every transition (RvS-R's TensorDataset), or the fixed
+    epoch size of their goal sampler (RvS-G), whatever the dataset's size."""
+    return GOAL_EPOCH_EXAMPLES if config.conditioning == "goal" else sum(len(e) for e in dataset.episodes)
 
 
 def check_fractions(config: Config) -> None:
@@ -429,7 +463,13 @@ def fraction_log_entries(fractions: tuple[float, ...], results: list[dict]) -> d
 
 
 def train(config: Config) -> dict:
+    # --epochs given on this command line (a resumed run keeps the max_steps it derived)
+    given_epochs = None if config.resume else config.epochs
+    if given_epochs is not None and config.max_steps is not None:
+        fail(f"--epochs {config.epochs} and --max-steps {config.max_steps} both set the training length: give one")
     config = resolve_config(config, DATASET_SETTINGS)  # resumed settings, checks, per-dataset defaults
+    if config.epochs is not None and config.epochs < 1:
+        fail(f"--epochs must be at least 1, got {config.epochs}")
     check_fractions(config)
     if config.dropout is not None and not 0.0 <= config.dropout < 1.0:
         fail(f"--dropout must lie in [0, 1), got {config.dropout}")
@@ -438,6 +478,12 @@ def train(config: Config) -> dict:
     if dataset.discrete:
         fail(f"rvs.py is for continuous actions; '{config.env}' has discrete actions")
     check_episodes(dataset)
+    if config.max_steps is None or given_epochs is not None:
+        # the authors' training length: epochs of ceil(N / batch) steps of the batch used here
+        examples = epoch_examples(config, dataset)
+        config = replace(config, max_steps=steps_for_epochs(config.epochs, examples, config.batch_size))
+        print(f"training length: {config.epochs} epochs x ceil({examples} / {config.batch_size}) = {config.max_steps} "
+              f"steps", file=sys.stderr, flush=True)
     fractions = tuple(sorted({*config.target_fractions, config.main_fraction}))
     horizon = max(len(e) for e in dataset.episodes)  # H: the longest trajectory (the authors' max_episode_steps)
     if config.conditioning == "goal":

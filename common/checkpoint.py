@@ -19,6 +19,7 @@ Loading the final policy of a run (the README shows the same lines):
     from common.checkpoint import load_policy
     policy = load_policy("runs/bc/local-pendulum-expert-v0/0-20261124-101500")   # run dir or .pt file
     action = policy(observation)        # raw env observation(s) in, numpy action(s) out
+    # sampling runs (bc_expressive, diffusion_bc) and history-dependent ones (dt): see load_policy's docstring
 """
 
 from __future__ import annotations
@@ -224,9 +225,16 @@ def import_algorithm(algo: str, recorded: str | None = None):
 
 
 def load_agent(path: str | Path, device: str = "cpu"):
-    """Rebuild the agent of a checkpoint: returns `(agent, checkpoint dict)`."""
+    """Rebuild the agent of a checkpoint: returns `(agent, checkpoint dict)`.
+
+    A run of an algorithm file that defines `NOT_A_POLICY` (a string: why its runs are no policy, e.g. ope.py's,
+    which estimates another run's value) is refused with that line, `{field}`s filled from the run's config."""
     ckpt = load_checkpoint(path, map_location=device)
     module = import_algorithm(ckpt["algo"], ckpt.get("algo_file"))
+    not_a_policy = getattr(module, "NOT_A_POLICY", None)
+    if not_a_policy:
+        fields = {str(k): v for k, v in ckpt.get("config", {}).items()}
+        fail(f"{path} is a {ckpt['algo']}.py run: " + not_a_policy.format_map(_Missing(fields)))
     from common.datasets import DataSpec
 
     fields = {f.name for f in dataclasses.fields(module.Config)}
@@ -236,21 +244,96 @@ def load_agent(path: str | Path, device: str = "cpu"):
     return agent, ckpt
 
 
-def load_policy(path: str | Path, device: str = "cpu") -> Callable[[np.ndarray], np.ndarray]:
-    """A function from flattened raw observation(s) to deterministic numpy action(s), normalisation included."""
+class _Missing(dict):
+    """format_map's mapping: a field the run's config lacks shows as '?'."""
+
+    def __missing__(self, key: str) -> str:
+        return "?"
+
+
+def load_policy(path: str | Path, device: str = "cpu", sample: bool = False):
+    """The final policy of a run: flattened raw observation(s) in, numpy action(s) out, normalisation included.
+
+    `policy(obs)` takes one observation `(obs_dim,)` (returns `(act_dim,)`, or a scalar int for discrete
+    actions) or a batch `(n, obs_dim)` (returns `(n, act_dim)` / `(n,)`); any other shape is refused with one
+    line naming the expected one. What comes back depends on the agent (the contract every algorithm file keeps):
+
+      * a policy of the state (most files): `agent.act`, deterministic, the action evaluation takes.
+      * an agent whose `act` samples (class attribute `SAMPLES_ACTIONS = True`: bc_expressive, diffusion_bc):
+        by default its deterministic mode, `agent.act_deterministic` (bc_expressive: the mean of the most
+        probable mixture component, the centre of each dimension's most probable bin, the decoder at the prior's
+        mean z = 0); an agent without one (diffusion_bc) is refused with a line naming `sample=True`.
+        `sample=True` returns the sampling policy `agent.act` instead, its generator seeded with the run's
+        --seed (`agent.reset_sampling()`) when loaded and at every `reset()`: fed the observations of the
+        run's evaluation episodes, in the same batch, it draws exactly what the evaluation drew.
+        `sample=True` with a deterministic agent returns its one policy.
+      * a history-dependent agent (`history_dependent` true: dt, diffusion_bc with action chunks) is returned
+        as an object that keeps the episode so far: `policy(obs, reward=0.0)`, where `reward` is the reward
+        of the previous step (scalar or `(n,)`; 0 at an episode's first step), and `policy.reset()` before
+        every new episode (a `reset(n)` of a caller that passes the batch size works too). It is the agent's
+        `stateful_policy(n)`, the policy of `common.evaluation.evaluate_stateful`, for the n rows of the
+        first call after a reset: dt conditions on the run's first target return (for another one, build
+        `load_agent(path)[0].stateful_policy(n, target_return=R)` and feed it normalised tensors).
+    """
     from common.datasets import ObsNormalizer
 
     agent, ckpt = load_agent(path, device)
     normalizer = ObsNormalizer.from_state_dict(ckpt["normalizer"]) if ckpt.get("normalizer") else None
+    obs_dim, algo = int(ckpt["spec"]["obs_dim"]), ckpt.get("algo", "?")
+    samples = bool(getattr(agent, "SAMPLES_ACTIONS", False))
+    if samples and not sample and not callable(getattr(agent, "act_deterministic", None)):
+        fail(f"{path} is a {algo}.py run, whose policy samples its actions and has no deterministic mode: "
+             f"load_policy(path, sample=True) returns the sampling policy (seeded with the run's --seed)")
+    act = agent.act_deterministic if samples and not sample else agent.act
+
+    def batch_of(obs) -> tuple[torch.Tensor, bool]:
+        obs = np.asarray(obs, dtype=np.float32)
+        if obs.ndim not in (1, 2) or obs.shape[-1] != obs_dim:
+            fail(f"load_policy: the policy of {path} takes flattened observations of shape ({obs_dim},) or "
+                 f"(n, {obs_dim}) (the env's '{ckpt.get('config', {}).get('env', '?')}'), got shape {obs.shape}")
+        batch = obs[None] if obs.ndim == 1 else obs
+        if normalizer is not None:
+            batch = normalizer(batch)
+        return torch.as_tensor(batch, device=device), obs.ndim == 1
+
+    if getattr(agent, "history_dependent", False):
+        return StatefulPolicy(agent, batch_of, reseed=samples and sample)
+    if samples and sample:
+        agent.reset_sampling()
 
     @torch.no_grad()
     def policy(obs: np.ndarray) -> np.ndarray:
-        obs = np.asarray(obs, dtype=np.float32)
-        single = obs.ndim == 1
-        batch = obs[None] if single else obs
-        if normalizer is not None:
-            batch = normalizer(batch)
-        action = agent.act(torch.as_tensor(batch, device=device)).cpu().numpy()
+        batch, single = batch_of(obs)
+        action = act(batch).cpu().numpy()
         return action[0] if single else action
 
     return policy
+
+
+class StatefulPolicy:
+    """`load_policy`'s policy for a history-dependent agent: `policy(obs, reward=0.0)` once per env step,
+    `policy.reset()` between episodes (see `load_policy`)."""
+
+    def __init__(self, agent, batch_of: Callable, reseed: bool):
+        self.agent, self.batch_of, self.reseed = agent, batch_of, reseed
+        self.reset()
+
+    def reset(self, num_envs: int | None = None) -> None:
+        """Forget the episode so far; the next call starts a new one (its batch size fixes the rows)."""
+        self.step_policy, self.rows = None, None
+        if self.reseed:
+            self.agent.reset_sampling()
+
+    @torch.no_grad()
+    def __call__(self, obs: np.ndarray, reward: float | np.ndarray = 0.0) -> np.ndarray:
+        batch, single = self.batch_of(obs)
+        if self.step_policy is None:
+            self.rows = batch.shape[0]
+            self.step_policy = self.agent.stateful_policy(self.rows)
+        elif batch.shape[0] != self.rows:
+            fail(f"load_policy: this episode runs {self.rows} observation row(s), got {batch.shape[0]}: call "
+                 f"policy.reset() before an episode of another batch size")
+        rewards = torch.as_tensor(np.broadcast_to(np.asarray(reward, dtype=np.float32), (self.rows,)).copy(),
+                                  device=batch.device)
+        action = self.step_policy(batch, rewards).cpu().numpy()
+        return action[0] if single else action

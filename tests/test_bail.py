@@ -11,7 +11,7 @@ import torch
 from conftest import (assert_states_equal, checkpoint_agent, load_algorithm, rollout_episodes, run_config,
                       train_straight_and_resumed)
 
-from common.datasets import Episode, load_dataset, save_episodes
+from common.datasets import DataSpec, Episode, load_dataset, save_episodes
 from common.errors import UserError
 
 bail = load_algorithm("bail")
@@ -97,6 +97,44 @@ def test_upper_envelope_lies_above_the_returns_when_k_is_large(mixed_data):
     assert _fitted_agent(dataset, obs, returns, k=1.0).envelope_stats["envelope/under_fraction"] < 0.8
 
 
+def _overfitting_envelope(**overrides) -> tuple["bail.Agent", dict, list[dict]]:
+    """An envelope fit whose validation loss first falls, then rises: one state for every point, all returns
+    1.0 but a single 10.0 (always in the training split). V starts near 0, below every return; K = 10^4 pulls
+    it up to about 9.9 (the 10.0 outweighs the 1.0s), so on the validation points (all 1.0) the loss falls
+    until V passes 1 and rises from there on."""
+    returns = torch.ones(200)
+    returns[17] = 10.0
+    obs = torch.zeros(200, 2)
+    config = bail.Config(env="test/x-v0", device="cpu", max_steps=10, envelope_k=10_000.0, envelope_epochs=40,
+                         envelope_patience=3, envelope_batch_size=20, envelope_hidden_dims=(8, 8), **overrides)
+    torch.manual_seed(0)
+    agent = bail.Agent(config, DataSpec(obs_dim=2, act_dim=1, max_action=1.0, discrete=False), torch.device("cpu"))
+    logged = []
+    stats = agent.fit_envelope(obs, returns, log=logged.append)
+    return agent, stats, logged
+
+
+def test_early_stopping_stops_after_patience_epochs_and_restores_the_best_envelope():
+    agent, stats, logged = _overfitting_envelope()
+    val = [entry["envelope/val_loss"] for entry in logged]
+    best = int(np.argmin(val)) + 1
+    assert 1 < best < 30 and stats["envelope/best_epoch"] == best
+    assert stats["envelope/epochs"] == len(val) == best + 3  # stopped after 3 epochs without improvement
+    assert val[-1] > val[best - 1]  # the last epoch's envelope is worse than the best on validation
+    # the envelope kept is the best one: its validation loss (every validation return is 1.0) is the best epoch's
+    v = float(agent.values(torch.zeros(1, 2)))
+    assert float(bail.envelope_loss(torch.tensor(v), torch.tensor(1.0), 10_000.0)) == pytest.approx(val[best - 1],
+                                                                                                   rel=1e-5)
+
+
+def test_without_early_stopping_every_epoch_runs_and_the_last_envelope_is_kept_as_the_authors_code_does():
+    agent, stats, logged = _overfitting_envelope(envelope_early_stopping=False)
+    val = [entry["envelope/val_loss"] for entry in logged]
+    assert stats["envelope/epochs"] == len(val) == 40 and min(val) < val[-1]
+    v = float(agent.values(torch.zeros(1, 2)))
+    assert float(bail.envelope_loss(torch.tensor(v), torch.tensor(1.0), 10_000.0)) == pytest.approx(val[-1], rel=1e-5)
+
+
 @pytest.mark.parametrize("fraction", [0.1, 0.25, 0.5])
 def test_selected_fraction_is_p_and_every_kept_point_beats_x_times_its_envelope(fraction):
     rng = np.random.default_rng(1)
@@ -136,7 +174,18 @@ def test_run_logs_the_envelope_fit_and_the_selection(tmp_path, pendulum_expert_i
     assert len(epochs) >= 1 and all(r["step"] == 0 and "envelope/val_loss" in r for r in epochs)
     final = next(r for r in rows if "envelope/selected_fraction" in r)
     assert final["envelope/selected_fraction"] == pytest.approx(0.25, abs=1e-4)
-    assert 0.0 <= final["envelope/under_fraction"] <= 1.0
+    # the share of returns under the envelope, on the training and the validation split, against the share
+    # over all points computed from the saved envelope and the returns (the splits are 80% and 20%)
+    dataset = load_dataset(pendulum_expert_id)
+    returns = np.concatenate([bail.monte_carlo_returns(e, 0.99) for e in dataset.episodes])
+    envelope = bail.mlp(dataset.obs_dim, FAST["envelope_hidden_dims"], 1)
+    envelope.load_state_dict(checkpoint_agent(summary["run_dir"])["envelope"])
+    with torch.no_grad():
+        values = envelope(torch.as_tensor(dataset.transitions()["obs"])).squeeze(-1).numpy()
+    n = len(returns)
+    n_val = int(0.2 * n)
+    both = ((n - n_val) * final["envelope/under_fraction"] + n_val * final["envelope/under_fraction_val"]) / n
+    assert both == pytest.approx(float(np.mean(values >= returns.astype(np.float32))), abs=0.5 / n)
     assert summary["envelope_selected_fraction"] == final["envelope/selected_fraction"]
     assert [r["step"] for r in rows if "train/policy_loss" in r] == [10, 20]
 

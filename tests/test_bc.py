@@ -7,10 +7,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import (assert_states_equal, load_algorithm, mean_return, pendulum_expert, rollout_episodes, run_config,
-                      train_straight_and_resumed)
+from conftest import (assert_one_line_error, assert_states_equal, load_algorithm, mean_return, pendulum_expert,
+                      rollout_episodes, run_algorithm_cli, run_config, train_straight_and_resumed)
 
 from common.checkpoint import load_policy
+from common.errors import UserError
 from common.evaluation import EVAL_SEED_OFFSET
 
 bc = load_algorithm("bc")
@@ -90,3 +91,20 @@ def test_run_directory_holds_config_versions_metrics_and_summary(tmp_path, pendu
     assert all(r["perf/steps_per_sec"] > 0 for r in rows if "train/policy_loss" in r)
     assert any("eval/normalized_score_mean" in r and r["step"] == 50 for r in rows)
     assert json.load(open(f"{run_dir}/summary.json"))["steps"] == 100
+
+
+@pytest.mark.parametrize("overrides, match", [(dict(top_fraction=1.5), r"--top-fraction must lie in \(0, 1\]"),
+                                              (dict(top_fraction=0.0), r"--top-fraction must lie in \(0, 1\]"),
+                                              (dict(top_fraction=float("nan")), "--top-fraction"),
+                                              (dict(top_discount=1.5), r"--top-discount must lie in \[0, 1\]")])
+def test_filtered_bc_settings_out_of_range_are_refused_before_the_run(tmp_path, pendulum_expert_id, overrides, match):
+    with pytest.raises(UserError, match=match):
+        bc.train(run_config(bc.Config, pendulum_expert_id, tmp_path, max_steps=10, **overrides))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_cli_refuses_a_top_fraction_above_one_in_one_line(tmp_path, pendulum_expert_id):
+    proc = run_algorithm_cli("bc", "--env", pendulum_expert_id, "--top-fraction", "1.5", "--no-download",
+                             "--runs-dir", str(tmp_path / "runs"), "--device", "cpu", "--max-steps", "10")
+    assert_one_line_error(proc, "--top-fraction must lie in (0, 1]")
+    assert not (tmp_path / "runs").exists()

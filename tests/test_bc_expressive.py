@@ -138,6 +138,45 @@ def test_act_is_reproducible_after_reset_and_stays_in_bounds(head):
     assert torch.equal(argmax.act(obs), argmax.centres[argmax.policy(obs).argmax(-1)] * SPEC.max_action)
 
 
+def _state_independent(agent: "expressive.Agent", network: torch.nn.Sequential, bias: list[float]) -> None:
+    """Zero every weight and bias of `network`, then set its output bias: its output is `bias` for every state."""
+    with torch.no_grad():
+        for layer in network:
+            if isinstance(layer, torch.nn.Linear):
+                layer.weight.zero_()
+                layer.bias.zero_()
+        network[-1].bias.copy_(torch.tensor(bias))
+
+
+def test_deterministic_mode_is_each_heads_mode_and_draws_nothing():
+    obs = torch.randn(16, SPEC.obs_dim)
+    # gmm, w = softmax(0, log 3) = (0.25, 0.75): the mode is the second component's mean tanh(-1, 0.5)
+    gmm = _agent(head="gmm", num_modes=2)
+    _state_independent(gmm, gmm.policy.net, [0.0, math.log(3.0), 1.0, 1.0, -1.0, 0.5, 0.0, 0.0, 0.0, 0.0])
+    expected = SPEC.max_action * torch.tensor([math.tanh(-1.0), math.tanh(0.5)])
+    # discrete, 4 bins per dimension (centres -0.75, -0.25, 0.25, 0.75): the largest logit is bin 3, then bin 0
+    binned = _agent(head="discrete", num_bins=4)
+    _state_independent(binned, binned.policy.net, [0.0, 1.0, 2.0, 3.0, 5.0, -1.0, 0.0, 2.0])
+    expected_bins = SPEC.max_action * torch.tensor([0.75, -0.75])
+    # vae: the decoder at z = 0, D(s, 0) = tanh(0.3, -0.6) when only its output bias is set
+    vae = _agent(head="vae")
+    _state_independent(vae, vae.policy.decoder, [0.3, -0.6])
+    expected_vae = SPEC.max_action * torch.tensor([math.tanh(0.3), math.tanh(-0.6)])
+    for agent, mode in ((gmm, expected), (binned, expected_bins), (vae, expected_vae)):
+        before = agent.act_generator.get_state()
+        first = agent.act_deterministic(obs)
+        assert torch.allclose(first, mode.expand(16, 2), atol=1e-6), agent.config.head
+        assert torch.equal(agent.act_deterministic(obs), first)
+        assert torch.equal(agent.act_generator.get_state(), before)  # no random draw
+    assert expressive.Agent.SAMPLES_ACTIONS
+    # with state-dependent weights: the most probable component's mean for each row
+    gmm = _agent(head="gmm", num_modes=3)
+    with torch.no_grad():
+        logits, means, _ = gmm.policy(obs)
+    rows = [means[i, int(np.argmax(logits[i].numpy()))] for i in range(16)]
+    assert torch.allclose(gmm.act_deterministic(obs), SPEC.max_action * torch.stack(rows))
+
+
 # ---------------------------------------------------------------------------------------------------
 # The two-mode fork (lecture: "Multimodal demonstration data")
 # ---------------------------------------------------------------------------------------------------
@@ -158,10 +197,15 @@ def test_l2_policy_averages_the_two_modes_and_drives_into_the_obstacle(tmp_path,
 @pytest.mark.parametrize("head", HEADS)
 def test_expressive_head_passes_the_fork_on_both_sides(tmp_path, fork_expert_id, head):
     summary = expressive.train(run_config(expressive.Config, fork_expert_id, tmp_path, head=head, **FORK_RUN))
-    stats = summarize(rollout_paths(load_policy(summary["run_dir"]), 20, seed=0))
+    # the sampling policy, seeded with the run's --seed: it replays the evaluation's draws exactly
+    stats = summarize(rollout_paths(load_policy(summary["run_dir"], sample=True), 20, seed=0))
     assert stats["success_rate"] == summary["return_mean"]  # rollout_paths replays the evaluation exactly
     assert stats["success_rate"] >= 0.75, stats
     assert stats["left_success"] >= 0.2 and stats["right_success"] >= 0.2, stats
+    # the default: the deterministic mode, the same action for the same state at every call
+    policy = load_policy(summary["run_dir"])
+    obs = np.random.default_rng(0).uniform(-1, 1, (50, 2)).astype(np.float32)
+    assert np.array_equal(policy(obs), policy(obs)) and np.allclose(policy(obs[3]), policy(obs)[3], atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------

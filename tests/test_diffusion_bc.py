@@ -12,8 +12,8 @@ import torch
 from conftest import (assert_one_line_error, assert_states_equal, load_algorithm, random_batch, run_algorithm_cli,
                       run_config, train_straight_and_resumed)
 
-from common.checkpoint import load_policy
-from common.datasets import DataSpec
+from common.checkpoint import load_agent, load_checkpoint, load_policy
+from common.datasets import DataSpec, ObsNormalizer
 from common.envs.fork import rollout_paths, summarize
 from common.errors import UserError
 
@@ -201,6 +201,19 @@ def test_receding_horizon_executes_the_first_actions_of_each_plan():
     assert torch.equal(again[0], actions[0]) and torch.equal(again[1], actions[1])  # reseeded: same plan
 
 
+def test_a_loaded_chunked_policy_keeps_its_plan_and_replays_act(tmp_path, fork_expert_id):
+    summary = diffusion.train(run_config(diffusion.Config, fork_expert_id, tmp_path, max_steps=20, eval_episodes=2,
+                                         hidden_dims=(32, 32), diffusion_steps=5, action_horizon=4, execute_steps=2))
+    policy = load_policy(summary["run_dir"], sample=True)
+    agent, _ = load_agent(summary["run_dir"])  # act(), as evaluation calls it, on the same observations
+    obs = np.random.default_rng(0).uniform(-1, 1, (5, 3, 2)).astype(np.float32)
+    normalizer = ObsNormalizer.from_state_dict(load_checkpoint(summary["run_dir"])["normalizer"])
+    expected = [agent.act(torch.as_tensor(normalizer(o))).numpy() for o in obs]
+    assert np.array_equal(np.stack([policy(o) for o in obs]), np.stack(expected))
+    policy.reset()  # a new episode: a new plan from the reseeded generator, the same draws again
+    assert np.array_equal(policy(obs[0]), expected[0])
+
+
 def test_act_is_reproducible_after_reset_and_stays_in_bounds():
     agent = _agent()
     obs = torch.randn(16, SPEC.obs_dim)
@@ -221,7 +234,9 @@ def test_diffusion_policy_passes_the_fork_on_both_sides(tmp_path, fork_expert_id
     # take one side or the other, each in a good share of the episodes
     summary = diffusion.train(run_config(diffusion.Config, fork_expert_id, tmp_path, max_steps=4000, lr=1e-3,
                                          hidden_dims=(128, 128, 128), eval_episodes=20))
-    paths = rollout_paths(load_policy(summary["run_dir"]), 20, seed=0)
+    with pytest.raises(UserError, match=r"samples its actions and has no deterministic mode.*sample=True"):
+        load_policy(summary["run_dir"])
+    paths = rollout_paths(load_policy(summary["run_dir"], sample=True), 20, seed=0)
     stats = summarize(paths)
     assert stats["success_rate"] == summary["return_mean"]  # rollout_paths replays the evaluation exactly
     assert stats["success_rate"] >= 0.7, stats

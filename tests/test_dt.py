@@ -382,6 +382,20 @@ def test_discrete_actions_are_refused():
         dt.Agent(_config(), DataSpec(4, 2, 1.0, True), torch.device("cpu"))
 
 
+@pytest.mark.parametrize("target, match", [(float("nan"), "must be finite"), (float("inf"), "must be finite"),
+                                           (1e30, "more than 100 times the largest")])
+def test_a_nan_or_absurd_target_is_refused_before_the_run(tmp_path, pendulum_mixed_id, target, match):
+    # before: a warning, then training, NaN actions at the first evaluation and a run without a summary
+    _refused(tmp_path, pendulum_mixed_id, match, target_returns=(-150.0, target))
+
+
+def test_the_cli_refuses_a_nan_target_in_one_line(tmp_path, pendulum_mixed_id):
+    proc = run_algorithm_cli("dt", "--env", pendulum_mixed_id, "--target-returns", "nan", "--no-download",
+                             "--runs-dir", str(tmp_path / "runs"), "--device", "cpu")
+    assert_one_line_error(proc, "--target-returns must be finite numbers, got nan")
+    assert not (tmp_path / "runs").exists()
+
+
 def test_the_cli_prints_one_line_and_exits_2(tmp_path, short_episode_id):
     proc = run_algorithm_cli("dt", "--env", short_episode_id, "--no-download", "--runs-dir", str(tmp_path / "runs"),
                              "--device", "cpu")
@@ -430,14 +444,43 @@ def test_same_seed_same_run_other_seed_differs_and_every_target_is_logged(tmp_pa
     assert final["eval/return_mean"] == runs[0]["targets"][0]["return_mean"]  # the first target's
 
 
-def test_final_policy_loads_in_a_few_lines(tmp_path, pendulum_mixed_id):
-    from common.checkpoint import load_policy
+def test_loaded_policy_keeps_the_history_and_replays_the_evaluation_loop(tmp_path, pendulum_mixed_id):
+    from common.checkpoint import load_agent, load_policy
+    from common.datasets import ObsNormalizer
+    from common.evaluation import EVAL_SEED_OFFSET
 
-    summary = dt.train(run_config(dt.Config, pendulum_mixed_id, tmp_path, max_steps=10, eval_episodes=1, **SMALL))
-    policy = load_policy(summary["run_dir"])  # stateless: the first step of the test-time loop
-    action = policy(np.array([1.0, 0.0, 0.0], np.float32))
-    assert action.shape == (1,) and -2.0 <= float(action[0]) <= 2.0
-    assert policy(np.zeros((4, 3), np.float32)).shape == (4, 1)
+    summary = dt.train(run_config(dt.Config, pendulum_mixed_id, tmp_path, max_steps=30, eval_episodes=1, **SMALL))
+    agent, ckpt = load_agent(summary["run_dir"])
+    # the evaluation loop (evaluate_stateful, the run's first target) for one episode, its actions recorded
+    rollout, recorded = agent.rollout(torch.tensor([agent.config.target_returns[0]])), []
+
+    def recording(obs, rewards):
+        recorded.append(rollout(obs, rewards).numpy().copy())
+        return torch.as_tensor(recorded[-1])
+
+    result = evaluate_stateful(recording, load_dataset(pendulum_mixed_id), ObsNormalizer.from_state_dict(
+        ckpt["normalizer"]), episodes=1, seed=0)[0]
+    # load_policy's object stepped by hand through the same episode: raw observations, the previous reward
+    policy = load_policy(summary["run_dir"])
+    env = gym.make("Pendulum-v1")
+    obs, _ = env.reset(seed=EVAL_SEED_OFFSET)
+    reward, total, actions = 0.0, 0.0, []
+    for _ in range(200):
+        actions.append(policy(obs, reward))
+        obs, reward, terminated, truncated, _ = env.step(np.clip(actions[-1], -2.0, 2.0))
+        total += reward
+        if terminated or truncated:
+            break
+    assert len(actions) == len(recorded) == 200
+    np.testing.assert_allclose(np.stack(actions), np.concatenate(recorded), atol=1e-6)
+    assert total == pytest.approx(result["return_mean"], rel=1e-6)
+    # reset() starts a new episode: the target again, an empty history; batches of rows work alike
+    policy.reset()
+    assert np.allclose(policy(env.reset(seed=EVAL_SEED_OFFSET)[0], 0.0), recorded[0][0], atol=1e-6)
+    policy.reset()
+    assert policy(np.zeros((4, 3), np.float32), np.zeros(4)).shape == (4, 1)
+    with pytest.raises(UserError, match="call policy.reset"):
+        policy(np.zeros((2, 3), np.float32))
 
 
 # ---------------------------------------------------------------------------------------------------

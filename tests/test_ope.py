@@ -5,13 +5,16 @@ determinism and bad input."""
 from __future__ import annotations
 
 import json
+import math
+import os
 
 import numpy as np
 import pytest
 import torch
 from conftest import assert_states_equal, load_algorithm, run_config, train_straight_and_resumed
 
-from common.datasets import DataSpec
+from common.checkpoint import load_checkpoint, load_policy
+from common.datasets import DataSpec, ObsNormalizer, load_dataset
 from common.errors import UserError
 from common.figures import importance_sampling as chain
 from common.figures.tabular import finite_horizon_values, sample_episodes
@@ -69,6 +72,38 @@ def test_importance_sampling_matches_brute_force_and_survives_huge_ratios():
     assert ope.effective_sample_size(np.array([0.0, 0.0, -1e4])) == pytest.approx(2.0)
 
 
+def _brute_force_is(log_ratios: list, rewards: list, gamma: float) -> dict[str, float]:
+    """The four IS estimates episode by episode, each over its own length T_i, in plain Python. An episode that
+    has ended keeps its whole-episode weight rho_{0:T_i-1} in the per-decision denominators (it sits in an
+    absorbing state where pi and pi_beta agree, earning 0)."""
+    n = len(rewards)
+    rho = [math.exp(sum(lr)) for lr in log_ratios]
+    returns = [sum(gamma ** t * r for t, r in enumerate(ep)) for ep in rewards]
+    rho_t = [[math.exp(sum(lr[:t + 1])) for t in range(len(lr))] for lr in log_ratios]
+    horizon = max(len(ep) for ep in rewards)
+    weight = lambda i, t: rho_t[i][min(t, len(rho_t[i]) - 1)]  # noqa: E731
+    reward = lambda i, t: rewards[i][t] if t < len(rewards[i]) else 0.0  # noqa: E731
+    return {
+        "ordinary IS": sum(rho[i] * returns[i] for i in range(n)) / n,
+        "per-decision IS": sum(gamma ** t * rho_t[i][t] * rewards[i][t] for i in range(n)
+                               for t in range(len(rewards[i]))) / n,
+        "weighted IS": sum(rho[i] * returns[i] for i in range(n)) / sum(rho),
+        "weighted per-decision IS": sum(gamma ** t * sum(weight(i, t) * reward(i, t) for i in range(n))
+                                        / sum(weight(i, t) for i in range(n)) for t in range(horizon)),
+    }
+
+
+def test_importance_sampling_of_ragged_episodes_matches_a_per_episode_brute_force():
+    rng = np.random.default_rng(3)
+    lengths = [1, 4, 7, 2, 7, 5]
+    log_ratios = [0.4 * rng.standard_normal(n) for n in lengths]
+    rewards = [rng.uniform(-1, 2, n) for n in lengths]
+    got = ope.importance_sampling_estimates(ope.pad_episodes(log_ratios), ope.pad_episodes(rewards), 0.9)
+    expected = _brute_force_is(log_ratios, rewards, 0.9)
+    for name, value in expected.items():
+        assert float(got[name]) == pytest.approx(value, rel=1e-10, abs=0), name
+
+
 def _truncated_normal_mean(mean: float, std: float, low: float, high: float) -> float:
     """E[a] of N(mean, std^2) restricted to [low, high], by a fine midpoint sum."""
     a = np.linspace(low, high, 200_001)
@@ -111,6 +146,43 @@ def test_is_densities_are_gaussians_renormalised_to_the_action_box():
     lr = ope.pad_episodes(ope.log_ratios(agent, episodes, 0.5, np.array([-1.0]), np.array([1.0]), "cpu"))
     estimate = ope.importance_sampling_estimates(lr, ope.pad_episodes(episodes["rewards"]), 0.9)["ordinary IS"]
     assert float(estimate) == pytest.approx(_truncated_normal_mean(0.9, 0.5, -1, 1), abs=0.03)  # 0.563
+
+
+def _box_normal_log_density(a: np.ndarray, mean: np.ndarray, std: np.ndarray, low: float, high: float) -> np.ndarray:
+    """log density of N(mean, std^2) restricted to [low, high], elementwise, with math.erf (not the file's code)."""
+    cdf = np.vectorize(lambda z: 0.5 * (1.0 + math.erf(z / math.sqrt(2.0))))
+    mass = cdf((high - mean) / std) - cdf((low - mean) / std)
+    return -0.5 * ((a - mean) / std) ** 2 - np.log(std) - 0.5 * math.log(2 * math.pi) - np.log(mass)
+
+
+def test_behaviour_model_fits_the_box_restricted_density_near_a_bound():
+    """pi_beta = N(0.9, 0.5^2) restricted to [-1, 1]: 42% of the Gaussian's mass lies beyond the bound. The
+    ratios divide by a box-restricted pi_beta_hat, so it must be fitted with that likelihood: an unrestricted
+    Gaussian fit converges to about N(0.56, 0.33^2), and ordinary IS of a one-step problem (target
+    N(0.2, 0.3^2) on the box, reward a: true value 0.197, by numerical integration) then gives about 0.08."""
+    rng = np.random.default_rng(0)
+    draws = 0.9 + 0.5 * rng.standard_normal(60_000)
+    actions = draws[np.abs(draws) <= 1.0][:20_000].astype(np.float32)  # pi_beta on the box, by rejection
+    n = len(actions)
+    config = ope.Config(env="test/box-v0", device="cpu", gamma=0.9, hidden_dims=(8,), behavior_hidden_dims=(16,),
+                        lr=3e-3, target_std=0.3)
+    torch.manual_seed(0)
+    agent = ope.Agent(config, DataSpec(obs_dim=1, act_dim=1, max_action=1.0, discrete=False), torch.device("cpu"),
+                      target_policy=lambda s: torch.full((len(s), 1), 0.2))
+    data = {"obs": torch.zeros(n, 1), "actions": torch.as_tensor(actions)[:, None],
+            "rewards": torch.as_tensor(actions), "next_obs": torch.zeros(n, 1), "terminals": torch.ones(n)}
+    g = torch.Generator().manual_seed(1)
+    for _ in range(2000):
+        idx = torch.randint(0, n, (256,), generator=g)
+        agent.update({k: v[idx] for k, v in data.items()})
+    with torch.no_grad():
+        mean, log_std = agent.behavior_distribution(torch.zeros(1, 1))
+    assert float(mean) == pytest.approx(0.9, abs=0.05) and float(log_std.exp()) == pytest.approx(0.5, abs=0.05)
+    episodes = {"obs": [np.zeros((1, 1), np.float32)] * n, "actions": [np.array([[a]], np.float32) for a in actions],
+                "rewards": [np.array([a], np.float64) for a in actions]}
+    lr = ope.pad_episodes(ope.log_ratios(agent, episodes, 0.3, np.array([-1.0]), np.array([1.0]), "cpu"))
+    estimate = float(ope.importance_sampling_estimates(lr, ope.pad_episodes(episodes["rewards"]), 0.9)["ordinary IS"])
+    assert estimate == pytest.approx(_truncated_normal_mean(0.2, 0.3, -1.0, 1.0), abs=0.03)  # 0.197
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -176,8 +248,59 @@ def test_ope_evaluates_a_trained_run_beside_its_true_value(pendulum_expert_id, p
     truth = summary["true_values"]
     assert truth["deterministic"] < 0 and truth["return"] < truth["deterministic"]  # discounted vs raw
     assert summary["gamma"] == 0.97 and summary["policy"] == pendulum_policy_run
+    assert summary["policy_algo"] == "bc" and summary["policy_step"] == 300
+    assert "checkpoint step 300" in out
     metrics = [json.loads(line) for line in open(f"{summary['run_dir']}/metrics.jsonl")]
     assert any("train/fqe_estimate" in m for m in metrics)
+
+    # every estimate again, independently of the file's estimators: the evaluated policy through load_policy
+    # on raw observations, pi_beta_hat's (mean, std) from the run's weights, the box-restricted densities with
+    # math.erf, and the estimators episode by episode in plain Python
+    dataset = load_dataset(pendulum_expert_id)
+    normalizer = ObsNormalizer.from_state_dict(load_checkpoint(pendulum_policy_run)["normalizer"])
+    policy = load_policy(pendulum_policy_run)
+    agent = ope.Agent(ope.Config(env=pendulum_expert_id, device="cpu", gamma=0.97), dataset.spec, torch.device("cpu"))
+    agent.load_state_dict(load_checkpoint(summary["run_dir"])["agent"])
+    sigma, bound = 0.2 * dataset.max_action, dataset.max_action
+    log_ratios, rewards = [], []
+    for episode in dataset.episodes:
+        raw = episode.observations[:-1]
+        with torch.no_grad():
+            mean, log_std = agent.behavior_distribution(torch.as_tensor(normalizer(raw)))
+        a = episode.actions.astype(np.float64)
+        target = _box_normal_log_density(a, policy(raw).astype(np.float64), np.full_like(a, sigma), -bound, bound)
+        behaviour = _box_normal_log_density(a, mean.double().numpy(), log_std.double().exp().numpy(), -bound, bound)
+        log_ratios.append((target - behaviour).sum(-1))
+        rewards.append(episode.rewards.astype(np.float64))
+    for name, value in _brute_force_is(log_ratios, rewards, 0.97).items():
+        assert summary["estimates"][name]["estimate"] == pytest.approx(value, rel=1e-6, abs=0), name
+    s0 = np.stack([e.observations[0] for e in dataset.episodes])
+    with torch.no_grad():
+        q0 = agent.q_value(torch.as_tensor(normalizer(s0)), torch.as_tensor(policy(s0)))
+    assert summary["estimates"]["FQE"]["estimate"] == pytest.approx(float(q0.double().mean()), rel=1e-5)
+
+
+def test_ope_without_a_policy_takes_the_newest_run_it_can_evaluate(pendulum_expert_id, tmp_path, capsys):
+    bc = load_algorithm("bc")
+    expressive = load_algorithm("bc_expressive")
+    older = bc.train(run_config(bc.Config, pendulum_expert_id, tmp_path, max_steps=20))["run_dir"]
+    newer = expressive.train(run_config(expressive.Config, pendulum_expert_id, tmp_path, max_steps=5,
+                                        eval_episodes=1))["run_dir"]
+    os.utime(f"{older}/config.json", (1e9, 1e9))  # the bc run is the older one, whatever the clock's resolution
+    capsys.readouterr()
+    summary = ope.train(run_config(ope.Config, pendulum_expert_id, tmp_path, max_steps=10, eval_episodes=1,
+                                   bootstrap=10))
+    err = capsys.readouterr().err
+    assert summary["policy"] == older and summary["policy_algo"] == "bc" and summary["policy_step"] == 20
+    assert f"skipping a newer run: {newer}" in err and "samples its action" in err
+    assert f"evaluating {older} (the newest run on {pendulum_expert_id} that ope.py can evaluate): bc, checkpoint " \
+           f"step 20" in err
+    # only runs it cannot evaluate: one line saying why, nothing written
+    only_sampling = tmp_path / "only"
+    expressive.train(run_config(expressive.Config, pendulum_expert_id, only_sampling, max_steps=5, eval_episodes=1))
+    with pytest.raises(UserError, match="none of the 1 run.*samples its action.*--policy RUN_DIR"):
+        ope.train(run_config(ope.Config, pendulum_expert_id, only_sampling, max_steps=10))
+    assert not (only_sampling / "runs" / "ope").exists()
 
 
 def test_ope_resume_equals_straight_run_and_is_deterministic(pendulum_expert_id, pendulum_policy_run, tmp_path):

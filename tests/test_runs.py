@@ -434,3 +434,29 @@ def test_a_run_directory_is_trained_by_one_process_at_a_time(finished_run, tmp_p
 def test_resume_without_a_value_says_so(capsys):
     code, err = cli(["--resume", "--max-steps", "300"], capsys)
     assert code == 2 and "--resume needs a value" in err
+
+
+# --- load_policy: what it refuses, in one line ----------------------------------------------------------
+
+
+def test_load_policy_with_a_wrong_observation_shape_names_the_expected_one(finished_run):
+    from common.checkpoint import load_policy
+
+    policy = load_policy(finished_run)
+    assert policy(np.zeros(3, np.float32)).shape == (1,) and policy(np.zeros((4, 3), np.float32)).shape == (4, 1)
+    for shape in [(4,), (2, 5), (2, 3, 3), ()]:
+        with pytest.raises(UserError, match=r"shape \(3,\) or \(n, 3\).*got shape"):
+            policy(np.zeros(shape, np.float32))
+
+
+def test_an_ope_run_is_refused_as_a_policy(finished_run, tmp_path, pendulum_expert_id):
+    from common.checkpoint import load_agent, load_policy
+
+    ope = load_algorithm("ope")
+    summary = ope.train(run_config(ope.Config, pendulum_expert_id, tmp_path, policy=str(finished_run), max_steps=5,
+                                   eval_episodes=1, bootstrap=5))
+    assert ope.NOT_A_POLICY
+    for load in (load_policy, load_agent):
+        with pytest.raises(UserError, match=f"ope.py run: an OPE run estimates another run's value.*load the run it "
+                                            f"evaluated: {finished_run}"):
+            load(summary["run_dir"])

@@ -17,6 +17,7 @@ from conftest import (assert_one_line_error, assert_states_equal, checkpoint_age
 from common.checkpoint import load_policy
 from common.datasets import DataSpec, Episode, save_episodes
 from common.errors import UserError
+from common.runs import apply_dataset_settings
 
 rvs = load_algorithm("rvs")
 
@@ -69,6 +70,48 @@ def test_hindsight_goals_always_come_from_the_same_trajectorys_future():
     assert torch.allclose(counts, torch.full((4,), 0.25), atol=0.02)
     # the last state of a long trajectory is reachable as a goal
     assert bool(((state[:, 0] == 2) & (goal[:, 1] == 29)).any())
+
+
+# ---------------------------------------------------------------------------------------------------
+# The policy's initialisation and the training length (the authors' SB3 policy and epochs)
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_policy_is_initialised_as_the_authors_sb3_policy():
+    spec = DataSpec(obs_dim=5, act_dim=3, max_action=1.0, discrete=False)
+    torch.manual_seed(0)
+    agent = rvs.Agent(rvs.Config(env="test/x-v0", device="cpu", max_steps=10, hidden_dims=(64, 32)), spec,
+                      torch.device("cpu"))
+    linears = [m for m in agent.policy if isinstance(m, torch.nn.Linear)]
+    assert [tuple(m.weight.shape) for m in linears] == [(64, 6), (32, 64), (3, 32)]
+    # orthogonal_(gain g): the rows (when fewer) or the columns are orthogonal with norm g
+    for layer, gain in zip(linears, (2 ** 0.5, 2 ** 0.5, 0.01)):
+        w = layer.weight.detach().double()
+        gram = w.T @ w if w.shape[0] >= w.shape[1] else w @ w.T
+        assert torch.allclose(gram, gain ** 2 * torch.eye(len(gram), dtype=torch.float64), atol=1e-6 * gain ** 2)
+        assert not layer.bias.detach().any()
+    assert not agent.log_std.detach().any()
+
+
+def test_training_length_is_the_authors_epochs_of_the_batch_used(tmp_path, pendulum_mixed_id, capsys):
+    # steps = epochs * ceil(N / batch): D4RL hopper-medium-replay (402,000 transitions) at the authors' batch,
+    # kitchen's fixed goal-sampler epoch of 2,450,000 pairs at their batch 256 and at 16384
+    assert rvs.steps_for_epochs(2000, 402_000, 16_384) == 2000 * 25 == 50_000
+    assert rvs.steps_for_epochs(50, rvs.GOAL_EPOCH_EXAMPLES, 256) == 50 * 9571
+    assert rvs.steps_for_epochs(50, rvs.GOAL_EPOCH_EXAMPLES, 16_384) == 50 * 150
+    table = {env: apply_dataset_settings(rvs.Config(env=env), rvs.DATASET_SETTINGS, quiet=True)
+             for env in ("hopper-medium-v2", "local/hopper/medium-expert-v0", "kitchen-mixed-v0", "antmaze-umaze-v2")}
+    assert [(c.epochs, c.max_steps) for c in table.values()] == [(2000, None), (2000, None), (50, None),
+                                                                 (None, 20_000)]
+    # a small dataset: 12,000 transitions in batches of 5,000 are 3 steps per epoch (the last one smaller)
+    n = sum(len(e) for e in rvs.load_dataset(pendulum_mixed_id).episodes)
+    summary = rvs.train(run_config(rvs.Config, pendulum_mixed_id, tmp_path, epochs=2, **{**FAST, "batch_size": 5000}))
+    assert n == 12_000 and summary["steps"] == 2 * 3
+    assert json.loads(open(f"{summary['run_dir']}/config.json").read())["max_steps"] == 6
+    assert "training length: 2 epochs x ceil(12000 / 5000) = 6 steps" in capsys.readouterr().err
+    with pytest.raises(UserError, match="--epochs 2 and --max-steps 10 both set"):
+        rvs.train(run_config(rvs.Config, pendulum_mixed_id, tmp_path / "both", epochs=2, max_steps=10, **FAST))
+    assert not (tmp_path / "both").exists()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -141,6 +184,54 @@ def test_same_seed_same_run_and_other_seed_differs(tmp_path, pendulum_mixed_id):
     assert_states_equal(states[0], states[1], ("policy",))
     assert not all(torch.equal(states[0]["policy"][k], states[2]["policy"][k]) for k in states[0]["policy"])
     assert runs[0]["fractions"] == runs[1]["fractions"]
+
+
+@pytest.fixture(scope="module")
+def ragged_id(minari_root) -> str:
+    """`test/pendulum/ragged-v0`: three uniform-random Pendulum episodes cut to 50, 160 and 120 steps."""
+    episodes = rollout_episodes("Pendulum-v1", None, 3, seed=21)
+    for episode, length in zip(episodes, (50, 160, 120)):
+        for key in ("actions", "rewards", "terminations", "truncations"):
+            episode[key] = episode[key][:length]
+        episode["observations"] = episode["observations"][:length + 1]
+        episode["truncations"][-1] = True
+    save_episodes("test/pendulum/ragged-v0", episodes, "Pendulum-v1", overwrite=True)
+    return "test/pendulum/ragged-v0"
+
+
+def test_horizon_h_is_the_longest_trajectory(tmp_path, ragged_id):
+    # omega = R / (H - t) with H the longest trajectory (the authors' max_episode_steps = np.max(lengths)): 160
+    # here, neither the shortest (50) nor the env's time limit (200). Without reference scores the main
+    # fraction 1.0 targets the best episode return: omega = best / 160.
+    episodes = rvs.load_dataset(ragged_id).episodes
+    assert sorted(len(e) for e in episodes) == [50, 120, 160]
+    summary = rvs.train(run_config(rvs.Config, ragged_id, tmp_path, max_steps=2, **FAST))
+    best = max(float(np.sum(e.rewards, dtype=np.float64)) for e in episodes)
+    assert float(checkpoint_agent(summary["run_dir"])["target_omega"]) == pytest.approx(best / 160, rel=1e-5)
+    main = next(entry for entry in summary["fractions"] if entry["fraction"] == 1.0)
+    assert main["target_return"] == pytest.approx(best, rel=1e-5)
+
+
+def test_omega_stays_fixed_for_the_whole_evaluation_episode(pendulum_mixed_id):
+    # RvS-R's average-return conditioning: omega is the target for the whole episode (the authors'
+    # eval_reward_conditioning), unlike DT's return-to-go, which drops by every reward
+    dataset = rvs.load_dataset(pendulum_mixed_id)
+    config = rvs.Config(env=pendulum_mixed_id, device="cpu", max_steps=10, hidden_dims=(16,), eval_episodes=2,
+                        target_fractions=(0.5, 1.0))
+    agent = rvs.Agent(config, dataset.spec, torch.device("cpu"))
+    seen, original = [], agent.act_conditioned
+
+    def recording(obs, omega):
+        seen.append(omega.clone())
+        return original(obs, omega)
+
+    agent.act_conditioned = recording
+    envs = rvs.make_eval_envs(dataset, 4)
+    rvs.evaluate_fractions(agent, dataset, (0.5, 1.0), 200, config, torch.device("cpu"), envs)
+    envs.close()
+    expected = torch.tensor(rvs.target_omegas(dataset, (0.5, 1.0), 200)).repeat_interleave(2).unsqueeze(-1)
+    assert len(seen) == 200  # one call per step of the 200-step episodes
+    assert all(torch.allclose(omega, expected) for omega in seen)
 
 
 def test_reloaded_policy_conditions_on_the_main_fraction(tmp_path, pendulum_mixed_id):
