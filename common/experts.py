@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.checkpoint import load_checkpoint, load_policy, save_checkpoint
+from common.checkpoint import import_algorithm, load_checkpoint, load_policy, save_checkpoint
 from common.datasets import DataSpec, OfflineDataset, flatten_observation
 from common.errors import UserError, fail
 
@@ -162,7 +162,13 @@ def run_policy(path: str, dataset: OfflineDataset) -> Callable[[np.ndarray], np.
              f"chunks); DAgger queries the expert one state at a time: pass a policy of the state")
     saved = DataSpec(**ckpt["spec"])
     check_spaces(f"--expert {path}: its policy ({algo} on {config.get('env')})", saved, dataset)
-    policy = load_policy(path)
+    # a sampling policy's deterministic mode where it has one (bc_expressive), else its samples (diffusion_bc)
+    agent_class = import_algorithm(algo, ckpt.get("algo_file")).Agent
+    samples_only = getattr(agent_class, "SAMPLES_ACTIONS", False) and not hasattr(agent_class, "act_deterministic")
+    if samples_only:
+        print(f"note: --expert {path}: a {algo}.py policy has no deterministic mode; the expert samples its "
+              f"labels (seeded with the run's --seed)", file=sys.stderr, flush=True)
+    policy = load_policy(path, sample=samples_only)
     if saved.discrete:
         start = int(dataset.action_space.start)
         return lambda obs: np.asarray(policy(obs)).reshape(len(obs)) + start

@@ -405,6 +405,19 @@ def test_a_history_dependent_expert_is_refused(tmp_path, pendulum_expert_id):
         dagger.load_expert(run["run_dir"], pendulum_env())
 
 
+def test_a_sampling_expert_without_a_deterministic_mode_labels_with_its_samples(tmp_path, pendulum_expert_id,
+                                                                               capsys):
+    """A diffusion_bc run (single actions) has no deterministic mode: the expert samples its labels, says so, and
+    its labels are actions inside the box."""
+    diffusion = load_algorithm("diffusion_bc")
+    run = diffusion.train(run_config(diffusion.Config, pendulum_expert_id, tmp_path, max_steps=5, eval_episodes=1,
+                                     diffusion_steps=5))
+    expert = dagger.load_expert(run["run_dir"], pendulum_env())
+    assert "samples its labels" in capsys.readouterr().err
+    labels = expert(np.random.default_rng(0).standard_normal((6, 3)).astype(np.float32))
+    assert labels.shape == (6, 1) and np.all(np.abs(labels) <= 2.0)
+
+
 def test_cli_bad_threshold_exits_2_with_one_line():
     proc = run_algorithm_cli("dagger", "--env", "Pendulum-v1", "--expert", SCRIPTED, "--gated", "--threshold", "2")
     assert_one_line_error(proc, "--threshold must lie in (0, 1)")

@@ -76,6 +76,7 @@ def report(tmp_path_factory, dataset_a):
     write_run(runs, "bc", A, 1, 50.0)
     write_run(runs, "bc", A, 2, None, finished=False)
     write_run(runs, "iql", B, 0, 20.0)
+    write_run(runs, "ope", B, 0, 99.0)  # an OPE run repeats the evaluated policy's score: never a row
     nan_final = write_run(runs, "iql", B, 1, 20.0)  # its summary's final score NaN: skipped, never averaged in
     summary = json.loads((nan_final / "summary.json").read_text())
     (nan_final / "summary.json").write_text(json.dumps({**summary, "normalized_score_mean": float("nan")}))
@@ -113,6 +114,10 @@ def test_rows_equal_the_hand_computed_means_and_stds(report):
                                    f"seed 1 missing | abc123def456 |")
     # bc on B: 10 20 60 -> 30.0 ± sqrt(1400/3) = 21.6; the corrupt (999) and partial (999) runs are not in it
     assert row(text, B, "bc").startswith(f"| {B} | bc | 1000 | 0, 1, 2 | 30.0 ± 21.6 | 30.0 ± 21.6 | n/a |")
+
+
+def test_ope_runs_are_not_score_rows(report):
+    assert not [line for line in report["text"].splitlines() if line.startswith("| ") and "| ope |" in line]
 
 
 def test_corrupt_and_partial_metrics_are_skipped_with_a_warning_naming_them(report, capsys):

@@ -237,7 +237,8 @@ def _main(argv: list[str] | None = None) -> int:
                 fail(f"--run {args.run} is a {ckpt.get('algo')} run on '{ckpt.get('config', {}).get('env')}' "
                      f"({have[0]}-d observations, {have[1]} {'discrete' if have[2] else '-d'} actions); the fork env "
                      f"has {want[0]}-d observations and {want[1]}-d actions: pass a run trained on local/fork/*")
-            policies = {args.run: load_policy(args.run)}
+            # a sampling policy samples (a mixture or a diffusion model takes both sides), seeded with the run's --seed
+            policies = {args.run: load_policy(args.run, sample=True)}
         else:
             policies = {"scripted expert": ForkExpert(args.seed), "uniform random actions": uniform_policy(args.seed)}
         for name, policy in policies.items():

@@ -184,8 +184,20 @@ def collect_runs(runs_dirs: list[Path], datasets: list[str] | None = None,
                 continue
             if algos and run.algo not in algos:
                 continue
+            if not is_policy(run.algo):
+                continue  # an OPE run carries the score of the run it evaluated: no row of its own
             runs.append(run)
     return runs, skipped
+
+
+def is_policy(algo: str) -> bool:
+    """Whether runs of algorithms/<algo>.py are policies (not a file that defines NOT_A_POLICY, such as ope.py)."""
+    from common.checkpoint import import_algorithm
+
+    try:
+        return not getattr(import_algorithm(algo), "NOT_A_POLICY", None)
+    except UserError:
+        return True  # a run of a file this copy lacks: scored as before
 
 
 def collect(runs_dir: Path) -> list[dict]:
