@@ -5,12 +5,13 @@ Lecture section: "Advantage-Weighted Regression", approach 2 ("advantage weighte
 2. estimate the advantage A(s,a) = Q(s,a) - E_{a~pi(.|s)} Q(s,a),
 3. update the policy by weighted likelihood, argmax_pi E_(s,a)~D [ log pi(a|s) exp(A(s,a) / lambda) ].
 Paper: Nair, Gupta, Dalal & Levine 2020, "AWAC: Accelerating Online Reinforcement Learning with Offline
-Datasets" (the offline phase; no online fine-tuning here).
+Datasets": the offline phase, and with --online-steps N the paper's online fine-tuning (common/online.py).
 
 Usage:
     python algorithms/awac.py --env halfcheetah-medium-v2
     python algorithms/awac.py                                 # embedded default: local pendulum medium-replay
     python algorithms/awac.py --env hopper-medium-v2 --weighting exp --actor-hidden-dims 256 256 256
+    python algorithms/awac.py --online-steps 20000            # then 20k env steps of online fine-tuning
 
 Weights. The official code (rlkit's AWACTrainer with normalize_over_batch=True) does not use exp(A / lambda)
 per sample but softmax(A / lambda) over the minibatch, multiplied by the batch size, so the weights of a
@@ -27,6 +28,10 @@ code (rlkit examples/awac/mujoco) used a 4x256 actor, 2x256 critics, batch 1024 
 Gaussian with a state-independent log-std (as both) and a tanh-bounded mean (as the paper's code, rlkit's
 GaussianPolicy with a tanh output activation; CORL's mean is unbounded). Sampled actions are clipped to the
 action bounds before the critics see them (as CORL).
+Online fine-tuning (--online-steps) as the paper and CORL's finetune/awac.py: the policy acts by sampling its
+Gaussian (clipped to the action box), online transitions join the offline data in one buffer sampled uniformly
+(the paper initialises the replay buffer with the offline data and appends to it), one update per env step, and
+nothing in the update changes at the switch.
 Per-dataset settings (training length) live in `DATASET_SETTINGS` below; flags override them.
 """
 
@@ -50,6 +55,7 @@ from common.datasets import DataSpec, ObsNormalizer, TensorSampler, load_dataset
 from common.errors import fail  # noqa: E402
 from common.evaluation import evaluate, make_eval_envs  # noqa: E402
 from common.networks import CriticEnsemble  # noqa: E402
+from common.online import OnlinePhase  # noqa: E402
 from common.optim import adam, load_optimizer, update_step  # noqa: E402
 from common.runs import Run, apply_dataset_settings, resolve_config, run_cli, setup  # noqa: E402
 
@@ -92,6 +98,9 @@ class Config:
     """download Minari datasets that are not stored locally (when online)"""
     compile: bool = False
     """torch.compile the update (faster after a warm-up compilation)"""
+    online_steps: int = 0
+    """env steps of online fine-tuning after the offline phase, one update each (0: offline only; see
+    common/online.py)"""
     # --- advantage-weighted actor-critic ---
     temperature: float = 1.0
     """lambda in the weights softmax(A / lambda) (the slide's alpha in exp(A / alpha); CORL: 1.0)"""
@@ -112,6 +121,10 @@ class Config:
     """Adam learning rate of the actor and the critics (the paper's and CORL's 3e-4)"""
     normalize_obs: bool = True
     """standardise observations with the dataset's mean and std (eps 1e-3), as CORL does"""
+    # --- online fine-tuning (--online-steps) ---
+    online_mix: float | None = None
+    """fraction of each online-phase batch drawn from the offline data (None: uniform over the offline and online
+    rows, one growing buffer, as the paper and CORL's AWAC fine-tuning)"""
 
 
 # Per-dataset settings: a field left at None takes the value of the first row whose pattern matches the
@@ -226,6 +239,12 @@ class Agent:
         return self.mean_action(obs)
 
     @torch.no_grad()
+    def explore(self, obs: torch.Tensor) -> torch.Tensor:
+        """The online phase's action: a ~ pi(a|s) = N(mean(s), sigma^2), clipped to the action bounds (the paper's
+        and CORL's fine-tuning sample the policy)."""
+        return self.sample_action(self.mean_action(obs))
+
+    @torch.no_grad()
     def q_value(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """min_k Q_k(s, a), shape (batch,): the estimate AWAC's advantages use."""
         return self.critic(obs, actions).min(dim=0).values
@@ -259,12 +278,18 @@ def train(config: Config) -> dict:
                              "next_obs": norm(data["next_obs"]), "terminals": data["terminals"]},
                             device, config.seed)
     agent = Agent(config, dataset.spec, device)
+    # the offline data, and with --online-steps the env the policy then acts in (common/online.py)
+    phase = OnlinePhase(agent, dataset, sampler, normalizer, config, device, reward_transform="none")
 
     run = Run("awac", config, dataset, device, normalizer)
-    start = run.resume(agent, sampler)
+    start = run.resume(agent, phase)
     envs = make_eval_envs(dataset, config.eval_episodes)
     for step in run.steps(start):
-        logs = agent.update(sampler.sample(config.batch_size))
+        if phase.online(step):  # the online phase: the current policy acts once in the env, the step is stored
+            episode = phase.interact()
+            if episode:
+                run.log(step, episode)
+        logs = agent.update(phase.sample(config.batch_size))
         if run.should_log(step):
             run.log(step, logs)
         if run.should_eval(step):
@@ -273,11 +298,11 @@ def train(config: Config) -> dict:
                                             config.seed, device, envs))
         if run.should_checkpoint(step):
             with run.timed():
-                run.save_checkpoint(step, agent, sampler)
+                run.save_checkpoint(step, agent, phase)
     result = evaluate(agent.act, dataset, normalizer, config.eval_episodes, config.seed, device, envs)
-    run.log_eval(config.max_steps, result)
+    run.log_eval(run.total_steps, result)
     envs.close()
-    return run.finish(result)
+    return run.finish(result, phase.summary())
 
 
 if __name__ == "__main__":

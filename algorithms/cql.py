@@ -11,6 +11,7 @@ Usage:
     python algorithms/cql.py --env hopper-medium-replay-v2
     python algorithms/cql.py --env antmaze-medium-play-v2      # Lagrange variant, BC warm-up: per dataset
     python algorithms/cql.py --env hopper-medium-v2 --lagrange --lagrange-threshold 10
+    python algorithms/cql.py --online-steps 20000              # then 20k env steps of online fine-tuning
 
 The discrete-action version (a double-DQN critic) is algorithms/cql_discrete.py.
 Per-dataset settings (alpha, the Lagrange threshold tau, the policy learning rate, BC warm-up steps, the reward
@@ -22,7 +23,13 @@ reference code (github.com/aviralkumar2907/CQL, d4rl/examples/cql_mujoco_new.py)
 range) and orthogonal initialisation (`--orthogonal-init`). Antmaze uses the Lagrange variant with tau 5,
 alpha 5, 40k BC warm-up steps and policy lr 1e-4 (the reference README).
 
---compile compiles the whole update (common/optim.py); the BC warm-up is a second graph.
+Online fine-tuning (--online-steps; common/online.py) as CORL's finetune/cql.py: the policy acts by sampling its
+tanh-Gaussian, online transitions join the offline data in one buffer sampled uniformly, one update per env step,
+and at the switch alpha becomes cql_alpha_online (CORL's configs set it equal to the offline alpha: 5 antmaze,
+1 adroit; so None here keeps cql_alpha).
+
+--compile compiles the whole update (common/optim.py); the BC warm-up is a second graph, and so is the online
+phase's update (its alpha).
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ from common.errors import fail  # noqa: E402
 from common.evaluation import evaluate, make_eval_envs  # noqa: E402
 from common.networks import (CriticEnsemble, VectorizedLinear, sample_tanh_gaussian,  # noqa: E402
                              tanh_gaussian_log_prob)
+from common.online import OnlinePhase  # noqa: E402
 from common.optim import adam, load_optimizer, update_step  # noqa: E402
 from common.runs import Run, resolve_config, run_cli, setup  # noqa: E402
 
@@ -89,6 +97,9 @@ class Config:
     """download Minari datasets that are not stored locally (when online)"""
     compile: bool = False
     """torch.compile the update (faster after a warm-up compilation)"""
+    online_steps: int = 0
+    """env steps of online fine-tuning after the offline phase, one update each (0: offline only; see
+    common/online.py)"""
     # --- conservative Q-learning ---
     cql_alpha: float | None = None
     """alpha, the trade-off in alpha * (E_s log sum_a exp Q(s,a) - E_(s,a)~D Q(s,a)): how conservative Q is
@@ -130,6 +141,13 @@ class Config:
     orthogonal_init: bool = False
     """CORL's initialisation: orthogonal hidden weights (gain sqrt 2), zero biases, output layers orthogonal
     with gain 1e-2 (False: PyTorch's default uniform initialisation)"""
+    # --- online fine-tuning (--online-steps) ---
+    online_mix: float | None = None
+    """fraction of each online-phase batch drawn from the offline data (None: uniform over the offline and online
+    rows, one growing buffer, as CORL's CQL fine-tuning; the Cal-QL paper's CQL baseline mixes 0.5)"""
+    cql_alpha_online: float | None = None
+    """alpha of the online phase, set at the switch (None: the offline cql_alpha, as CORL's fine-tuning configs:
+    cql_alpha_online = cql_alpha, 5 antmaze and 1 adroit)"""
 
 
 # Per-dataset settings: a field left at None takes the value of the first row whose pattern matches the
@@ -253,6 +271,9 @@ class Agent:
         self.actor_optimizer = adam([*self.actor.parameters(), self.log_entropy_alpha], config.policy_lr, config)
         self.critic_optimizer = adam([*self.critic.parameters(), self.lagrange_log_alpha], config.critic_lr, config)
         self.step = 0
+        # alpha after the switch to the online phase; `online` is set by start_online and kept in the state
+        self.cql_alpha_online = config.cql_alpha if config.cql_alpha_online is None else config.cql_alpha_online
+        self.online = False
         # what the update's one backward trains (log alpha' only in the Lagrange variant)
         self.params = [*self.critic.parameters(), *self.actor.parameters(), self.log_entropy_alpha,
                        *([self.lagrange_log_alpha] if self.use_lagrange else [])]
@@ -263,11 +284,17 @@ class Agent:
         bc_warmup = self.step < self.config.bc_steps  # a Python bool: compiled as two graphs, warm-up and main
         self.step += 1
         return self._update(batch["obs"], batch["actions"], batch["rewards"], batch["next_obs"],
-                            batch["terminals"], bc_warmup)
+                            batch["terminals"], bc_warmup, self.online)
+
+    def start_online(self) -> None:
+        """The switch to the online phase (common/online.py calls it once): alpha <- cql_alpha_online."""
+        self.online = True
 
     def _update_impl(self, obs: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor,
-                     next_obs: torch.Tensor, terminals: torch.Tensor, bc_warmup: bool) -> dict[str, torch.Tensor]:
+                     next_obs: torch.Tensor, terminals: torch.Tensor, bc_warmup: bool,
+                     online: bool = False) -> dict[str, torch.Tensor]:
         cfg, n = self.config, self.config.cql_num_samples
+        cql_alpha = self.cql_alpha_online if online else cfg.cql_alpha  # a Python bool: one graph per phase
         batch, obs_dim = obs.shape
         entropy_alpha = self.log_entropy_alpha.exp().detach()
 
@@ -316,16 +343,16 @@ class Agent:
             # alpha' (alpha * gap - tau): alpha' grows while the gap is above tau / alpha, shrinks below it (dual
             # descent).
             lagrange_alpha = self.lagrange_log_alpha.exp().clamp(0.0, LAGRANGE_ALPHA_MAX)
-            violation = cfg.cql_alpha * cql_gap - self.lagrange_threshold
+            violation = cql_alpha * cql_gap - self.lagrange_threshold
             cql_loss = (lagrange_alpha.detach() * violation).sum()
             lagrange_loss = -(lagrange_alpha * violation.detach()).mean()
-            cql_weight = lagrange_alpha.detach() * cfg.cql_alpha
+            cql_weight = lagrange_alpha.detach() * cql_alpha
         else:
             # min_Q alpha ( E_s~D [log sum_a exp Q(s,a)] - E_(s,a)~D [Q(s,a)] ) + 1/2 E [(Q - T^pi Q)^2]
             # (lecture: "Conservative Evaluation"; alpha = cql_alpha)
-            cql_loss = cfg.cql_alpha * cql_gap.sum()
+            cql_loss = cql_alpha * cql_gap.sum()
             lagrange_loss = torch.zeros((), device=obs.device)
-            cql_weight = torch.full((), cfg.cql_alpha, device=obs.device)
+            cql_weight = torch.full((), cql_alpha, device=obs.device)
         critic_loss = td_loss + cql_loss
 
         # --- policy improvement  (lecture: "Conservative Control": pi <- argmax_pi E_pi [Q_CQL]), SAC's actor:
@@ -376,6 +403,14 @@ class Agent:
         return self.max_action * torch.tanh(self.actor(obs)[0])
 
     @torch.no_grad()
+    def explore(self, obs: torch.Tensor) -> torch.Tensor:
+        """The online phase's action: a ~ pi(.|s), a sample of the tanh-Gaussian (CORL's fine-tuning), inside the
+        action bounds by construction (torch's global RNG, saved in checkpoints)."""
+        mean, log_std = self.actor(obs)
+        actions, _ = sample_tanh_gaussian(mean, log_std, self.max_action, 1)
+        return actions[:, 0]
+
+    @torch.no_grad()
     def q_value(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """min_k Q_k(s, a): the estimate the actor maximises. (batch,)"""
         return self.critic(obs, actions).min(0).values
@@ -386,7 +421,7 @@ class Agent:
                 "log_entropy_alpha": self.log_entropy_alpha.detach().clone(),
                 "lagrange_log_alpha": self.lagrange_log_alpha.detach().clone(),
                 "actor_optimizer": self.actor_optimizer.state_dict(),
-                "critic_optimizer": self.critic_optimizer.state_dict(), "step": self.step}
+                "critic_optimizer": self.critic_optimizer.state_dict(), "step": self.step, "online": self.online}
 
     def load_state_dict(self, state: dict) -> None:
         self.actor.load_state_dict(state["actor"])
@@ -398,6 +433,7 @@ class Agent:
         load_optimizer(self.actor_optimizer, state["actor_optimizer"])
         load_optimizer(self.critic_optimizer, state["critic_optimizer"])
         self.step = int(state["step"])
+        self.online = bool(state.get("online", False))  # checkpoints made before online phases have no switch
 
 
 def resolve_lagrange(config: Config) -> tuple[bool, float]:
@@ -430,12 +466,18 @@ def train(config: Config) -> dict:
     if agent.use_lagrange:
         print(f"CQL Lagrange variant: alpha' tuned towards cql_alpha * gap = tau = {agent.lagrange_threshold}",
               file=sys.stderr)
+    # the offline data, and with --online-steps the env the policy then acts in (common/online.py)
+    phase = OnlinePhase(agent, dataset, sampler, normalizer, config, device, reward_transform=config.reward_transform)
 
     run = Run("cql", config, dataset, device, normalizer)
-    start = run.resume(agent, sampler)
+    start = run.resume(agent, phase)
     envs = make_eval_envs(dataset, config.eval_episodes)
     for step in run.steps(start):
-        logs = agent.update(sampler.sample(config.batch_size))
+        if phase.online(step):  # the online phase: the current policy acts once in the env, the step is stored
+            episode = phase.interact()
+            if episode:
+                run.log(step, episode)
+        logs = agent.update(phase.sample(config.batch_size))
         if run.should_log(step):
             run.log(step, logs)
         if run.should_eval(step):
@@ -444,11 +486,11 @@ def train(config: Config) -> dict:
                                             config.seed, device, envs))
         if run.should_checkpoint(step):
             with run.timed():
-                run.save_checkpoint(step, agent, sampler)
+                run.save_checkpoint(step, agent, phase)
     result = evaluate(agent.act, dataset, normalizer, config.eval_episodes, config.seed, device, envs)
-    run.log_eval(config.max_steps, result)
+    run.log_eval(run.total_steps, result)
     envs.close()
-    return run.finish(result)
+    return run.finish(result, phase.summary())
 
 
 if __name__ == "__main__":

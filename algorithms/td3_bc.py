@@ -9,10 +9,17 @@ Paper: Fujimoto & Gu 2021, "A Minimalist Approach to Offline Reinforcement Learn
 Usage:
     python algorithms/td3_bc.py                               # embedded default: local pendulum data
     python algorithms/td3_bc.py --env hopper-medium-v2
+    python algorithms/td3_bc.py --online-steps 20000          # then 20k env steps of online fine-tuning
 
 Continuous actions only. The paper uses one set of hyperparameters for every D4RL dataset (alpha = 2.5,
 1M steps); only the training length differs here, for the small local and test datasets, in
 `DATASET_SETTINGS` below; flags override it.
+Online fine-tuning (--online-steps; common/online.py) has no published protocol for TD3+BC (CORL's finetune/
+suite has none, and the paper is offline only). This file does what the TD3 family does: the policy acts as TD3
+explores, pi(s) + N(0, (expl_noise max_action)^2) with expl_noise 0.1 (TD3's, whose flag TD3+BC's code keeps),
+clipped to the action box; online transitions join the offline data in one buffer sampled uniformly (as CORL's
+AWAC, IQL and CQL fine-tuning); one update per env step; the loss keeps its BC term and alpha unchanged online
+(no switch).
 Beware on tasks with dense negative rewards such as Pendulum: lambda divides by mean|Q|, which there is a
 large baseline (hundreds) next to the few units by which the action changes Q, so alpha = 2.5 leaves the
 actor cloning the data's mean action; a much larger --alpha is needed (the tests use 200 on a mixed
@@ -46,6 +53,7 @@ from common.datasets import DataSpec, ObsNormalizer, TensorSampler, load_dataset
 from common.errors import fail  # noqa: E402
 from common.evaluation import evaluate, make_eval_envs  # noqa: E402
 from common.networks import CriticEnsemble  # noqa: E402
+from common.online import OnlinePhase  # noqa: E402
 from common.optim import adam, keep, load_optimizer, update_step  # noqa: E402
 from common.runs import Run, resolve_config, run_cli, setup  # noqa: E402
 
@@ -88,6 +96,9 @@ class Config:
     """download Minari datasets that are not stored locally (when online)"""
     compile: bool = False
     """torch.compile the update (faster after a warm-up compilation)"""
+    online_steps: int = 0
+    """env steps of online fine-tuning after the offline phase, one update each (0: offline only; see
+    common/online.py)"""
     # --- TD3+BC ---
     alpha: float = 2.5
     """alpha in lambda = alpha / (1/N sum |Q(s_i, a_i)|): weight of the Q term against the BC term"""
@@ -109,6 +120,14 @@ class Config:
     """hidden layer sizes of the actor and of each critic"""
     normalize_obs: bool = True
     """state normalisation s_i = (s_i - mu_i) / (sigma_i + eps) with eps = 1e-3 (the paper's trick)"""
+    # --- online fine-tuning (--online-steps) ---
+    online_mix: float | None = None
+    """fraction of each online-phase batch drawn from the offline data (None: uniform over the offline and online
+    rows, one growing buffer; no published TD3+BC rule: the single buffer of CORL's AWAC, IQL and CQL
+    fine-tuning)"""
+    expl_noise: float = 0.1
+    """sigma of the exploration noise when acting online, a = clip(pi(s) + N(0, (sigma max_action)^2)) (TD3's
+    expl_noise 0.1, Fujimoto et al. 2018; unclipped noise, the action clipped to the box)"""
 
 
 # Per-dataset settings: a field left at None takes the value of the first row whose pattern matches the
@@ -227,6 +246,14 @@ class Agent:
         return self.actor(obs)
 
     @torch.no_grad()
+    def explore(self, obs: torch.Tensor) -> torch.Tensor:
+        """The online phase's action, TD3's exploration: pi_phi(s) + eps, eps ~ N(0, (expl_noise max_action)^2)
+        (torch's global RNG, saved in checkpoints), clipped to the action bounds."""
+        action = self.actor(obs)
+        noise = torch.randn_like(action) * self.config.expl_noise * self.max_action
+        return (action + noise).clamp(-self.max_action, self.max_action)
+
+    @torch.no_grad()
     def q_value(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """min(Q_theta1, Q_theta2)(s, a), shape (batch,): the estimate TD3's target trusts."""
         return self.critic(obs, actions).min(0).values
@@ -262,12 +289,18 @@ def train(config: Config) -> dict:
                              "next_obs": norm(data["next_obs"]), "terminals": data["terminals"]},
                             device, config.seed)
     agent = Agent(config, dataset.spec, device)
+    # the offline data, and with --online-steps the env the policy then acts in (common/online.py)
+    phase = OnlinePhase(agent, dataset, sampler, normalizer, config, device, reward_transform="none")
 
     run = Run("td3_bc", config, dataset, device, normalizer)
-    start = run.resume(agent, sampler)
+    start = run.resume(agent, phase)
     envs = make_eval_envs(dataset, config.eval_episodes)
     for step in run.steps(start):
-        logs = agent.update(sampler.sample(config.batch_size))
+        if phase.online(step):  # the online phase: the current policy acts once in the env, the step is stored
+            episode = phase.interact()
+            if episode:
+                run.log(step, episode)
+        logs = agent.update(phase.sample(config.batch_size))
         if run.should_log(step):
             run.log(step, logs)
         if run.should_eval(step):
@@ -276,11 +309,11 @@ def train(config: Config) -> dict:
                                             config.seed, device, envs))
         if run.should_checkpoint(step):
             with run.timed():
-                run.save_checkpoint(step, agent, sampler)
+                run.save_checkpoint(step, agent, phase)
     result = evaluate(agent.act, dataset, normalizer, config.eval_episodes, config.seed, device, envs)
-    run.log_eval(config.max_steps, result)
+    run.log_eval(run.total_steps, result)
     envs.close()
-    return run.finish(result)
+    return run.finish(result, phase.summary())
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
 """AWAC: the official batch-softmax weights by hand, the whole update by hand (TD target with a' ~ pi,
-V from policy samples), and learning on mixed data (beats the behaviour policy)."""
+V from policy samples), learning on mixed data (beats the behaviour policy), and the online phase (exploration
+samples the Gaussian inside the box; resume mid-online continues exactly)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from conftest import behaviour_return, load_algorithm, random_batch, run_config
+from conftest import assert_states_equal, behaviour_return, checkpoint_agent, load_algorithm, random_batch, run_config
 
 from common.datasets import DataSpec
 from common.errors import UserError
@@ -99,3 +100,48 @@ def test_awac_beats_the_behaviour_policy_on_mixed_data(tmp_path, pendulum_mixed_
                                    actor_hidden_dims=(64, 64), critic_hidden_dims=(64, 64)))
     behaviour = behaviour_return(pendulum_mixed_id)  # about -955
     assert result["return_mean"] > behaviour + 200, (result["return_mean"], behaviour)
+
+
+# --- online fine-tuning -------------------------------------------------------------------------------------
+
+def test_explore_samples_the_gaussian_inside_the_action_box():
+    """a ~ N(mean(s), sigma^2) clipped to [-max_action, max_action]: with sigma 0.1 the spread around the
+    deterministic action is sigma; with a very wide Gaussian the samples reach the bounds and never pass them."""
+    torch.manual_seed(0)
+    agent = awac.Agent(awac.Config(env="test/pendulum/mixed-v0", device="cpu", max_steps=10,
+                                   actor_hidden_dims=(16,), critic_hidden_dims=(16,)), SPEC, torch.device("cpu"))
+    obs = torch.zeros(4000, SPEC.obs_dim)
+    with torch.no_grad():
+        agent.log_std.fill_(np.log(0.1))
+    first, second = agent.explore(obs), agent.explore(obs)
+    assert not torch.equal(first, second)  # stochastic
+    deviation = first - agent.act(obs)
+    assert abs(float(deviation.mean())) < 0.01 and float(deviation.std()) == pytest.approx(0.1, rel=0.05)
+    with torch.no_grad():
+        agent.log_std.fill_(2.0)
+    wide = agent.explore(obs)
+    assert wide.abs().max() <= SPEC.max_action and (wide.abs() == SPEC.max_action).any()
+
+
+def test_resume_mid_online_equals_an_uninterrupted_run(pendulum_mixed_id, tmp_path):
+    """100 offline updates, then stopped 150 env steps into the online phase (mid-episode) and resumed to 450:
+    the same weights, online buffer and scores as a run that never stopped."""
+    fast = dict(actor_hidden_dims=(32, 32), critic_hidden_dims=(32, 32), batch_size=64, eval_episodes=2,
+                log_every=50, eval_every=100)
+    straight = awac.train(run_config(awac.Config, pendulum_mixed_id, tmp_path / "a", max_steps=100,
+                                     online_steps=450, **fast))
+    first = awac.train(run_config(awac.Config, pendulum_mixed_id, tmp_path / "b", max_steps=100, online_steps=150,
+                                  **fast))
+    resumed = awac.train(run_config(awac.Config, pendulum_mixed_id, tmp_path / "b", max_steps=100,
+                                    online_steps=450, resume=first["run_dir"], **fast))
+    assert resumed["run_dir"] == first["run_dir"]
+    a, b = checkpoint_agent(straight["run_dir"]), checkpoint_agent(resumed["run_dir"])
+    assert_states_equal(a, b, ["actor", "critic", "target_critic"])
+    assert torch.equal(a["log_std"], b["log_std"])
+    buffers = [torch.load(f"{r['run_dir']}/checkpoint.pt", weights_only=True)["sampler"]["rows"]
+               for r in (straight, resumed)]
+    assert buffers[0]["obs"].shape[0] == 450
+    for key in buffers[0]:
+        assert torch.equal(buffers[0][key], buffers[1][key]), key
+    for key in ("normalized_score_mean", "offline_normalized_score_mean", "online_regret", "online_episodes"):
+        assert straight[key] == resumed[key], key

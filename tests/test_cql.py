@@ -1,5 +1,7 @@
 """CQL(H), continuous actions: the regulariser against brute force, the importance weights, the Lagrange
-multiplier's direction, resume, and the lecture's claim that the conservative Q-function does not overestimate."""
+multiplier's direction, resume, the lecture's claim that the conservative Q-function does not overestimate, and
+the online phase (tanh-Gaussian exploration inside the box, alpha <- cql_alpha_online at the switch, resume
+mid-online)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import assert_states_equal, load_algorithm, train_straight_and_resumed
+from conftest import assert_states_equal, checkpoint_agent, load_algorithm, run_config, train_straight_and_resumed
 
 from common.runs import apply_dataset_settings
 from common.datasets import DataSpec, ObsNormalizer, TensorSampler, load_dataset
@@ -187,6 +189,96 @@ def test_resume_continues_with_the_same_numbers(tmp_path, pendulum_mixed_id):
     rows = lambda d: [json.loads(line) for line in open(f"{d}/metrics.jsonl") if "train/cql_gap" in line]
     assert [r["train/cql_gap"] for r in rows(straight["run_dir"])] == [r["train/cql_gap"] for r in
                                                                         rows(resumed["run_dir"])]
+
+
+# --- online fine-tuning ------------------------------------------------------------------------------------
+
+SPEC = DataSpec(obs_dim=3, act_dim=2, max_action=2.0, discrete=False)
+
+
+def test_explore_samples_the_tanh_gaussian_inside_the_action_box():
+    """a = max_action tanh(u), u ~ N(mu(s), sigma(s)^2): atanh(a / max_action) has the actor's mean and std, and
+    with a very wide Gaussian (log sigma at its clamp 2) the actions saturate at the bounds, never past them."""
+    torch.manual_seed(0)
+    agent = cql.Agent(tiny_config(), SPEC, torch.device("cpu"))
+    obs = torch.zeros(4000, SPEC.obs_dim)
+    first, second = agent.explore(obs), agent.explore(obs)
+    assert first.shape == (4000, SPEC.act_dim) and not torch.equal(first, second)  # stochastic
+    with torch.no_grad():
+        mean, log_std = agent.actor(obs[:1])
+    u = torch.atanh((first / SPEC.max_action).double())
+    assert torch.allclose(u.mean(0), mean[0].double(), atol=4 * float(log_std.exp().max()) / math.sqrt(4000))
+    assert torch.allclose(u.std(0), log_std[0].exp().double(), rtol=0.05)
+    with torch.no_grad():
+        agent.actor.net[-1].bias[SPEC.act_dim:] = 10.0  # log sigma clamped to 2: sigma = 7.4
+    wide = agent.explore(obs)
+    assert wide.abs().max() <= SPEC.max_action and (wide.abs() == SPEC.max_action).any()
+
+
+def test_the_switch_sets_alpha_to_cql_alpha_online_and_is_kept_in_the_state():
+    """After start_online an agent with cql_alpha 1 and cql_alpha_online 7 takes the very step an offline agent
+    with cql_alpha 7 takes (same initialisation, batch and samples); before it, the step of cql_alpha 1. The
+    switch survives a state round trip; cql_alpha_online None follows cql_alpha (CORL's configs)."""
+    batch = random_batch(SPEC, 32)
+
+    def step(agent):
+        torch.manual_seed(1)
+        logs = agent.update(batch)
+        return logs, [p.detach().clone() for p in agent.critic.parameters()]
+
+    def agent(**overrides):
+        torch.manual_seed(0)
+        return cql.Agent(tiny_config(**overrides), SPEC, torch.device("cpu"))
+
+    switching = agent(cql_alpha=1.0, cql_alpha_online=7.0)
+    offline_logs, offline_critic = step(switching)
+    reference_logs, reference_critic = step(agent(cql_alpha=1.0))
+    assert float(offline_logs["train/cql_alpha"]) == 1.0
+    assert torch.equal(offline_logs["train/critic_loss"], reference_logs["train/critic_loss"])
+    assert all(torch.equal(a, b) for a, b in zip(offline_critic, reference_critic))
+
+    switching = agent(cql_alpha=1.0, cql_alpha_online=7.0)
+    switching.start_online()
+    online_logs, online_critic = step(switching)
+    seven_logs, seven_critic = step(agent(cql_alpha=7.0))
+    assert float(online_logs["train/cql_alpha"]) == 7.0
+    assert torch.equal(online_logs["train/critic_loss"], seven_logs["train/critic_loss"])
+    assert all(torch.equal(a, b) for a, b in zip(online_critic, seven_critic))
+    assert not torch.equal(online_logs["train/critic_loss"], offline_logs["train/critic_loss"])
+
+    restored = agent(cql_alpha=1.0, cql_alpha_online=7.0)
+    restored.load_state_dict(switching.state_dict())
+    assert restored.online and not agent(cql_alpha=1.0, cql_alpha_online=7.0).online
+    assert agent(cql_alpha=3.0).cql_alpha_online == 3.0
+
+
+def test_resume_mid_online_equals_an_uninterrupted_run(pendulum_mixed_id, tmp_path):
+    """100 offline updates, then stopped 150 env steps into the online phase (mid-episode) and resumed to 450:
+    the same weights, temperatures, online buffer and scores as a run that never stopped. cql_alpha_online
+    differs from cql_alpha, so a resumed run that lost the switch (or switched again) would differ."""
+    fast = dict(hidden_dims=(16, 16), cql_num_samples=2, batch_size=32, cql_alpha=5.0, cql_alpha_online=1.0,
+                eval_episodes=2, log_every=50, eval_every=100)
+    straight = cql.train(run_config(cql.Config, pendulum_mixed_id, tmp_path / "a", max_steps=100, online_steps=450,
+                                    **fast))
+    first = cql.train(run_config(cql.Config, pendulum_mixed_id, tmp_path / "b", max_steps=100, online_steps=150,
+                                 **fast))
+    resumed = cql.train(run_config(cql.Config, pendulum_mixed_id, tmp_path / "b", max_steps=100, online_steps=450,
+                                   resume=first["run_dir"], **fast))
+    assert resumed["run_dir"] == first["run_dir"]
+    a, b = checkpoint_agent(straight["run_dir"]), checkpoint_agent(resumed["run_dir"])
+    assert_states_equal(a, b, ("actor", "critic", "target_critic"))
+    assert torch.equal(a["log_entropy_alpha"], b["log_entropy_alpha"])
+    assert a["online"] and b["online"] and a["step"] == b["step"] == 550
+    buffers = [torch.load(f"{r['run_dir']}/checkpoint.pt", weights_only=True)["sampler"]["rows"]
+               for r in (straight, resumed)]
+    assert buffers[0]["obs"].shape[0] == 450
+    for key in buffers[0]:
+        assert torch.equal(buffers[0][key], buffers[1][key]), key
+    for key in ("normalized_score_mean", "offline_normalized_score_mean", "online_regret", "online_episodes"):
+        assert straight[key] == resumed[key], key
+    rows = lambda d: [json.loads(line) for line in open(f"{d}/metrics.jsonl") if "train/cql_alpha" in line]
+    assert [(r["step"], r["train/cql_alpha"]) for r in rows(straight["run_dir"])] == \
+        [(50, 5.0), (100, 5.0), *[(s, 1.0) for s in range(150, 551, 50)]]
 
 
 # --- the lecture's claim and learning ----------------------------------------------------------------------

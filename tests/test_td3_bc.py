@@ -1,4 +1,5 @@
-"""TD3+BC: lambda = alpha / mean|Q|, the loss without its Q term is pure BC, TD3's target and delay, learning."""
+"""TD3+BC: lambda = alpha / mean|Q|, the loss without its Q term is pure BC, TD3's target and delay, learning, and
+the online phase (TD3's Gaussian exploration inside the box; resume mid-online continues exactly)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import (assert_states_equal, behaviour_return, load_algorithm, random_batch, run_config,
-                      train_straight_and_resumed)
+from conftest import (assert_states_equal, behaviour_return, checkpoint_agent, load_algorithm, random_batch,
+                      run_config, train_straight_and_resumed)
 
 from common.datasets import DataSpec
 from common.errors import UserError
@@ -127,3 +128,42 @@ def test_resume_continues_with_the_same_numbers(tmp_path, pendulum_mixed_id):
     want, got = train_rows(straight["run_dir"]), train_rows(resumed["run_dir"])
     assert sorted(want) == [50, 100, 150, 200, 201]
     assert all(want[step] == got[step] for step in want)
+
+
+# --- online fine-tuning -------------------------------------------------------------------------------------
+
+def test_explore_adds_gaussian_noise_of_expl_noise_times_max_action_inside_the_box():
+    """TD3's exploration: pi(s) + N(0, (expl_noise max_action)^2), clipped to the box. With expl_noise 0.1 and
+    max_action 2 the spread around pi(s) is 0.2; with a noise far wider than the box the actions reach the
+    bounds and never pass them."""
+    agent = _agent(expl_noise=0.1)
+    obs = torch.zeros(4000, SPEC.obs_dim)
+    first, second = agent.explore(obs), agent.explore(obs)
+    assert not torch.equal(first, second)  # stochastic
+    deviation = first - agent.act(obs)
+    assert abs(float(deviation.mean())) < 0.01 and float(deviation.std()) == pytest.approx(0.2, rel=0.05)
+    wide = _agent(expl_noise=5.0).explore(obs)
+    assert wide.abs().max() <= SPEC.max_action and (wide.abs() == SPEC.max_action).any()
+
+
+def test_resume_mid_online_equals_an_uninterrupted_run(pendulum_mixed_id, tmp_path):
+    """100 offline updates, then stopped 150 env steps into the online phase (mid-episode) and resumed to 450:
+    the same weights, online buffer, delayed-update counter and scores as a run that never stopped."""
+    fast = dict(hidden_dims=(32, 32), batch_size=64, eval_episodes=2, log_every=50, eval_every=100)
+    straight = td3_bc.train(run_config(td3_bc.Config, pendulum_mixed_id, tmp_path / "a", max_steps=100,
+                                       online_steps=450, **fast))
+    first = td3_bc.train(run_config(td3_bc.Config, pendulum_mixed_id, tmp_path / "b", max_steps=100,
+                                    online_steps=150, **fast))
+    resumed = td3_bc.train(run_config(td3_bc.Config, pendulum_mixed_id, tmp_path / "b", max_steps=100,
+                                      online_steps=450, resume=first["run_dir"], **fast))
+    assert resumed["run_dir"] == first["run_dir"]
+    a, b = checkpoint_agent(straight["run_dir"]), checkpoint_agent(resumed["run_dir"])
+    assert_states_equal(a, b, ("actor", "actor_target", "critic", "critic_target"))
+    assert a["total_it"] == b["total_it"] == 550
+    buffers = [torch.load(f"{r['run_dir']}/checkpoint.pt", weights_only=True)["sampler"]["rows"]
+               for r in (straight, resumed)]
+    assert buffers[0]["obs"].shape[0] == 450
+    for key in buffers[0]:
+        assert torch.equal(buffers[0][key], buffers[1][key]), key
+    for key in ("normalized_score_mean", "offline_normalized_score_mean", "online_regret", "online_episodes"):
+        assert straight[key] == resumed[key], key
