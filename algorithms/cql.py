@@ -25,7 +25,7 @@ alpha 5, 40k BC warm-up steps and policy lr 1e-4 (the reference README).
 
 Online fine-tuning (--online-steps; common/online.py) as CORL's finetune/cql.py: the policy acts by sampling its
 tanh-Gaussian, online transitions join the offline data in one buffer sampled uniformly, one update per env step,
-and at the switch alpha becomes cql_alpha_online (CORL's configs set it equal to the offline alpha: 5 antmaze,
+and at the switch alpha becomes online_cql_alpha (CORL's configs set it equal to the offline alpha: 5 antmaze,
 1 adroit; so None here keeps cql_alpha).
 
 --compile compiles the whole update (common/optim.py); the BC warm-up is a second graph, and so is the online
@@ -145,9 +145,9 @@ class Config:
     online_mix: float | None = None
     """fraction of each online-phase batch drawn from the offline data (None: uniform over the offline and online
     rows, one growing buffer, as CORL's CQL fine-tuning; the Cal-QL paper's CQL baseline mixes 0.5)"""
-    cql_alpha_online: float | None = None
+    online_cql_alpha: float | None = None
     """alpha of the online phase, set at the switch (None: the offline cql_alpha, as CORL's fine-tuning configs:
-    cql_alpha_online = cql_alpha, 5 antmaze and 1 adroit)"""
+    online_cql_alpha = cql_alpha, 5 antmaze and 1 adroit)"""
 
 
 # Per-dataset settings: a field left at None takes the value of the first row whose pattern matches the
@@ -272,7 +272,7 @@ class Agent:
         self.critic_optimizer = adam([*self.critic.parameters(), self.lagrange_log_alpha], config.critic_lr, config)
         self.step = 0
         # alpha after the switch to the online phase; `online` is set by start_online and kept in the state
-        self.cql_alpha_online = config.cql_alpha if config.cql_alpha_online is None else config.cql_alpha_online
+        self.online_cql_alpha = config.cql_alpha if config.online_cql_alpha is None else config.online_cql_alpha
         self.online = False
         # what the update's one backward trains (log alpha' only in the Lagrange variant)
         self.params = [*self.critic.parameters(), *self.actor.parameters(), self.log_entropy_alpha,
@@ -287,14 +287,14 @@ class Agent:
                             batch["terminals"], bc_warmup, self.online)
 
     def start_online(self) -> None:
-        """The switch to the online phase (common/online.py calls it once): alpha <- cql_alpha_online."""
+        """The switch to the online phase (common/online.py calls it once): alpha <- online_cql_alpha."""
         self.online = True
 
     def _update_impl(self, obs: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor,
                      next_obs: torch.Tensor, terminals: torch.Tensor, bc_warmup: bool,
                      online: bool = False) -> dict[str, torch.Tensor]:
         cfg, n = self.config, self.config.cql_num_samples
-        cql_alpha = self.cql_alpha_online if online else cfg.cql_alpha  # a Python bool: one graph per phase
+        cql_alpha = self.online_cql_alpha if online else cfg.cql_alpha  # a Python bool: one graph per phase
         batch, obs_dim = obs.shape
         entropy_alpha = self.log_entropy_alpha.exp().detach()
 

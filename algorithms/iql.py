@@ -125,7 +125,7 @@ class Config:
     online_mix: float | None = None
     """fraction of each online-phase batch drawn from the offline data (None: uniform over the offline and online
     rows, one growing buffer, as CORL's IQL fine-tuning)"""
-    explore_noise: float = 0.03
+    online_explore_noise: float = 0.03
     """deterministic policy only: std of the Gaussian noise added to pi(s) when acting online (CORL's 0.03,
     clipped at 0.5); the Gaussian policy samples pi(a|s) instead"""
 
@@ -306,14 +306,14 @@ class Agent:
     @torch.no_grad()
     def explore(self, obs: torch.Tensor) -> torch.Tensor:
         """The online phase's action: a ~ pi(a|s) for the Gaussian policy (CORL's fine-tuning), or pi(s) plus
-        N(0, explore_noise^2) clipped at 0.5 for the deterministic one; kept inside the action bounds."""
+        N(0, online_explore_noise^2) clipped at 0.5 for the deterministic one; kept inside the action bounds."""
         self.actor.eval()
         mean = self.mean_action(obs)
         self.actor.train()
         if self.gaussian:
             noise = torch.randn_like(mean) * self.log_std.clamp(LOG_STD_MIN, LOG_STD_MAX).exp()
         else:
-            noise = (torch.randn_like(mean) * self.config.explore_noise).clamp(-0.5, 0.5)
+            noise = (torch.randn_like(mean) * self.config.online_explore_noise).clamp(-0.5, 0.5)
         return (mean + noise).clamp(-self.max_action, self.max_action)
 
     @torch.no_grad()

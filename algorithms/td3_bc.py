@@ -16,8 +16,8 @@ Continuous actions only. The paper uses one set of hyperparameters for every D4R
 `DATASET_SETTINGS` below; flags override it.
 Online fine-tuning (--online-steps; common/online.py) has no published protocol for TD3+BC (CORL's finetune/
 suite has none, and the paper is offline only). This file does what the TD3 family does: the policy acts as TD3
-explores, pi(s) + N(0, (expl_noise max_action)^2) with expl_noise 0.1 (TD3's, whose flag TD3+BC's code keeps),
-clipped to the action box; online transitions join the offline data in one buffer sampled uniformly (as CORL's
+explores, pi(s) + N(0, (sigma max_action)^2) with sigma = --online-explore-noise 0.1 (TD3's expl_noise, whose
+flag TD3+BC's code keeps), clipped to the action box; online transitions join the offline data in one buffer sampled uniformly (as CORL's
 AWAC, IQL and CQL fine-tuning); one update per env step; the loss keeps its BC term and alpha unchanged online
 (no switch).
 Beware on tasks with dense negative rewards such as Pendulum: lambda divides by mean|Q|, which there is a
@@ -125,9 +125,9 @@ class Config:
     """fraction of each online-phase batch drawn from the offline data (None: uniform over the offline and online
     rows, one growing buffer; no published TD3+BC rule: the single buffer of CORL's AWAC, IQL and CQL
     fine-tuning)"""
-    expl_noise: float = 0.1
+    online_explore_noise: float = 0.1
     """sigma of the exploration noise when acting online, a = clip(pi(s) + N(0, (sigma max_action)^2)) (TD3's
-    expl_noise 0.1, Fujimoto et al. 2018; unclipped noise, the action clipped to the box)"""
+    online_explore_noise 0.1, Fujimoto et al. 2018; unclipped noise, the action clipped to the box)"""
 
 
 # Per-dataset settings: a field left at None takes the value of the first row whose pattern matches the
@@ -247,10 +247,10 @@ class Agent:
 
     @torch.no_grad()
     def explore(self, obs: torch.Tensor) -> torch.Tensor:
-        """The online phase's action, TD3's exploration: pi_phi(s) + eps, eps ~ N(0, (expl_noise max_action)^2)
-        (torch's global RNG, saved in checkpoints), clipped to the action bounds."""
+        """The online phase's action, TD3's exploration: pi_phi(s) + eps, eps ~ N(0, (sigma max_action)^2) with sigma
+        = online_explore_noise (torch's global RNG, saved in checkpoints), clipped to the action bounds."""
         action = self.actor(obs)
-        noise = torch.randn_like(action) * self.config.expl_noise * self.max_action
+        noise = torch.randn_like(action) * self.config.online_explore_noise * self.max_action
         return (action + noise).clamp(-self.max_action, self.max_action)
 
     @torch.no_grad()

@@ -126,7 +126,7 @@ def saved_config(resume: str) -> tuple[dict, int]:
     return renamed_keys(dict(ckpt.get("config", {}))), int(ckpt.get("step", 0))
 
 
-def resume_conflicts(config: Any, saved: dict, given: set[str] | None = None) -> list[str]:
+def resume_conflicts(config: Any, saved: dict, given: set[str] | None = None, step: int = 0) -> list[str]:
     """Fields of `config` that differ from the resumed run's `saved` config and may not change.
 
     `given`: the fields the user set explicitly (the command line); None means "every field that differs
@@ -134,7 +134,7 @@ def resume_conflicts(config: Any, saved: dict, given: set[str] | None = None) ->
     """
     conflicts = []
     for f in dataclasses.fields(config):
-        if f.name in RESUME_MAY_CHANGE or f.name not in saved:
+        if may_change_on_resume(f.name, saved, step) or f.name not in saved:
             continue
         value = getattr(config, f.name)
         if _same(value, saved[f.name]):
@@ -166,7 +166,7 @@ def merge_resumed(config: Any, saved: dict, step: int) -> Any:
     the saved value; a field set to anything else must equal the saved one (or be one that may change).
     The command line is exact instead: `cli_config` parses the flags on top of the saved config.
     """
-    conflicts = resume_conflicts(config, saved)
+    conflicts = resume_conflicts(config, saved, step=step)
     if conflicts:
         fail(f"--resume {config.resume}: these settings differ from the run's and cannot change on resume: "
              f"{'; '.join(conflicts)}. Drop them to continue the run as it was, or start a new run")
@@ -175,8 +175,8 @@ def merge_resumed(config: Any, saved: dict, step: int) -> Any:
         if f.name not in saved:
             continue
         value = getattr(config, f.name)
-        if f.name in RESUME_MAY_CHANGE and not _same(value, _field_default(f)):
-            values[f.name] = value  # a bookkeeping field the user set: it wins
+        if may_change_on_resume(f.name, saved, step) and not _same(value, _field_default(f)):
+            values[f.name] = value  # a bookkeeping (or not yet used online) field the user set: it wins
         else:
             saved_value = saved[f.name]
             values[f.name] = tuple(saved_value) if isinstance(saved_value, list) else saved_value
@@ -184,6 +184,15 @@ def merge_resumed(config: Any, saved: dict, step: int) -> Any:
     merged = dataclasses.replace(config, **values)
     check_extension(merged, saved, step)
     return merged
+
+
+def may_change_on_resume(name: str, saved: dict, step: int) -> bool:
+    """Bookkeeping fields always; the online phase's own settings (fields named `online_*`: its exploration
+    noise, its batch mix, an algorithm's online-phase values) until the online phase has begun, so that a
+    finished offline run can be fine-tuned with settings of one's choice."""
+    if name in RESUME_MAY_CHANGE:
+        return True
+    return name.startswith("online_") and step <= (saved.get("max_steps") or 0)
 
 
 def check_extension(config: Any, saved: dict, step: int) -> None:
@@ -413,7 +422,7 @@ def cli_config(config_type: type, argv: list[str]) -> Any:
     default = config_type(**{**base, "resume": resume})
     config = tyro.cli(config_type, args=argv, default=default)
     conflicts = [f"{_flag(name)} {_show(getattr(config, name))} (the run has {_show(saved[name])})"
-                 for name in fields if name in saved and name not in RESUME_MAY_CHANGE
+                 for name in fields if name in saved and not may_change_on_resume(name, saved, step)
                  and not _same(getattr(config, name), saved[name])]
     if conflicts:
         fail(f"--resume {resume}: these settings differ from the run's and cannot change on resume: "

@@ -1,6 +1,6 @@
 """CQL(H), continuous actions: the regulariser against brute force, the importance weights, the Lagrange
 multiplier's direction, resume, the lecture's claim that the conservative Q-function does not overestimate, and
-the online phase (tanh-Gaussian exploration inside the box, alpha <- cql_alpha_online at the switch, resume
+the online phase (tanh-Gaussian exploration inside the box, alpha <- online_cql_alpha at the switch, resume
 mid-online)."""
 
 from __future__ import annotations
@@ -215,10 +215,10 @@ def test_explore_samples_the_tanh_gaussian_inside_the_action_box():
     assert wide.abs().max() <= SPEC.max_action and (wide.abs() == SPEC.max_action).any()
 
 
-def test_the_switch_sets_alpha_to_cql_alpha_online_and_is_kept_in_the_state():
-    """After start_online an agent with cql_alpha 1 and cql_alpha_online 7 takes the very step an offline agent
+def test_the_switch_sets_alpha_to_online_cql_alpha_and_is_kept_in_the_state():
+    """After start_online an agent with cql_alpha 1 and online_cql_alpha 7 takes the very step an offline agent
     with cql_alpha 7 takes (same initialisation, batch and samples); before it, the step of cql_alpha 1. The
-    switch survives a state round trip; cql_alpha_online None follows cql_alpha (CORL's configs)."""
+    switch survives a state round trip; online_cql_alpha None follows cql_alpha (CORL's configs)."""
     batch = random_batch(SPEC, 32)
 
     def step(agent):
@@ -230,14 +230,14 @@ def test_the_switch_sets_alpha_to_cql_alpha_online_and_is_kept_in_the_state():
         torch.manual_seed(0)
         return cql.Agent(tiny_config(**overrides), SPEC, torch.device("cpu"))
 
-    switching = agent(cql_alpha=1.0, cql_alpha_online=7.0)
+    switching = agent(cql_alpha=1.0, online_cql_alpha=7.0)
     offline_logs, offline_critic = step(switching)
     reference_logs, reference_critic = step(agent(cql_alpha=1.0))
     assert float(offline_logs["train/cql_alpha"]) == 1.0
     assert torch.equal(offline_logs["train/critic_loss"], reference_logs["train/critic_loss"])
     assert all(torch.equal(a, b) for a, b in zip(offline_critic, reference_critic))
 
-    switching = agent(cql_alpha=1.0, cql_alpha_online=7.0)
+    switching = agent(cql_alpha=1.0, online_cql_alpha=7.0)
     switching.start_online()
     online_logs, online_critic = step(switching)
     seven_logs, seven_critic = step(agent(cql_alpha=7.0))
@@ -246,17 +246,17 @@ def test_the_switch_sets_alpha_to_cql_alpha_online_and_is_kept_in_the_state():
     assert all(torch.equal(a, b) for a, b in zip(online_critic, seven_critic))
     assert not torch.equal(online_logs["train/critic_loss"], offline_logs["train/critic_loss"])
 
-    restored = agent(cql_alpha=1.0, cql_alpha_online=7.0)
+    restored = agent(cql_alpha=1.0, online_cql_alpha=7.0)
     restored.load_state_dict(switching.state_dict())
-    assert restored.online and not agent(cql_alpha=1.0, cql_alpha_online=7.0).online
-    assert agent(cql_alpha=3.0).cql_alpha_online == 3.0
+    assert restored.online and not agent(cql_alpha=1.0, online_cql_alpha=7.0).online
+    assert agent(cql_alpha=3.0).online_cql_alpha == 3.0
 
 
 def test_resume_mid_online_equals_an_uninterrupted_run(pendulum_mixed_id, tmp_path):
     """100 offline updates, then stopped 150 env steps into the online phase (mid-episode) and resumed to 450:
-    the same weights, temperatures, online buffer and scores as a run that never stopped. cql_alpha_online
+    the same weights, temperatures, online buffer and scores as a run that never stopped. online_cql_alpha
     differs from cql_alpha, so a resumed run that lost the switch (or switched again) would differ."""
-    fast = dict(hidden_dims=(16, 16), cql_num_samples=2, batch_size=32, cql_alpha=5.0, cql_alpha_online=1.0,
+    fast = dict(hidden_dims=(16, 16), cql_num_samples=2, batch_size=32, cql_alpha=5.0, online_cql_alpha=1.0,
                 eval_episodes=2, log_every=50, eval_every=100)
     straight = cql.train(run_config(cql.Config, pendulum_mixed_id, tmp_path / "a", max_steps=100, online_steps=450,
                                     **fast))

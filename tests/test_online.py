@@ -173,3 +173,26 @@ def test_bad_online_input_is_one_line(pendulum_mixed_id, tmp_path):
     flags = ["--env", pendulum_mixed_id, "--device", "cpu", "--runs-dir", str(tmp_path), "--no-download"]
     assert_one_line_error(run_algorithm_cli("iql", *flags, "--online-steps", "-5"), "--online-steps must be 0")
     assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+def test_a_finished_offline_run_is_fine_tuned_with_online_settings_of_ones_choice(pendulum_mixed_id, tmp_path,
+                                                                                  capsys):
+    """`--resume RUN --online-steps N --online-...` on a finished offline run: the online_* settings may change
+    until the online phase has begun, and not after."""
+    from common.runs import run_cli
+
+    offline = iql.train(run_config(iql.Config, pendulum_mixed_id, tmp_path, max_steps=60, **FAST))
+    for online_steps, expected in ((100, 0), (150, 2)):
+        import sys
+
+        argv, sys.argv = sys.argv, ["iql.py", "--resume", offline["run_dir"], "--online-steps", str(online_steps),
+                                    "--online-mix", "0.5" if online_steps == 100 else "0.25"]
+        try:
+            run_cli(iql.train, iql.Config)
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code
+        finally:
+            sys.argv = argv
+        assert code == expected, capsys.readouterr().err
+    assert "--online-mix 0.25 (the run has 0.5)" in capsys.readouterr().err

@@ -133,16 +133,16 @@ def test_resume_continues_with_the_same_numbers(tmp_path, pendulum_mixed_id):
 # --- online fine-tuning -------------------------------------------------------------------------------------
 
 def test_explore_adds_gaussian_noise_of_expl_noise_times_max_action_inside_the_box():
-    """TD3's exploration: pi(s) + N(0, (expl_noise max_action)^2), clipped to the box. With expl_noise 0.1 and
-    max_action 2 the spread around pi(s) is 0.2; with a noise far wider than the box the actions reach the
+    """TD3's exploration: pi(s) + N(0, (sigma max_action)^2), sigma = online_explore_noise, clipped to the box.
+    With 0.1 and max_action 2 the spread around pi(s) is 0.2; with a noise far wider than the box the actions reach the
     bounds and never pass them."""
-    agent = _agent(expl_noise=0.1)
+    agent = _agent(online_explore_noise=0.1)
     obs = torch.zeros(4000, SPEC.obs_dim)
     first, second = agent.explore(obs), agent.explore(obs)
     assert not torch.equal(first, second)  # stochastic
     deviation = first - agent.act(obs)
     assert abs(float(deviation.mean())) < 0.01 and float(deviation.std()) == pytest.approx(0.2, rel=0.05)
-    wide = _agent(expl_noise=5.0).explore(obs)
+    wide = _agent(online_explore_noise=5.0).explore(obs)
     assert wide.abs().max() <= SPEC.max_action and (wide.abs() == SPEC.max_action).any()
 
 
