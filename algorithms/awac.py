@@ -100,7 +100,7 @@ class Config:
     """torch.compile the update (faster after a warm-up compilation)"""
     online_steps: int = 0
     """env steps of online fine-tuning after the offline phase, one update each (0: offline only; see
-    common/online.py)"""
+    common/online.py; a file whose Agent cannot explore refuses any other value)"""
     # --- advantage-weighted actor-critic ---
     temperature: float = 1.0
     """lambda in the weights softmax(A / lambda) (the slide's alpha in exp(A / alpha); CORL: 1.0)"""

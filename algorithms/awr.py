@@ -97,6 +97,9 @@ class Config:
     """download Minari datasets that are not stored locally (when online)"""
     compile: bool = False
     """torch.compile the update (faster after a warm-up compilation)"""
+    online_steps: int = 0
+    """env steps of online fine-tuning after the offline phase, one update each (0: offline only; see
+    common/online.py; a file whose Agent cannot explore refuses any other value)"""
     # --- advantage-weighted regression ---
     beta: float = 1.0
     """temperature beta in the weight exp(A / beta) (the slide's epsilon). 1.0 goes with standardised

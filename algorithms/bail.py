@@ -121,6 +121,9 @@ class Config:
     """download Minari datasets that are not stored locally (when online)"""
     compile: bool = False
     """torch.compile the update (faster after a warm-up compilation)"""
+    online_steps: int = 0
+    """env steps of online fine-tuning after the offline phase, one update each (0: offline only; see
+    common/online.py; a file whose Agent cannot explore refuses any other value)"""
     # --- BAIL ---
     gamma: float = 0.99
     """gamma in the Monte Carlo return G_i = sum_k gamma^k r_(i+k) (the authors' 0.99)"""

@@ -80,6 +80,9 @@ class Config:
     """download Minari datasets that are not stored locally (when online)"""
     compile: bool = False
     """torch.compile the update (faster after a warm-up compilation)"""
+    online_steps: int = 0
+    """env steps of online fine-tuning after the offline phase, one update each (0: offline only; see
+    common/online.py; a file whose Agent cannot explore refuses any other value)"""
     # --- behaviour cloning ---
     policy: Literal["deterministic", "gaussian"] = "deterministic"
     """continuous-action head: deterministic pi(s) with the l2 loss, or Gaussian pi(a|s) with the NLL"""

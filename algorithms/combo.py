@@ -104,6 +104,9 @@ class Config:
     """download Minari datasets that are not stored locally (when online)"""
     compile: bool = False
     """torch.compile the update (faster after a warm-up compilation)"""
+    online_steps: int = 0
+    """env steps of online fine-tuning after the offline phase, one update each (0: offline only; see
+    common/online.py; a file whose Agent cannot explore refuses any other value)"""
     # --- COMBO: the model mixture d_f and the conservative critic ---
     cql_weight: float | None = None
     """beta in eq. 4: beta ( E_s~d_f log sum_a exp Q(s,a) - E_(s,a)~D Q(s,a) ) (None: from DATASET_SETTINGS)"""

@@ -99,7 +99,7 @@ class Config:
     """torch.compile the update (faster after a warm-up compilation)"""
     online_steps: int = 0
     """env steps of online fine-tuning after the offline phase, one update each (0: offline only; see
-    common/online.py)"""
+    common/online.py; a file whose Agent cannot explore refuses any other value)"""
     # --- conservative Q-learning ---
     cql_alpha: float | None = None
     """alpha, the trade-off in alpha * (E_s log sum_a exp Q(s,a) - E_(s,a)~D Q(s,a)): how conservative Q is

@@ -84,6 +84,9 @@ class Config:
     """download Minari datasets that are not stored locally (when online)"""
     compile: bool = False
     """torch.compile the update (faster after a warm-up compilation)"""
+    online_steps: int = 0
+    """env steps of online fine-tuning after the offline phase, one update each (0: offline only; see
+    common/online.py; a file whose Agent cannot explore refuses any other value)"""
     # --- conservative Q-learning, discrete actions ---
     cql_alpha: float = 1.0
     """alpha in alpha * E_(s,a)~D [ log sum_a' exp Q(s,a') - Q(s,a) ] (paper, Atari: 1.0 with 10% of the data,

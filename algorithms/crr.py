@@ -101,6 +101,9 @@ class Config:
     """download Minari datasets that are not stored locally (when online)"""
     compile: bool = False
     """torch.compile the update (faster after a warm-up compilation)"""
+    online_steps: int = 0
+    """env steps of online fine-tuning after the offline phase, one update each (0: offline only; see
+    common/online.py; a file whose Agent cannot explore refuses any other value)"""
     # --- critic regularized regression ---
     filter: Literal["binary", "exp"] = "binary"
     """the filter f(A^) weighting log pi(a|s): binary 1[A^ > 0] (d3rlpy's locomotion reproduction) or exp

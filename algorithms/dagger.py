@@ -118,6 +118,9 @@ class Config:
     """download Minari datasets that are not stored locally (when online)"""
     compile: bool = False
     """torch.compile the update (faster after a warm-up compilation)"""
+    online_steps: int = 0
+    """env steps of online fine-tuning after the offline phase, one update each (0: offline only; see
+    common/online.py; a file whose Agent cannot explore refuses any other value)"""
     # --- DAgger ---
     expert: str | None = None
     """pi_expert, queried for a* at visited states (common/experts.py): a run directory or checkpoint.pt of this

@@ -124,6 +124,9 @@ class Config:
     """download Minari datasets that are not stored locally (when online)"""
     compile: bool = False
     """torch.compile the update (faster after a warm-up compilation)"""
+    online_steps: int = 0
+    """env steps of online fine-tuning after the offline phase, one update each (0: offline only; see
+    common/online.py; a file whose Agent cannot explore refuses any other value)"""
     # --- decision transformer ---
     target_returns: tuple[float, ...] | None = None
     """target returns R^_0 the test-time loop starts from, one evaluation per target, the first reported as

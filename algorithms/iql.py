@@ -90,7 +90,7 @@ class Config:
     """torch.compile the update (faster after a warm-up compilation)"""
     online_steps: int = 0
     """env steps of online fine-tuning after the offline phase, one update each (0: offline only; see
-    common/online.py)"""
+    common/online.py; a file whose Agent cannot explore refuses any other value)"""
     # --- implicit Q-learning ---
     expectile: float | None = None
     """tau in the expectile loss l2^tau(Q - V) (None: from DATASET_SETTINGS; 0.7 locomotion, 0.9 antmaze).

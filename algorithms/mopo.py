@@ -97,6 +97,9 @@ class Config:
     """download Minari datasets that are not stored locally (when online)"""
     compile: bool = False
     """torch.compile the update (faster after a warm-up compilation)"""
+    online_steps: int = 0
+    """env steps of online fine-tuning after the offline phase, one update each (0: offline only; see
+    common/online.py; a file whose Agent cannot explore refuses any other value)"""
     # --- MOPO: the pessimistic reward and the model rollouts ---
     penalty_coef: float | None = None
     """lambda in the penalised reward r~(s, a) = r(s, a) - lambda u(s, a) (None: from DATASET_SETTINGS)"""

@@ -81,6 +81,9 @@ class Config:
     """download Minari datasets that are not stored locally (when online)"""
     compile: bool = False
     """torch.compile the update (faster after a warm-up compilation)"""
+    online_steps: int = 0
+    """env steps of online fine-tuning after the offline phase, one update each (0: offline only; see
+    common/online.py; a file whose Agent cannot explore refuses any other value)"""
     # --- SAC ---
     gamma: float = 0.99
     """gamma, the discount in y = r + gamma (1 - d) (min_i Q_theta'_i(s', a') - alpha log pi(a'|s'))"""

@@ -98,7 +98,7 @@ class Config:
     """torch.compile the update (faster after a warm-up compilation)"""
     online_steps: int = 0
     """env steps of online fine-tuning after the offline phase, one update each (0: offline only; see
-    common/online.py)"""
+    common/online.py; a file whose Agent cannot explore refuses any other value)"""
     # --- TD3+BC ---
     alpha: float = 2.5
     """alpha in lambda = alpha / (1/N sum |Q(s_i, a_i)|): weight of the Q term against the BC term"""

@@ -172,6 +172,7 @@ def test_fine_tuning_raises_iql_above_its_offline_score(pendulum_mixed_id, tmp_p
 def test_bad_online_input_is_one_line(pendulum_mixed_id, tmp_path):
     flags = ["--env", pendulum_mixed_id, "--device", "cpu", "--runs-dir", str(tmp_path), "--no-download"]
     assert_one_line_error(run_algorithm_cli("iql", *flags, "--online-steps", "-5"), "--online-steps must be 0")
+    assert_one_line_error(run_algorithm_cli("bc", *flags, "--online-steps", "100"), "bc.py has no online phase")
     assert not tmp_path.exists() or not any(tmp_path.iterdir())
 
 
