@@ -37,7 +37,7 @@ Each online step is one env step and one update (an update-to-data ratio of 1, a
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import gymnasium as gym
 import numpy as np
@@ -57,23 +57,28 @@ class OnlinePhase:
     `offline`: the run's TensorSampler of offline data; its keys are the keys every batch has (the online buffer
     fills the same ones, from `BUFFER_KEYS`). `config`: the algorithm's Config (`max_steps`, `online_steps`,
     `seed`, and optionally `online_mix`). With `online_steps` 0 the phase is the offline sampler itself.
+    Online rewards become `r * scale + shift` with (scale, shift) = `reward_affine`, else the dataset's
+    `reward_affine(reward_transform)`. `returns_to_go(rewards, terminals) -> G` computes an ended episode's
+    returns-to-go from its (transformed) rewards and terminal flags (numpy, one row per step; Cal-QL's sparse
+    rule), else the discounted sum with `returns_to_go_gamma`.
     """
 
     def __init__(self, agent: Any, dataset: OfflineDataset, offline: TensorSampler, normalizer: ObsNormalizer | None,
                  config: Any, device: torch.device, reward_transform: str = "none",
-                 returns_to_go_gamma: float | None = None):
+                 returns_to_go_gamma: float | None = None, reward_affine: tuple[float, float] | None = None,
+                 returns_to_go: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None):
         self.agent, self.dataset, self.offline, self.normalizer = agent, dataset, offline, normalizer
         self.device, self.seed = torch.device(device), int(config.seed)
         self.offline_steps, self.online_steps = int(config.max_steps), int(getattr(config, "online_steps", 0) or 0)
         self.mix = getattr(config, "online_mix", None)
-        self.scale, self.shift = dataset.reward_affine(reward_transform)
-        self.gamma = returns_to_go_gamma
+        self.scale, self.shift = reward_affine or dataset.reward_affine(reward_transform)
+        self.gamma, self.returns_to_go = returns_to_go_gamma, returns_to_go
         self.keys = list(offline.keys)
         missing = [k for k in self.keys if k not in BUFFER_KEYS]
         if self.online_steps and missing:
             fail(f"the online phase cannot fill {missing} for online transitions (it fills {', '.join(BUFFER_KEYS)})")
-        if self.online_steps and "returns_to_go" in self.keys and returns_to_go_gamma is None:
-            fail("the online phase needs returns_to_go_gamma to fill returns_to_go")
+        if self.online_steps and "returns_to_go" in self.keys and returns_to_go_gamma is None and returns_to_go is None:
+            fail("the online phase needs returns_to_go_gamma (or returns_to_go) to fill returns_to_go")
         if self.online_steps:
             dataset.make_env().close()  # an env that cannot be made is one line now, before anything is written
         self.generator = torch.Generator(device=self.device)
@@ -149,7 +154,8 @@ class OnlinePhase:
         self._reset(replay=self.episode_actions)
 
     def _allocate(self) -> None:
-        sample = self.offline.sample(1)
+        # shapes and dtypes from the first offline row (not a sample: a resumed run's generator must not move)
+        sample = self.offline.rows(torch.zeros(1, dtype=torch.long, device=self.device))
         self.rows = {k: torch.zeros((self.online_steps, *sample[k].shape[1:]), dtype=sample[k].dtype,
                                     device=self.device) for k in self.keys}
 
@@ -201,10 +207,13 @@ class OnlinePhase:
             rows = slice(self.size - length, self.size)
             rewards = self.rows["rewards"][rows].double().cpu().numpy()
             terminals = self.rows["terminals"][rows].double().cpu().numpy()
-            returns, running = np.zeros(length), 0.0
-            for t in range(length - 1, -1, -1):
-                running = rewards[t] + self.gamma * (1.0 - terminals[t]) * running
-                returns[t] = running
+            if self.returns_to_go is not None:
+                returns = np.asarray(self.returns_to_go(rewards, terminals), dtype=np.float64)
+            else:
+                returns, running = np.zeros(length), 0.0
+                for t in range(length - 1, -1, -1):
+                    running = rewards[t] + self.gamma * (1.0 - terminals[t]) * running
+                    returns[t] = running
             self.rows["returns_to_go"][rows] = torch.as_tensor(returns, dtype=self.rows["returns_to_go"].dtype)
         normalized = self.dataset.normalized_score(np.array([self.episode_return]))
         success = next((bool(info[k]) for k in SUCCESS_KEYS if k in info), None)
