@@ -14,7 +14,8 @@ NAME ?= sweep
 RUNS ?= runs
 FLAGS ?=
 
-.PHONY: install run test bench datasets datasets-default scores clean-runs figures sweep results
+.PHONY: install run test bench datasets datasets-default scores clean-runs figures sweep results video export-policy \
+	crosscheck
 
 # pip is only called when requirements.txt changed since the last successful install
 install: .installed
@@ -79,6 +80,26 @@ results: install
 # The lecture's claims as figures: results/figures/*.png and results/figures/README.md (a few minutes, 1 core)
 figures: install
 	$(PY) -m common.figures
+
+# Videos of a saved run without training: make video RUN=runs/<algo>/<dataset>/<run> [EPISODES=3]
+EPISODES ?= 3
+video: install
+	$(PY) -m common.reporting.video $(RUN) --episodes $(EPISODES)
+
+# A run's deterministic policy as one file that runs without this library (torchscript: torch.jit.load; onnx:
+# onnxruntime), normaliser and action bounds inside: make export-policy RUN=runs/<algo>/<dataset>/<run> [FORMAT=onnx]
+FORMAT ?= onnx
+export-policy: install
+	$(PY) -m common.export $(RUN) --format $(FORMAT)
+
+# One update of each file against its reference implementation on the same weights, batch and draws, a row per file
+# in results/crosscheck.md. The references are not installed by this Makefile: CORL=<a checkout of
+# corl-team/CORL>, JAX_PYTHON=<a Python with jax, flax, optax, chex> (rebrac), D3RLPY_PYTHON=<a Python with d3rlpy>
+# (crr); CROSSCHECK='td3_bc iql' picks comparisons (default all)
+CROSSCHECK ?= all
+crosscheck: install
+	$(PY) -m common.reporting.crosscheck $(if $(CORL),--reference $(CORL)) $(if $(JAX_PYTHON),--jax-python $(JAX_PYTHON)) \
+	  $(if $(D3RLPY_PYTHON),--d3rlpy-python $(D3RLPY_PYTHON)) --algos $(CROSSCHECK)
 
 # every run and sweep, but not runs/datasets (the builder's build folders: DAgger's default expert lives there)
 clean-runs:

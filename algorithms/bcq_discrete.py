@@ -83,6 +83,9 @@ class Config:
     online_steps: int = 0
     """env steps of online fine-tuning after the offline phase, one update each (0: offline only; see
     common/online.py; a file whose Agent cannot explore refuses any other value)"""
+    capture_video: bool = False
+    """record the final evaluation's first episodes (and, with --eval-every, periodic ones) as MP4 in the run
+    directory, and to W&B with --track"""
     # --- discrete BCQ ---
     threshold: float = 0.3
     """eps in A_eps^BCQ(s) = {a : pi_beta(a|s) / max_a pi_beta(a|s) >= eps} (paper: tau = 0.3)"""
@@ -254,11 +257,12 @@ def train(config: Config) -> dict:
         if run.should_eval(step):
             with run.timed():
                 run.log_eval(step, evaluate(agent.act, dataset, normalizer, config.eval_episodes,
-                                            config.seed, device, envs))
+                                            config.seed, device, envs, video=run.video_for(step)))
         if run.should_checkpoint(step):
             with run.timed():
                 run.save_checkpoint(step, agent, sampler)
-    result = evaluate(agent.act, dataset, normalizer, config.eval_episodes, config.seed, device, envs)
+    result = evaluate(agent.act, dataset, normalizer, config.eval_episodes, config.seed, device, envs,
+                      video=run.video_for(run.total_steps))
     run.log_eval(config.max_steps, result)
     envs.close()
     return run.finish(result)

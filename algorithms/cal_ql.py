@@ -117,6 +117,9 @@ class Config:
     online_steps: int = 0
     """env steps of online fine-tuning after the offline phase, one update each (0: offline only; see
     common/online.py)"""
+    capture_video: bool = False
+    """record the final evaluation's first episodes (and, with --eval-every, periodic ones) as MP4 in the run
+    directory, and to W&B with --track"""
     # --- calibrated conservative Q-learning ---
     cql_alpha: float | None = None
     """alpha, the weight of the push-down term alpha (E_s~D,a~pi [max(Q(s,a), G)] - E_(s,a)~D [Q(s,a)])
@@ -560,11 +563,12 @@ def train(config: Config) -> dict:
         if run.should_eval(step):
             with run.timed():
                 run.log_eval(step, evaluate(agent.act, dataset, normalizer, config.eval_episodes,
-                                            config.seed, device, envs))
+                                            config.seed, device, envs, video=run.video_for(step)))
         if run.should_checkpoint(step):
             with run.timed():
                 run.save_checkpoint(step, agent, phase)
-    result = evaluate(agent.act, dataset, normalizer, config.eval_episodes, config.seed, device, envs)
+    result = evaluate(agent.act, dataset, normalizer, config.eval_episodes, config.seed, device, envs,
+                      video=run.video_for(run.total_steps))
     run.log_eval(run.total_steps, result)
     envs.close()
     return run.finish(result, phase.summary())

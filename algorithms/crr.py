@@ -104,6 +104,9 @@ class Config:
     online_steps: int = 0
     """env steps of online fine-tuning after the offline phase, one update each (0: offline only; see
     common/online.py; a file whose Agent cannot explore refuses any other value)"""
+    capture_video: bool = False
+    """record the final evaluation's first episodes (and, with --eval-every, periodic ones) as MP4 in the run
+    directory, and to W&B with --track"""
     # --- critic regularized regression ---
     filter: Literal["binary", "exp"] = "binary"
     """the filter f(A^) weighting log pi(a|s): binary 1[A^ > 0] (d3rlpy's locomotion reproduction) or exp
@@ -392,12 +395,13 @@ def train(config: Config) -> dict:
             with run.timed():
                 agent.reset_sampling()
                 run.log_eval(step, evaluate(agent.act, dataset, normalizer, config.eval_episodes,
-                                            config.seed, device, envs))
+                                            config.seed, device, envs, video=run.video_for(step)))
         if run.should_checkpoint(step):
             with run.timed():
                 run.save_checkpoint(step, agent, sampler)
     agent.reset_sampling()
-    result = evaluate(agent.act, dataset, normalizer, config.eval_episodes, config.seed, device, envs)
+    result = evaluate(agent.act, dataset, normalizer, config.eval_episodes, config.seed, device, envs,
+                      video=run.video_for(run.total_steps))
     run.log_eval(config.max_steps, result)
     envs.close()
     return run.finish(result)

@@ -121,6 +121,9 @@ class Config:
     online_steps: int = 0
     """env steps of online fine-tuning after the offline phase, one update each (0: offline only; see
     common/online.py; a file whose Agent cannot explore refuses any other value)"""
+    capture_video: bool = False
+    """record the final evaluation's first episodes (and, with --eval-every, periodic ones) as MP4 in the run
+    directory, and to W&B with --track"""
     # --- DAgger ---
     expert: str | None = None
     """pi_expert, queried for a* at visited states (common/experts.py): a run directory or checkpoint.pt of this
@@ -564,7 +567,7 @@ def round_zero_from_dataset(config: Config, dataset: OfflineDataset, expert: Exp
 
 @torch.no_grad()
 def evaluate_against_expert(agent: Agent, expert: Expert, dataset: OfflineDataset, episodes: int, seed: int,
-                            device: torch.device, envs: gym.vector.VectorEnv | None = None) -> dict:
+                            device: torch.device, envs: gym.vector.VectorEnv | None = None, video=None) -> dict:
     """`common.evaluation.evaluate` of the learner alone, plus its on-policy action error against the
     expert at the states it visits: `onpolicy_error` (mean d(a, a*) per step) and `onpolicy_cost` (the sum
     over each episode, averaged: the cost l(pi) of Theorems 2.1 / 2.2 with d as the per-step loss), and
@@ -578,7 +581,7 @@ def evaluate_against_expert(agent: Agent, expert: Expert, dataset: OfflineDatase
                                          dataset.action_space))
         return agent.act(obs)
 
-    result = evaluate(policy, dataset, None, episodes, seed, device, envs)
+    result = evaluate(policy, dataset, None, episodes, seed, device, envs, video=video)
     d = np.stack(record)  # (T, episodes); rows past an episode's end belong to the next one: masked
     live = np.arange(len(d))[:, None] < result["lengths"][None, :]
     result["onpolicy_error"] = float(d[live].mean())
@@ -618,13 +621,14 @@ def train(config: Config) -> dict:
         if run.should_eval(step):
             with run.timed():
                 result = evaluate_against_expert(agent, expert, dataset, config.eval_episodes, config.seed,
-                                                 device, envs)
+                                                 device, envs, run.video_for(step))
                 run.log_eval(step, result)
                 run.log(step, {"eval/onpolicy_error": result["onpolicy_error"]})
         if run.should_checkpoint(step):
             with run.timed():
                 run.save_checkpoint(step, agent, data)
-    result = evaluate_against_expert(agent, expert, dataset, config.eval_episodes, config.seed, device, envs)
+    result = evaluate_against_expert(agent, expert, dataset, config.eval_episodes, config.seed, device, envs,
+                                     run.video_for(run.total_steps))
     run.log_eval(config.max_steps, result)
     run.log(config.max_steps, {"eval/onpolicy_error": result["onpolicy_error"]})
     envs.close()

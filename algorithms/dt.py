@@ -127,6 +127,9 @@ class Config:
     online_steps: int = 0
     """env steps of online fine-tuning after the offline phase, one update each (0: offline only; see
     common/online.py; a file whose Agent cannot explore refuses any other value)"""
+    capture_video: bool = False
+    """record the final evaluation's first episodes (and, with --eval-every, periodic ones) as MP4 in the run
+    directory, and to W&B with --track"""
     # --- decision transformer ---
     target_returns: tuple[float, ...] | None = None
     """target returns R^_0 the test-time loop starts from, one evaluation per target, the first reported as
@@ -576,11 +579,12 @@ def sequence_sampler(dataset: OfflineDataset, normalizer: ObsNormalizer | None, 
 
 
 def evaluate_targets(agent: Agent, dataset: OfflineDataset, normalizer: ObsNormalizer | None, config: Config,
-                     device: torch.device, envs) -> list[dict]:
-    """The test-time loop for every target return at once: eval_episodes episodes per target, one result each."""
+                     device: torch.device, envs, video=None) -> list[dict]:
+    """The test-time loop for every target return at once: eval_episodes episodes per target, one result each
+    (`video`: records the first target's first episodes, those of the reported score)."""
     targets = torch.tensor(config.target_returns, dtype=torch.float32).repeat_interleave(config.eval_episodes)
     return evaluate_stateful(agent.rollout(targets), dataset, normalizer, config.eval_episodes, config.seed,
-                             device, envs, groups=len(config.target_returns))
+                             device, envs, groups=len(config.target_returns), video=video)
 
 
 def target_log_entries(config: Config, results: list[dict]) -> dict[str, float]:
@@ -615,13 +619,13 @@ def train(config: Config) -> dict:
             run.log(step, logs)
         if run.should_eval(step):
             with run.timed():
-                results = evaluate_targets(agent, dataset, normalizer, config, device, envs)
+                results = evaluate_targets(agent, dataset, normalizer, config, device, envs, run.video_for(step))
                 run.log_eval(step, results[0])
                 run.log(step, target_log_entries(config, results))
         if run.should_checkpoint(step):
             with run.timed():
                 run.save_checkpoint(step, agent, sampler)
-    results = evaluate_targets(agent, dataset, normalizer, config, device, envs)
+    results = evaluate_targets(agent, dataset, normalizer, config, device, envs, run.video_for(run.total_steps))
     run.log_eval(config.max_steps, results[0])
     run.log(config.max_steps, target_log_entries(config, results))
     envs.close()

@@ -91,6 +91,9 @@ class Config:
     online_steps: int = 0
     """env steps of online fine-tuning after the offline phase, one update each (0: offline only; see
     common/online.py; a file whose Agent cannot explore refuses any other value)"""
+    capture_video: bool = False
+    """record the final evaluation's first episodes (and, with --eval-every, periodic ones) as MP4 in the run
+    directory, and to W&B with --track"""
     # --- implicit Q-learning ---
     expectile: float | None = None
     """tau in the expectile loss l2^tau(Q - V) (None: from DATASET_SETTINGS; 0.7 locomotion, 0.9 antmaze).
@@ -374,11 +377,12 @@ def train(config: Config) -> dict:
         if run.should_eval(step):
             with run.timed():
                 run.log_eval(step, evaluate(agent.act, dataset, normalizer, config.eval_episodes,
-                                            config.seed, device, envs))
+                                            config.seed, device, envs, video=run.video_for(step)))
         if run.should_checkpoint(step):
             with run.timed():
                 run.save_checkpoint(step, agent, phase)
-    result = evaluate(agent.act, dataset, normalizer, config.eval_episodes, config.seed, device, envs)
+    result = evaluate(agent.act, dataset, normalizer, config.eval_episodes, config.seed, device, envs,
+                      video=run.video_for(run.total_steps))
     run.log_eval(run.total_steps, result)
     envs.close()
     return run.finish(result, phase.summary())

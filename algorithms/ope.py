@@ -135,6 +135,9 @@ class Config:
     online_steps: int = 0
     """env steps of online fine-tuning after the offline phase, one update each (0: offline only; see
     common/online.py; a file whose Agent cannot explore refuses any other value)"""
+    capture_video: bool = False
+    """record the final evaluation's first episodes (and, with --eval-every, periodic ones) as MP4 in the run
+    directory, and to W&B with --track"""
     # --- off-policy evaluation ---
     policy: str | None = None
     """the policy pi to evaluate: a run directory of this library (or its checkpoint.pt); None: the newest run

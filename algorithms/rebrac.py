@@ -104,6 +104,9 @@ class Config:
     online_steps: int = 0
     """env steps of online fine-tuning after the offline phase, one update each (0: offline only; see
     common/online.py; a file whose Agent cannot explore refuses any other value)"""
+    capture_video: bool = False
+    """record the final evaluation's first episodes (and, with --eval-every, periodic ones) as MP4 in the run
+    directory, and to W&B with --track"""
     # --- ReBRAC ---
     actor_beta: float | None = None
     """beta_1 in the actor's loss beta_1 ||pi(s) - a||^2 - lambda min_i Q_i(s, pi(s)) (None: from
@@ -415,11 +418,12 @@ def train(config: Config) -> dict:
         if run.should_eval(step):
             with run.timed():
                 run.log_eval(step, evaluate(agent.act, dataset, normalizer, config.eval_episodes,
-                                            config.seed, device, envs))
+                                            config.seed, device, envs, video=run.video_for(step)))
         if run.should_checkpoint(step):
             with run.timed():
                 run.save_checkpoint(step, agent, sampler)
-    result = evaluate(agent.act, dataset, normalizer, config.eval_episodes, config.seed, device, envs)
+    result = evaluate(agent.act, dataset, normalizer, config.eval_episodes, config.seed, device, envs,
+                      video=run.video_for(run.total_steps))
     run.log_eval(config.max_steps, result)
     envs.close()
     return run.finish(result)

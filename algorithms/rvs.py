@@ -127,6 +127,9 @@ class Config:
     online_steps: int = 0
     """env steps of online fine-tuning after the offline phase, one update each (0: offline only; see
     common/online.py; a file whose Agent cannot explore refuses any other value)"""
+    capture_video: bool = False
+    """record the final evaluation's first episodes (and, with --eval-every, periodic ones) as MP4 in the run
+    directory, and to W&B with --track"""
     # --- RvS ---
     epochs: int | None = None
     """training length in the authors' unit: max_steps = epochs * ceil(N / batch_size), N the examples of one
@@ -447,13 +450,13 @@ def synthetic_batch_source(spec: DataSpec, config: Config, device: torch.device,
 
 
 def evaluate_fractions(agent: Agent, dataset: OfflineDataset, fractions: tuple[float, ...], horizon: int,
-                       config: Config, device: torch.device, envs) -> list[dict]:
+                       config: Config, device: torch.device, envs, video=None) -> list[dict]:
     """Every fraction's episodes stepped together (env g * E + i plays evaluation episode i with fraction g's
-    omega, fixed for the whole episode); one result per fraction."""
+    omega, fixed for the whole episode); one result per fraction (`video`: records its group's episodes)."""
     omegas = torch.tensor(target_omegas(dataset, fractions, horizon), device=device, dtype=torch.float32)
     omega = omegas.repeat_interleave(config.eval_episodes).unsqueeze(-1)
     return evaluate_stateful(lambda obs, _rewards: agent.act_conditioned(obs, omega), dataset, None,
-                             config.eval_episodes, config.seed, device, envs, groups=len(fractions))
+                             config.eval_episodes, config.seed, device, envs, groups=len(fractions), video=video)
 
 
 def fraction_log_entries(fractions: tuple[float, ...], results: list[dict]) -> dict[str, float]:
@@ -512,10 +515,11 @@ def train(config: Config) -> dict:
     envs = make_eval_envs(dataset, config.eval_episodes * (len(fractions) if reward_conditioned else 1))
     main = fractions.index(config.main_fraction) if reward_conditioned else 0
 
-    def evaluate_all() -> list[dict]:
+    def evaluate_all(step: int) -> list[dict]:
+        video = run.video_for(step, group=main)  # the main fraction's episodes: those of the reported score
         if reward_conditioned:
-            return evaluate_fractions(agent, dataset, fractions, horizon, config, device, envs)
-        return [evaluate(agent.act, dataset, None, config.eval_episodes, config.seed, device, envs)]
+            return evaluate_fractions(agent, dataset, fractions, horizon, config, device, envs, video)
+        return [evaluate(agent.act, dataset, None, config.eval_episodes, config.seed, device, envs, video=video)]
 
     for step in run.steps(start):
         logs = agent.update(sampler.sample(config.batch_size))
@@ -523,14 +527,14 @@ def train(config: Config) -> dict:
             run.log(step, logs)
         if run.should_eval(step):
             with run.timed():
-                results = evaluate_all()
+                results = evaluate_all(step)
                 run.log_eval(step, results[main])
                 if reward_conditioned:
                     run.log(step, fraction_log_entries(fractions, results))
         if run.should_checkpoint(step):
             with run.timed():
                 run.save_checkpoint(step, agent, sampler)
-    results = evaluate_all()
+    results = evaluate_all(run.total_steps)
     run.log_eval(config.max_steps, results[main])
     envs.close()
     if not reward_conditioned:

@@ -467,12 +467,13 @@ class OfflineDataset:
         return 100.0 * (np.asarray(returns, dtype=np.float64) - self.ref_min_score) / (
             self.ref_max_score - self.ref_min_score)
 
-    def make_env(self) -> gym.Env:
-        """One evaluation environment, rebuilt from the dataset's stored eval env spec."""
+    def make_env(self, render_mode: str | None = None) -> gym.Env:
+        """One evaluation environment, rebuilt from the dataset's stored eval env spec (`render_mode`: e.g.
+        "rgb_array" for an env that draws video frames; None: the spec's own, normally no rendering)."""
         if self.eval_env_spec is None:
             fail(f"dataset '{self.minari_id}' stores no environment spec: it cannot be evaluated")
         try:
-            return gym.make(self.eval_env_spec)
+            return gym.make(self.eval_env_spec, **({"render_mode": render_mode} if render_mode else {}))
         except Exception as err:  # missing extra (mujoco, gymnasium-robotics), unknown id...
             env_id = getattr(self.eval_env_spec, "id", self.eval_env_spec)
             fail(f"cannot create the evaluation env '{env_id}' of '{self.minari_id}': "

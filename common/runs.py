@@ -6,6 +6,8 @@ A run writes to `<runs_dir>/<algo>/<dataset>/<seed>-<YYYYmmdd-HHMMSS>/`:
   metrics.jsonl   one JSON object per logged step: {"step": ..., "train/...": ..., "perf/steps_per_sec": ...}
   checkpoint.pt   the latest checkpoint (unless --checkpoint-dir points elsewhere)
   summary.json    the final evaluation
+  videos/         with --capture-video: step-<N>-episode-<i>.mp4, the first episodes of the evaluation at step N
+                  (common/video.py says what the frames are)
 With `--track`, the same metrics go to Weights & Biases (WANDB_MODE=offline works without a network).
 
 Metrics are read from the device only every `log_every` steps (`.item()` happens here, never per step),
@@ -105,7 +107,7 @@ def resolve_device(device: str) -> torch.device:
 # the run's own: a resumed run keeps it, and a flag that tries to change it is refused.
 RESUME_MAY_CHANGE = {"max_steps", "online_steps", "eval_every", "eval_episodes", "log_every", "checkpoint_every",
                      "checkpoint_dir", "resume", "track", "wandb_project", "runs_dir", "download", "threads",
-                     "compile"}
+                     "compile", "capture_video"}
 MAX_SEED = 2 ** 32 - 1  # numpy's seed range
 
 
@@ -241,6 +243,11 @@ def validate_config(config: Any) -> None:
         need(agent is not None and hasattr(agent, "explore"),
              f"--online-steps: {Path(getattr(module, '__file__', 'this file')).name} has no online phase (its Agent "
              f"cannot explore); the files with one list `explore` in their Agent (see CONTRIBUTING.md)")
+    if getattr(config, "capture_video", False):
+        module = sys.modules.get(type(config).__module__)
+        need(not getattr(module, "NOT_A_POLICY", None),
+             f"--capture-video: a {Path(getattr(module, '__file__', 'this file')).name} run is not a policy and "
+             f"records no videos; render the run it evaluates with `python -m common.reporting.video RUN`")
     for name in sorted(n for n in names if n.endswith("hidden_dims")):
         widths = getattr(config, name)
         need(len(widths) >= 1 and all(w >= 1 for w in widths),
@@ -573,6 +580,12 @@ class Run:
                  normalizer: Any = None):
         self.algo, self.config, self.dataset, self.device = algo, config, dataset, device
         self.normalizer = normalizer
+        if getattr(config, "capture_video", False):
+            # the encoder is there and the env draws a frame here (MuJoCo: a headless OpenGL backend), checked
+            # before anything is written or trained: a run never fails at its first video after hours of training
+            from common.video import check_recording
+
+            check_recording(dataset.make_env, getattr(dataset.eval_env_spec, "id", dataset.name))
         # an online phase (common/online.py) follows the max_steps offline updates: one update per env step
         self.online_steps = int(getattr(config, "online_steps", 0) or 0)
         self.total_steps = config.max_steps + self.online_steps
@@ -803,6 +816,28 @@ class Run:
         self.progress.extra = (f" | eval score {score:.1f}" if score is not None
                                else f" | eval return {entries['eval/return_mean']:.1f}")
 
+    def video_for(self, step: int, group: int = 0):
+        """The video recorder of the evaluation at `step` (pass it as `evaluate(..., video=)`), or None without
+        --capture-video. It writes `videos/step-<step>-episode-<i>.mp4` in the run directory: the final
+        evaluation's (step `total_steps`) first `common.video.FINAL_EPISODES` episodes, a periodic one's first
+        `PERIODIC_EPISODES`; with --track they go to W&B as `eval/video_episode_<i>` at that step. `group`: the
+        group of `evaluate_stateful(groups=...)` recorded (the one whose score the run reports)."""
+        if not getattr(self.config, "capture_video", False):
+            return None
+        from common.video import FINAL_EPISODES, PERIODIC_EPISODES, VideoRecorder
+
+        episodes = FINAL_EPISODES if step >= self.total_steps else PERIODIC_EPISODES
+        return VideoRecorder(self.dir / "videos", f"step-{step}", episodes, group,
+                             on_written=lambda paths: self._log_videos(step, paths))
+
+    def _log_videos(self, step: int, paths: list[Path]) -> None:
+        if self.wandb is None:
+            return
+        import wandb
+
+        self.wandb.log({f"eval/video_episode_{i}": wandb.Video(str(path), format="mp4")
+                        for i, path in enumerate(paths)}, step=step)
+
     def timed(self):
         """Context manager whose time is left out of steps/s (evaluation, checkpoints)."""
         run = self
@@ -873,6 +908,8 @@ class Run:
         steps = f"{self.config.max_steps} steps" + (f" + {self.online_steps} online" if self.online_steps else "")
         print(f"{self.algo} on {self.dataset.name}, seed {self.config.seed}, {steps}: "
               f"{format_result(result, self.dataset)}", flush=True)
+        if getattr(self.config, "capture_video", False):
+            print(f"videos: {self.dir / 'videos'}", file=sys.stderr, flush=True)
         return summary
 
     def _logged_eval(self, step: int) -> dict | None:

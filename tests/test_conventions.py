@@ -15,7 +15,7 @@ from common.reporting import bench
 # The shared Config fields, in this order, in every algorithm file (see shared/style.md).
 SHARED_FIELDS = ["env", "seed", "device", "threads", "max_steps", "batch_size", "eval_every", "eval_episodes",
                  "log_every", "checkpoint_every", "checkpoint_dir", "resume", "track", "wandb_project",
-                 "runs_dir", "download", "compile", "online_steps"]
+                 "runs_dir", "download", "compile", "online_steps", "capture_video"]
 ALGORITHM_FILES = sorted(p.stem for p in (ROOT / "algorithms").glob("*.py") if not p.stem.startswith("_"))
 
 

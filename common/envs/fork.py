@@ -49,29 +49,45 @@ ARENA_HIGH = np.array([1.5, 2.5], dtype=np.float32)
 EXPERT_CLEARANCE = OBSTACLE_RADIUS + 0.15
 EXPERT_SPEED = 0.8  # the expert's actions stay inside the bounds, so action noise is rarely clipped
 EXPERT_PASS_UNTIL = OBSTACLE_CENTER[1] + 0.2  # straight up until this height, then towards the goal
+RENDER_SIZE = 300  # frame height and width in pixels: 100 per unit of the 3 x 3 arena
+RENDER_FPS = 10  # a 50-step episode plays in 5 s
 
 
 class PointForkEnv(gym.Env):
     """A point that must pass a round obstacle on the left or the right to reach a goal (see the module)."""
 
-    metadata = {"render_modes": []}
+    metadata = {"render_modes": ["rgb_array"], "render_fps": RENDER_FPS}
 
-    def __init__(self):
+    def __init__(self, render_mode: str | None = None):
+        if render_mode not in (None, "rgb_array"):
+            raise ValueError(f"PointFork-v0 draws rgb_array frames only, not render_mode={render_mode!r}")
+        self.render_mode = render_mode
         self.observation_space = gym.spaces.Box(ARENA_LOW, ARENA_HIGH, dtype=np.float32)
         self.action_space = gym.spaces.Box(-1.0, 1.0, shape=(2,), dtype=np.float32)
         self.position = np.zeros(2)
         self.side = 0
+        self.trail = [self.position.copy()]  # the episode's positions so far, drawn by render()
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
         self.position = np.array([0.0, self.np_random.uniform(-START_HALF_WIDTH, START_HALF_WIDTH)])
         self.side = 0
+        self.trail = [self.position.copy()]
         return self.position.astype(np.float32), self._info(False, False)
+
+    def render(self) -> np.ndarray | None:
+        """With render_mode="rgb_array": the arena as a (RENDER_SIZE, RENDER_SIZE, 3) uint8 image (`draw_frame`)."""
+        if self.render_mode != "rgb_array":
+            gym.logger.warn("PointFork-v0.render() draws only with render_mode='rgb_array' (gym.make(..., "
+                            "render_mode='rgb_array'))")
+            return None
+        return draw_frame(self.position, np.asarray(self.trail))
 
     def step(self, action):
         action = np.clip(np.asarray(action, dtype=np.float64).reshape(2), -1.0, 1.0)
         start = self.position
         self.position = np.clip(start + DT * action, ARENA_LOW, ARENA_HIGH)
+        self.trail.append(self.position.copy())
         collision = segment_hits_obstacle(start, self.position)
         success = not collision and np.linalg.norm(self.position - GOAL) <= GOAL_RADIUS
         if self.side == 0 and self.position[1] >= OBSTACLE_CENTER[1]:
@@ -81,6 +97,32 @@ class PointForkEnv(gym.Env):
 
     def _info(self, success: bool, collision: bool) -> dict:
         return {"success": bool(success), "collision": bool(collision), "side": self.side}
+
+
+def draw_frame(position: np.ndarray, trail: np.ndarray, size: int = RENDER_SIZE) -> np.ndarray:
+    """The arena seen from above, (size, size, 3) uint8, y up: the obstacle (grey disk), the goal (green disk),
+    the path so far (`trail` (T, 2), light blue) and the point at `position` (dark blue). Pure numpy: no display,
+    no drawing library."""
+    scale = (size - 1) / (ARENA_HIGH - ARENA_LOW)
+    cols = ARENA_LOW[0] + np.arange(size) / scale[0]
+    rows = ARENA_HIGH[1] - np.arange(size) / scale[1]  # the top row is the arena's top
+    x, y = np.meshgrid(cols, rows)
+    frame = np.full((size, size, 3), 250, dtype=np.uint8)
+
+    def disk(center, radius, color) -> None:  # within the disk's bounding box only: a trail has 50 of them
+        c0, c1 = np.clip(((center[0] - radius - ARENA_LOW[0]) * scale[0], (center[0] + radius - ARENA_LOW[0])
+                          * scale[0] + 2), 0, size).astype(int)
+        r0, r1 = np.clip(((ARENA_HIGH[1] - center[1] - radius) * scale[1], (ARENA_HIGH[1] - center[1] + radius)
+                          * scale[1] + 2), 0, size).astype(int)
+        box = (x[r0:r1, c0:c1] - center[0]) ** 2 + (y[r0:r1, c0:c1] - center[1]) ** 2 <= radius ** 2
+        frame[r0:r1, c0:c1][box] = color
+
+    disk(GOAL, GOAL_RADIUS, (90, 180, 90))
+    disk(OBSTACLE_CENTER, OBSTACLE_RADIUS, (150, 150, 150))
+    for point in np.asarray(trail).reshape(-1, 2):
+        disk(point, 0.02, (120, 160, 230))
+    disk(position, 0.05, (20, 50, 160))
+    return frame
 
 
 def segment_hits_obstacle(start: np.ndarray, end: np.ndarray) -> bool:

@@ -64,7 +64,7 @@ SET_BY_SWEEP = {"--env": "--envs", "--seed": "--seeds", "--threads": "--threads"
 # Config fields that say where or how a run is made, not what it computes: two runs that differ only in
 # these are the same trial (a finished run made outside the sweep is adopted).
 WHERE_FIELDS = {"runs_dir", "threads", "resume", "checkpoint_dir", "track", "wandb_project", "download",
-                "compile", "device"}
+                "compile", "device", "capture_video"}
 CONNECT_TIMEOUT_S = 10.0  # joining a cluster (--connect-timeout): Ray itself retries a dead address for minutes
 PROGRESS_EVERY_S = 20.0  # at most one progress line per trial this often (evaluations always print)
 
