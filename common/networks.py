@@ -57,9 +57,13 @@ class CriticEnsemble(nn.Module):
         self._register_load_state_dict_pre_hook(_sequential_keys_to_layers)
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor, detach_weights: bool = False) -> torch.Tensor:
-        """Q-values (K, B). `detach_weights`: differentiable in the inputs only, never into the critics' weights
+        """Q-values (K, B) of one input for every member, obs (B, obs_dim) and actions (B, act_dim), or of one input
+        per member, obs (K, B, obs_dim) and actions (K, B, act_dim) (EDAC differentiates each member in its own
+        copy of the action). `detach_weights`: differentiable in the inputs only, never into the critics' weights
         (an actor's loss Q(s, pi(s)) then trains the actor alone)."""
-        x = torch.cat([obs, actions], -1).unsqueeze(0).expand(self.ensemble_size, -1, -1)
+        x = torch.cat([obs, actions], -1)
+        if x.dim() == 2:
+            x = x.unsqueeze(0).expand(self.ensemble_size, -1, -1)
         for i, layer in enumerate(self.layers):
             weight, bias = (layer.weight.detach(), layer.bias.detach()) if detach_weights else (layer.weight,
                                                                                                  layer.bias)

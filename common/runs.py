@@ -344,6 +344,14 @@ def apply_dataset_settings(config: Any, table: list[tuple[str, dict]], quiet: bo
     return dataclasses.replace(config, **filled)
 
 
+def settings_table(module: Any, config: Any) -> list[tuple[str, dict]]:
+    """The per-dataset table an algorithm file uses for `config`: its `settings_table(config)` when it has one
+    (a file whose variants have tables of their own: sac_n.py's SAC-N, EDAC and LB-SAC), else its
+    DATASET_SETTINGS. Tools (sweeps, results, bench) resolve a file's settings through this, as its train() does."""
+    chooser = getattr(module, "settings_table", None)
+    return chooser(config) if callable(chooser) else getattr(module, "DATASET_SETTINGS", [])
+
+
 def settings_row(table: list[tuple[str, dict]], names: set[str], minari_id: str | None) -> tuple[int | None, str]:
     """(index of the row of `table` that applies, why): the first row whose pattern matches one of `names`;
     when only the catch-all "*" does, the row of the family of the env the data came from (`env_family`): the

@@ -118,7 +118,11 @@ def compare(name: str, device: torch.device, backend: str | None, rtol: float, a
     a, b = flat_tensors(eager.state_dict()), flat_tensors(compiled.state_dict())
     assert a.keys() == b.keys(), f"{name}: state keys differ: {sorted(a.keys() ^ b.keys())[:5]}"
     for key in a:
-        torch.testing.assert_close(b[key].to(a[key].device, a[key].dtype), a[key], rtol=rtol, atol=atol,
+        # atol in units of the tensor's own scale: Adam's moments of a large-gradient layer (EDAC's second-order
+        # term at 8-wide layers amplifies the two Adams' rounding, 3e-8 in the weights after one step) differ by
+        # about rtol of their largest entry in their smallest ones
+        scale = max(1.0, float(a[key].abs().max())) if a[key].is_floating_point() and a[key].numel() else 1.0
+        torch.testing.assert_close(b[key].to(a[key].device, a[key].dtype), a[key], rtol=rtol, atol=atol * scale,
                                    msg=lambda m: f"{name}: state {key} after {STEPS} updates: {m}")
 
 

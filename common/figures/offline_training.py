@@ -19,7 +19,7 @@ import torch
 from common.checkpoint import import_algorithm
 from common.datasets import DataSpec, ObsNormalizer, TensorSampler
 from common.figures.toy_control import MAX_TORQUE, discounted_return
-from common.runs import apply_dataset_settings
+from common.runs import apply_dataset_settings, settings_table
 
 SPEC = DataSpec(obs_dim=3, act_dim=1, max_action=MAX_TORQUE, discrete=False)
 TRUTH_HORIZON = 600  # gamma^600 < 0.003 for gamma <= 0.99: the Monte Carlo return is the infinite-horizon value
@@ -45,7 +45,8 @@ def make_agent(algo: str, seed: int, hidden_dims: tuple[int, ...], batch_size: i
     unknown = set(overrides) - fields
     if unknown:
         raise ValueError(f"{algo}.Config has no field(s) {sorted(unknown)}")
-    config = apply_dataset_settings(module.Config(**values), module.DATASET_SETTINGS, quiet=True)
+    config = module.Config(**values)
+    config = apply_dataset_settings(config, settings_table(module, config), quiet=True)
     torch.manual_seed(seed)
     return module.Agent(config, spec, torch.device("cpu"))
 

@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 from common.checkpoint import import_algorithm  # noqa: E402
 from common.datasets import DataSpec, TensorSampler  # noqa: E402
-from common.runs import apply_dataset_settings, git_commit, tune_cpu_allocator  # noqa: E402
+from common.runs import apply_dataset_settings, git_commit, settings_table, tune_cpu_allocator  # noqa: E402
 
 # Every algorithm file defines an `Agent`; each one found in algorithms/ gets a row.
 ALGORITHMS = sorted(p.stem for p in (ROOT / "algorithms").glob("*.py") if not p.stem.startswith("_"))
@@ -122,7 +122,7 @@ def make_agent(name: str, device: torch.device, compile_update: bool, tiny: bool
     config = module.Config(**{k: v for k, v in overrides.items() if k in fields})
     # the per-dataset fields as they would be for a D4RL locomotion dataset of the same sizes
     config = apply_dataset_settings(dataclasses.replace(config, env=BENCH_DATASET_NAME),
-                                    getattr(module, "DATASET_SETTINGS", []), quiet=True)
+                                    settings_table(module, config), quiet=True)
     config = dataclasses.replace(config, **{k: v for k, v in SKIP_WARMUP_PHASES.items() if k in fields})
     config = dataclasses.replace(config, **{k: v for k, v in (fields_after or {}).items() if k in fields})
     discrete = bool(getattr(module, "DISCRETE_ONLY", False))

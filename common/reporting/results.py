@@ -273,13 +273,13 @@ def file_defaults(algo: str, env: str) -> dict | None:
 
         try:
             from common.checkpoint import import_algorithm
-            from common.runs import apply_dataset_settings
+            from common.runs import apply_dataset_settings, settings_table
 
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                 module = import_algorithm(algo)
                 config = module.Config(env=env)
                 if hasattr(module, "DATASET_SETTINGS"):
-                    config = apply_dataset_settings(config, module.DATASET_SETTINGS, quiet=True)
+                    config = apply_dataset_settings(config, settings_table(module, config), quiet=True)
             values = json.loads(json.dumps(dataclasses.asdict(config), default=str))
             # None, or a file's FROM_DATA sentinel (dt.py: empty targets, scale 0): train() fills it from the data
             from_data = json.loads(json.dumps(getattr(module, "FROM_DATA", {}), default=str))

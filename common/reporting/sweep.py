@@ -141,11 +141,11 @@ def parse_config(module: Any, argv: list[str]) -> Any:
 
 def resolved_config(module: Any, argv: list[str]) -> Any:
     """`parse_config` plus what `train` fills before it writes anything: validation, per-dataset defaults."""
-    from common.runs import apply_dataset_settings, validate_config
+    from common.runs import apply_dataset_settings, settings_table, validate_config
 
     config = parse_config(module, argv)
     validate_config(config)
-    config = apply_dataset_settings(config, module.DATASET_SETTINGS, quiet=True)
+    config = apply_dataset_settings(config, settings_table(module, config), quiet=True)
     validate_config(config)
     return config
 
