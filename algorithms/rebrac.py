@@ -14,6 +14,7 @@ Usage:
     python algorithms/rebrac.py                               # embedded default: local pendulum data
     python algorithms/rebrac.py --env hopper-medium-v2
     python algorithms/rebrac.py --env antmaze-umaze-v2 --batch-size 256   # antmaze, Adroit, maze2d: batch 256
+    python algorithms/rebrac.py --online-steps 20000          # then 20k env steps of online fine-tuning
 
 Continuous actions only. The authors tuned beta_1 (`--actor-beta`) and beta_2 (`--critic-beta`) per dataset,
 and the learning rates, gamma and the reward scale per family (antmaze: r x 100, gamma 0.999, critic lr 5e-5):
@@ -21,19 +22,37 @@ all in `DATASET_SETTINGS` below; flags override them. The batch is 1024 for loco
 Adroit and maze2d, where it must be given as `--batch-size 256` (the shared field has one default; train()
 prints a note). A dataset without a row (kitchen, Minari's other sets) needs --actor-beta and --critic-beta.
 Observations are not normalised (the authors' setting; d3rlpy's reproduction normalises, `--normalize-obs`).
-The authors evaluate antmaze on 100 episodes (`--eval-episodes 100`). Offline only: the Agent has no `explore`,
-so --online-steps is refused (CORL's fine-tuning protocol for ReBRAC, 50/50 offline/online batches with beta_1
-decayed to half and beta_2 set to 0 online, is not implemented here).
+The authors evaluate antmaze on 100 episodes (`--eval-episodes 100`).
+
+Online fine-tuning (--online-steps N; common/online.py) as CORL's finetune/rebrac.py: the policy acts greedily,
+a = pi_phi(s) (`online_explore_noise` 0.0, CORL's expl_noise in every config; a positive value adds Gaussian noise);
+every batch is half offline rows, half online rows (`online_mix` 0.5, CORL's mixing_ratio); one update per env
+step; the optimisers carry on (CORL's reset_opts false). From the first online update on, beta_1 decays as
+beta_1 max(0.5, 1 - k / N_on) after k online updates (CORL's max(min_decay_coef, (N_on + N_off - t) / N_on):
+linear to beta_1 / 2 at mid-phase, flat after; `online_actor_beta_floor`), and beta_2 becomes 0
+(`online_critic_beta`), for the offline rows of a batch too. Online rewards are scaled by reward_scale as the
+offline ones. CORL's antmaze fine-tuning configs keep the offline configs' batch 256, learning rates and gamma
+but differ in two values: normalize_reward false (raw rewards, no r x 100) and umaze's beta_2 (1.0 for 0.002);
+this file keeps the offline settings in both phases.
 
 The critic's penalty reads the dataset's next action a'_D, so each transition carries `next_actions`, built
 from the episodes in `transitions_with_next_actions()`: the last step of an episode that ends by termination
 keeps a placeholder (the (1 - d) mask removes the penalty with the bootstrap), and the last step of an episode
 cut by a time limit (or by the end of the data) is dropped, as the authors' loader drops it (see there why).
+Online rows take a'_D from the online buffer: the action the policy took at the next step (CORL stores the
+policy's action at s' recomputed when the step is stored: the same up to one update of the actor) and, for an
+episode's last step, its own action a_T (the buffer keeps every step; none is dropped). After a termination the
+(1 - d) mask removes the penalty, as offline. After a time-limit truncation the target bootstraps from s_{T+1}
+but its penalty compares a~' = pi'(s_{T+1}) + eps with a_T, the action at the state before: beta_2 ||a~' - a_T||^2
+exceeds the other rows' by about how far the policy's action moves in one step, so that one backup per
+truncated episode (1 in 200 on Pendulum, 1 in 1000 on D4RL locomotion) is lowered a little more than the rest.
+With CORL's beta_2 = 0 online (`online_critic_beta` 0.0) the penalty is multiplied by 0 and this never matters.
 
 --compile compiles the whole update (both losses, both Adam steps, the target updates; the smoothing noise drawn
 on the device inside). The delayed actor update is a Python bool, so the step compiles to two graphs (with and
-without the actor); the actor's logs are copied for the steps in between. torch.optim breaks the graph around
-each optimizer.step() on purpose; zero_grad runs outside the compiled step (common/optim.py).
+without the actor); the actor's logs are copied for the steps in between. beta_1 and beta_2 are device tensors
+that the online phase changes in place, so the online updates replay the same two graphs. torch.optim breaks the
+graph around each optimizer.step() on purpose; zero_grad runs outside the compiled step (common/optim.py).
 """
 
 from __future__ import annotations
@@ -56,6 +75,7 @@ from common.datasets import DataSpec, ObsNormalizer, OfflineDataset, TensorSampl
 from common.errors import fail  # noqa: E402
 from common.evaluation import evaluate, make_eval_envs  # noqa: E402
 from common.networks import CriticEnsemble  # noqa: E402
+from common.online import OnlinePhase  # noqa: E402
 from common.optim import adam, keep, load_optimizer, update_step  # noqa: E402
 from common.runs import Run, resolve_config, run_cli, setup  # noqa: E402
 
@@ -136,6 +156,18 @@ class Config:
     """hidden layer sizes of the actor and of each critic (the authors' 3 x 256)"""
     normalize_obs: bool = False
     """state normalisation (s - mu) / (sigma + 1e-3) (off in all the authors' configs)"""
+    # --- online fine-tuning (--online-steps) ---
+    online_mix: float | None = 0.5
+    """fraction of each online-phase batch drawn from the offline data (CORL's mixing_ratio 0.5: two buffers,
+    half and half; None: uniform over the offline and online rows, one growing buffer)"""
+    online_explore_noise: float = 0.0
+    """sigma of the exploration noise when acting online, a = clip(pi(s) + N(0, (sigma max_action)^2)) (CORL's
+    expl_noise 0.0 in every fine-tuning config: the greedy action pi(s))"""
+    online_actor_beta_floor: float = 0.5
+    """the floor of beta_1's online decay beta_1 max(floor, 1 - k / online_steps) after k online updates (CORL's
+    min_decay_coef 0.5: beta_1 halves linearly over the first half of the online phase, then stays)"""
+    online_critic_beta: float = 0.0
+    """beta_2 from the first online update on (CORL's fine-tuning: 0, the critic's penalty off online)"""
 
 
 # The authors' per-family settings (CORL configs/offline/rebrac/<family>/*.yaml, = DT6A/ReBRAC configs/rebrac):
@@ -243,6 +275,10 @@ class Agent:
         self.actor_optimizer = adam(self.actor.parameters(), config.actor_lr, config)
         self.critic_optimizer = adam(self.critic.parameters(), config.critic_lr, config)
         self.total_it = 0  # python int: choosing whether to update the actor needs no device sync
+        self.online, self.online_it = False, 0  # set by start_online; online updates so far (k in beta_1's decay)
+        # beta_1 and beta_2 on the device, changed in place online (a compiled update never retraces)
+        self.actor_beta = torch.tensor(float(config.actor_beta), device=device)
+        self.critic_beta = torch.tensor(float(config.critic_beta), device=device)
         zero = torch.zeros((), device=device)
         # the actor's logs from its last update (it is updated every `policy_freq` steps)
         self.actor_logs = {"train/actor_loss": zero, "train/actor_bc_penalty": zero, "train/lambda": zero,
@@ -251,6 +287,11 @@ class Agent:
         self._update = update_step(self._update_impl, config, self.critic_optimizer, self.actor_optimizer)
 
     def update(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.online:  # the online betas from the online update count, before every online update (resumed too)
+            beta_1, beta_2 = self.online_betas(self.online_it)
+            self.actor_beta.fill_(beta_1)
+            self.critic_beta.fill_(beta_2)
+            self.online_it += 1
         # Delayed policy updates: "if t mod d" update phi and the targets   (lecture: "Idea: TD3+BC"), with t
         # counted from 0 as the authors' `i % policy_freq == 0`: the very first update trains the actor too
         # (a Python bool: --compile compiles the step twice, with and without the actor update)
@@ -260,7 +301,8 @@ class Agent:
                             batch["next_actions"], batch["terminals"], update_actor)
         if update_actor:
             self.actor_logs = keep({key: logs[key] for key in self.actor_logs})  # logged until the next
-        return {**logs, **self.actor_logs}
+        # the betas this update used (Run.log reads them at this step, before the next update refills them)
+        return {**logs, **self.actor_logs, "train/actor_beta": self.actor_beta, "train/critic_beta": self.critic_beta}
 
     def _update_impl(self, obs, actions, rewards, next_obs, next_actions, terminals,
                      update_actor: bool) -> dict[str, torch.Tensor]:
@@ -280,7 +322,7 @@ class Agent:
             target_q = self.critic_target(next_obs, smoothed).min(0).values
             # y = r + gamma (1 - d) [ min_{i=1,2} Q_theta'_i(s', a~') - beta_2 ||a~' - a'_D||^2 ]
             # (TD3's target, lecture: "Idea: TD3+BC", less BRAC's value penalty: the paper's critic objective)
-            y = rewards + c.gamma * (1.0 - terminals) * (target_q - c.critic_beta * critic_penalty)
+            y = rewards + c.gamma * (1.0 - terminals) * (target_q - self.critic_beta * critic_penalty)
         q = self.critic(obs, actions)  # (2, B)
         # L_Q = sum_{i=1,2} N^-1 sum (Q_theta_i(s, a) - y)^2
         critic_loss = ((q - y) ** 2).mean(1).sum()
@@ -301,7 +343,7 @@ class Agent:
         actor_penalty = ((pi - actions) ** 2).sum(-1)
         # pi = argmax_pi E_(s,a)~D [ lambda min_i Q_i(s, pi(s)) - beta_1 ||pi(s) - a||^2 ]   (the paper's actor
         # objective; lecture: "Idea: TD3+BC", with beta_1 on the BC term instead of alpha on Q), as a loss
-        actor_loss = (c.actor_beta * actor_penalty - lmbda * q_pi).mean()
+        actor_loss = (self.actor_beta * actor_penalty - lmbda * q_pi).mean()
         logs = {"train/actor_loss": actor_loss.detach(), "train/actor_bc_penalty": actor_penalty.detach().mean(),
                 "train/lambda": lmbda, "train/q_policy": q_pi.detach().mean()}
         actor_loss.backward()
@@ -314,10 +356,37 @@ class Agent:
         self.actor_optimizer.step()
         return logs
 
+    # --- the online phase ----------------------------------------------------------------------------------------
+    def online_betas(self, k: int) -> tuple[float, float]:
+        """(beta_1, beta_2) of the online update that follows k online updates: beta_1 max(floor, 1 - k / N_on)
+        (CORL's max(min_decay_coef, (N_on + N_off - t) / N_on) at update t = N_off + k: the first online update
+        keeps beta_1, the decay reaches the floor at k = (1 - floor) N_on and stays) and online_critic_beta.
+        N_on is the run's online_steps: a run resumed mid-phase with a larger --online-steps recomputes the decay
+        with it (beta_1 may rise again)."""
+        c = self.config
+        return c.actor_beta * max(c.online_actor_beta_floor, 1.0 - k / max(c.online_steps, 1)), c.online_critic_beta
+
+    def start_online(self) -> None:
+        """The switch to the online phase (common/online.py calls it once): the betas follow `online_betas` from
+        the next update on. The flag and the online update count are kept in the state (a resumed run neither
+        switches twice nor restarts the decay)."""
+        self.online = True
+
     @torch.no_grad()
     def act(self, obs: torch.Tensor) -> torch.Tensor:
         """Deterministic action pi_phi(s)."""
         return self.actor(obs)
+
+    @torch.no_grad()
+    def explore(self, obs: torch.Tensor) -> torch.Tensor:
+        """The online phase's action: pi_phi(s) + eps, eps ~ N(0, (sigma max_action)^2) with sigma =
+        online_explore_noise (torch's global RNG, saved in checkpoints), clipped to the action bounds; with sigma 0
+        (CORL's expl_noise) the greedy pi_phi(s), drawing no random number."""
+        action = self.actor(obs)
+        if self.config.online_explore_noise == 0.0:
+            return action
+        noise = torch.randn_like(action) * self.config.online_explore_noise * self.max_action
+        return (action + noise).clamp(-self.max_action, self.max_action)
 
     @torch.no_grad()
     def q_value(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
@@ -329,6 +398,7 @@ class Agent:
                 "critic": self.critic.state_dict(), "critic_target": self.critic_target.state_dict(),
                 "actor_optimizer": self.actor_optimizer.state_dict(),
                 "critic_optimizer": self.critic_optimizer.state_dict(), "total_it": self.total_it,
+                "online": self.online, "online_it": self.online_it,
                 "actor_logs": {k: v.clone() for k, v in self.actor_logs.items()}}
 
     def load_state_dict(self, state: dict) -> None:
@@ -339,6 +409,8 @@ class Agent:
         load_optimizer(self.actor_optimizer, state["actor_optimizer"])
         load_optimizer(self.critic_optimizer, state["critic_optimizer"])
         self.total_it = int(state["total_it"])
+        # checkpoints made before online phases have no switch; the betas are refilled before each online update
+        self.online, self.online_it = bool(state.get("online", False)), int(state.get("online_it", 0))
         self.actor_logs = {k: v.to(self.device) for k, v in state["actor_logs"].items()}
 
 
@@ -377,11 +449,18 @@ def synthetic_batch_source(spec: DataSpec, config: Config, device: torch.device,
 
 def check_config(config: Config) -> None:
     """One clear line for ReBRAC's settings outside their range (before anything is read or written)."""
-    for name, symbol in (("actor_beta", "beta_1"), ("critic_beta", "beta_2")):
+    for name, symbol in (("actor_beta", "beta_1"), ("critic_beta", "beta_2"), ("online_critic_beta", "beta_2 online")):
         value = getattr(config, name)
         if not value >= 0.0:  # NaN fails too
             fail(f"--{name.replace('_', '-')} ({symbol}, the weight of a behaviour penalty) must be 0 or "
                  f"positive, got {value}")
+    if not 0.0 <= config.online_actor_beta_floor <= 1.0:
+        fail(f"--online-actor-beta-floor (the floor of beta_1's online decay, a fraction of beta_1) must lie in "
+             f"[0, 1], got {config.online_actor_beta_floor}")
+    if config.online_mix is not None and not 0.0 <= config.online_mix <= 1.0:
+        fail(f"--online-mix must lie in [0, 1] (the offline share of a batch), got {config.online_mix}")
+    if not config.online_explore_noise >= 0.0:
+        fail(f"--online-explore-noise (a standard deviation) must be 0 or positive, got {config.online_explore_noise}")
     if config.policy_freq < 1:
         fail(f"--policy-freq must be at least 1, got {config.policy_freq}")
     if not (config.actor_lr > 0 and config.critic_lr > 0):
@@ -407,12 +486,19 @@ def train(config: Config) -> dict:
     sampler = TensorSampler({**data, "obs": norm(data["obs"]), "next_obs": norm(data["next_obs"])},
                             device, config.seed)
     agent = Agent(config, dataset.spec, device)
+    # the offline data, and with --online-steps the env the policy then acts in (common/online.py): online rewards
+    # scaled as the offline ones, next actions filled by the online buffer (see the module docstring)
+    phase = OnlinePhase(agent, dataset, sampler, normalizer, config, device, reward_affine=(config.reward_scale, 0.0))
 
     run = Run("rebrac", config, dataset, device, normalizer)
-    start = run.resume(agent, sampler)
+    start = run.resume(agent, phase)
     envs = make_eval_envs(dataset, config.eval_episodes)
     for step in run.steps(start):
-        logs = agent.update(sampler.sample(config.batch_size))
+        if phase.online(step):  # the online phase: the current policy acts once in the env, the step is stored
+            episode = phase.interact()
+            if episode:
+                run.log(step, episode)
+        logs = agent.update(phase.sample(config.batch_size))
         if run.should_log(step):
             run.log(step, logs)
         if run.should_eval(step):
@@ -421,12 +507,12 @@ def train(config: Config) -> dict:
                                             config.seed, device, envs, video=run.video_for(step)))
         if run.should_checkpoint(step):
             with run.timed():
-                run.save_checkpoint(step, agent, sampler)
+                run.save_checkpoint(step, agent, phase)
     result = evaluate(agent.act, dataset, normalizer, config.eval_episodes, config.seed, device, envs,
                       video=run.video_for(run.total_steps))
-    run.log_eval(config.max_steps, result)
+    run.log_eval(run.total_steps, result)
     envs.close()
-    return run.finish(result)
+    return run.finish(result, phase.summary())
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 """ReBRAC: each penalty enters where the paper puts it (beta_1 in the actor's loss only, beta_2 in the critic's
 target only), both against hand computations, the authors' update schedule, next actions from episodes,
-learning, resume and bad input."""
+learning, resume and bad input; the online phase (CORL's beta schedule from the switch on, greedy exploration,
+the compiled update's graphs, resume mid-online)."""
 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import re
 
@@ -12,8 +14,9 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from conftest import (assert_one_line_error, assert_states_equal, behaviour_return, load_algorithm, random_batch,
-                      run_algorithm_cli, run_config, train_straight_and_resumed)
+from conftest import (assert_one_line_error, assert_states_equal, behaviour_return, checkpoint_agent, load_algorithm,
+                      random_batch, run_algorithm_cli, run_config, train_straight_and_resumed)
+from torch._dynamo.utils import counters
 
 from common.datasets import DataSpec, Episode, OfflineDataset
 from common.errors import UserError
@@ -214,10 +217,14 @@ def test_resume_continues_with_the_same_numbers(tmp_path, pendulum_mixed_id):
     assert all(want[step] == got[step] for step in want)
 
 
-@pytest.mark.parametrize("field, message", [("actor_beta", "--actor-beta (beta_1"),
-                                            ("critic_beta", "--critic-beta (beta_2")])
-def test_negative_betas_are_refused_before_anything_is_written(tmp_path, pendulum_expert_id, field, message):
-    config = run_config(rebrac.Config, pendulum_expert_id, tmp_path, max_steps=10, **{field: -0.1})
+@pytest.mark.parametrize("field, value, message", [
+    ("actor_beta", -0.1, "--actor-beta (beta_1"), ("critic_beta", -0.1, "--critic-beta (beta_2"),
+    ("online_critic_beta", -0.1, "--online-critic-beta (beta_2 online"),
+    ("online_actor_beta_floor", 1.5, "--online-actor-beta-floor"), ("online_mix", -0.5, "--online-mix"),
+    ("online_explore_noise", -0.1, "--online-explore-noise")])
+def test_settings_out_of_range_are_refused_before_anything_is_written(tmp_path, pendulum_expert_id, field, value,
+                                                                      message):
+    config = run_config(rebrac.Config, pendulum_expert_id, tmp_path, max_steps=10, **{field: value})
     with pytest.raises(UserError, match=re.escape(message)):
         rebrac.train(config)
     assert not (tmp_path / "runs").exists()
@@ -249,6 +256,125 @@ def test_a_dataset_without_published_betas_asks_for_them(tmp_path):
         0.001, 0.0005, 0.999, 5e-5, 100.0)
 
 
-def test_online_fine_tuning_is_refused_in_one_line():
-    with pytest.raises(UserError, match="no online phase"):
-        rebrac.resolve_config(rebrac.Config(online_steps=10), rebrac.DATASET_SETTINGS)
+# --- online fine-tuning -------------------------------------------------------------------------------------
+
+def test_online_betas_follow_corls_schedule_from_the_switch():
+    """CORL's switch with N_on = 10: beta_1 = 0.4 keeps its value at the first online update, loses 0.04 per update
+    down to 0.2 (half, min_decay_coef) at the 6th and stays there, past N_on too; beta_2 = 0.3 becomes 0. Each online
+    update equals an offline update whose config holds those betas (by hand), from the same state and batch."""
+    agent = _agent(actor_beta=0.4, critic_beta=0.3, online_steps=10, policy_freq=1)
+    logs = _update(agent, _batch(seed=1))  # offline: the configured betas
+    assert (logs["train/actor_beta"].item(), logs["train/critic_beta"].item()) == pytest.approx((0.4, 0.3))
+    agent.start_online()
+    by_hand = [0.4, 0.36, 0.32, 0.28, 0.24, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2]
+    for k, beta_1 in enumerate(by_hand):
+        twin = _agent(actor_beta=beta_1, critic_beta=0.0, policy_freq=1)  # offline, those betas configured
+        twin.load_state_dict(copy.deepcopy({**agent.state_dict(), "online": False}))  # Adam's moments not shared
+        batch = _batch(seed=10 + k)
+        logs = _update(agent, batch, seed=k)
+        _update(twin, batch, seed=k)
+        assert logs["train/actor_beta"].item() == pytest.approx(beta_1, rel=1e-6), k
+        assert logs["train/critic_beta"].item() == 0.0
+        assert _equal(agent.actor, twin.actor) and _equal(agent.critic, twin.critic), k
+    assert agent.online_it == len(by_hand) and agent.total_it == 1 + len(by_hand)
+
+
+def test_explore_is_greedy_by_default_and_gaussian_with_online_explore_noise():
+    """CORL's expl_noise 0.0: explore is act, and draws no random number. With online_explore_noise 0.1 and
+    max_action 2 the spread around pi(s) is 0.2; a noise far wider than the box reaches its bounds, never past."""
+    obs = torch.randn(4000, SPEC.obs_dim)
+    greedy = _agent()
+    rng = torch.get_rng_state()
+    assert torch.equal(greedy.explore(obs), greedy.act(obs))
+    assert torch.equal(torch.get_rng_state(), rng)
+    noisy = _agent(online_explore_noise=0.1)
+    first, second = noisy.explore(obs), noisy.explore(obs)
+    assert not torch.equal(first, second)
+    deviation = first - noisy.act(obs)
+    assert abs(float(deviation.mean())) < 0.01 and float(deviation.std()) == pytest.approx(0.2, rel=0.05)
+    wide = _agent(online_explore_noise=5.0).explore(obs)
+    assert wide.abs().max() <= SPEC.max_action and (wide.abs() == SPEC.max_action).any()
+
+
+def test_compiled_online_updates_reuse_the_offline_graphs_and_equal_the_eager_ones(monkeypatch):
+    """--compile (aot_eager on CPU): the online betas are device tensors changed in place, so beta_1's decay and
+    beta_2's switch compile nothing new: the graphs of the offline phase's two update variants (with and without
+    the actor) serve every online update, whose numbers equal the eager agent's."""
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", functools.partial(real_compile, backend="aot_eager"))
+    torch._dynamo.reset()
+    counters.clear()
+    with torch._dynamo.config.patch(trace_autograd_ops=False):
+        agents = [_agent(online_steps=6, compile=compiled) for compiled in (False, True)]
+        logs = [[], []]
+        for step in range(8):
+            if step == 2:
+                graphs = counters["stats"]["unique_graphs"]  # after one update of each variant
+                assert graphs > 0
+                for agent in agents:
+                    agent.start_online()
+            for agent, out in zip(agents, logs):
+                out.append({k: v.clone() for k, v in _update(agent, _batch(seed=step), seed=step).items()})
+        assert counters["stats"]["unique_graphs"] == graphs
+    # beta_1 = 0.1: two offline updates, then 0.1 max(0.5, 1 - k / 6) for k = 0 .. 5
+    assert [row["train/actor_beta"].item() for row in logs[1]] == pytest.approx(
+        [0.1, 0.1, 0.1, 0.1 * 5 / 6, 0.1 * 4 / 6, 0.05, 0.05, 0.05])
+    for eager, compiled in zip(*logs):
+        for key in eager:
+            torch.testing.assert_close(compiled[key], eager[key], rtol=1e-4, atol=1e-5)
+
+
+class Killed(Exception):
+    """Stands for a kill of the process (raised by a patched Agent.update at a chosen update)."""
+
+
+def test_resume_mid_online_equals_an_uninterrupted_run(pendulum_mixed_id, tmp_path, monkeypatch):
+    """100 offline updates and 450 online env steps; one run killed 160 env steps into the online phase (mid-episode,
+    in the middle of beta_1's decay; last checkpoint at 150) and resumed: the same weights, Adam states, online
+    buffer, counters, logged betas and scores as the run that never stopped. The logged beta_1 follows the schedule
+    by hand: 0.004 (1 - k / 450) after k online updates, 0.002 from k = 225 on; beta_2 0.01 offline, 0 online."""
+    settings = dict(hidden_dims=(32, 32), batch_size=64, eval_episodes=2, log_every=50, eval_every=100,
+                    checkpoint_every=250, max_steps=100, online_steps=450, actor_beta=0.004, critic_beta=0.01)
+    straight = rebrac.train(run_config(rebrac.Config, pendulum_mixed_id, tmp_path / "a", **settings))
+    real_update = rebrac.Agent.update
+
+    def killed(self, batch):
+        if self.total_it == 260:
+            raise Killed
+        return real_update(self, batch)
+
+    monkeypatch.setattr(rebrac.Agent, "update", killed)
+    with pytest.raises(Killed):
+        rebrac.train(run_config(rebrac.Config, pendulum_mixed_id, tmp_path / "b", **settings))
+    monkeypatch.undo()
+    run_dir = next((tmp_path / "b" / "runs" / "rebrac").glob("*/*"))
+    assert checkpoint_agent(run_dir)["online_it"] == 150
+    resumed = rebrac.train(run_config(rebrac.Config, pendulum_mixed_id, tmp_path / "b", resume=str(run_dir),
+                                      **settings))
+    a, b = checkpoint_agent(straight["run_dir"]), checkpoint_agent(resumed["run_dir"])
+    assert_states_equal(a, b, ("actor", "actor_target", "critic", "critic_target"))
+    for name in ("actor_optimizer", "critic_optimizer"):
+        for key, value in a[name]["state"].items():
+            assert all(torch.equal(value[k], b[name]["state"][key][k]) for k in value), name
+    assert (a["total_it"], a["online_it"], a["online"]) == (b["total_it"], b["online_it"], b["online"]) == \
+        (550, 450, True)
+    buffers = [torch.load(f"{r['run_dir']}/checkpoint.pt", weights_only=True)["sampler"]["rows"]
+               for r in (straight, resumed)]
+    assert buffers[0]["obs"].shape[0] == 450 and "next_actions" in buffers[0]
+    for key in buffers[0]:
+        assert torch.equal(buffers[0][key], buffers[1][key]), key
+    for key in ("normalized_score_mean", "offline_normalized_score_mean", "online_regret", "online_episodes"):
+        assert straight[key] == resumed[key], key
+
+    def train_rows(run_dir):  # step -> the train/ values logged there
+        rows = [json.loads(line) for line in open(f"{run_dir}/metrics.jsonl")]
+        return {r["step"]: {k: v for k, v in r.items() if k.startswith("train/")} for r in rows
+                if "train/actor_loss" in r}
+
+    want, got = train_rows(straight["run_dir"]), train_rows(resumed["run_dir"])
+    assert all(want[step] == got[step] for step in want)
+    # step s is online update k = s - 101 (the first online update, step 101, keeps beta_1)
+    steps = (100, 150, 200, 350)
+    assert [want[step]["train/actor_beta"] for step in steps] == pytest.approx(
+        [0.004, 0.004 * (1 - 49 / 450), 0.004 * 0.78, 0.002])
+    assert [want[step]["train/critic_beta"] for step in steps] == pytest.approx([0.01, 0.0, 0.0, 0.0])
