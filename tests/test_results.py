@@ -240,3 +240,23 @@ def test_figures_keep_every_label_inside_the_canvas_and_waste_no_half_page(tmp_p
     assert colours["iql"] != colours["awac"] and results.algorithm_colour("iql (lr=0.1)") == colours["iql"]
     results._save(fig, tmp_path / "a.png", "caption " * 40)
     assert (tmp_path / "a.png").stat().st_size > 0
+
+
+def test_fine_tuning_rows_give_the_switch_score_the_final_score_and_the_regret(tmp_path, dataset_a):
+    """Runs with an online phase: their final evaluation sits at steps + online_steps, and a table shows the score
+    at the switch -> after the online phase by hand (seeds 0, 1: switch 10, 20 -> final 50, 80; regret .5, .3)."""
+    runs = tmp_path / "runs"
+    for seed, switch, final, regret in ((0, 10.0, 50.0, 0.5), (1, 20.0, 80.0, 0.3)):
+        run = write_run(runs, "iql", A, seed, final, {500: switch}, steps=1000, online_steps=500)
+        summary = json.loads((run / "summary.json").read_text())
+        summary.update(steps=500, online_steps=500, offline_normalized_score_mean=switch, online_regret=regret)
+        (run / "summary.json").write_text(json.dumps(summary))
+        config = json.loads((run / "config.json").read_text())
+        (run / "config.json").write_text(json.dumps({**config, "max_steps": 500}))
+    out = tmp_path / "out.md"
+    assert main(["--runs-dir", str(runs), "--output", str(out), "--reps", "200"]) == 0
+    text = out.read_text()
+    row = next(line for line in text.splitlines() if line.startswith(f"| {A} | iql") and "| 500 | 500 |" in line)
+    assert row == (f"| {A} | iql (online_steps=500) | 500 | 500 | 0, 1 | 15.0 ± 5.0 | 65.0 ± 15.0 | 50.0 ± 10.0 | "
+                   f"0.40 ± 0.10 |")
+    assert (out.with_suffix("") / f"finetune-{A.replace('/', '-')}.png").is_file()

@@ -78,6 +78,9 @@ class RunRecord:
     minari_id: str | None = None
     dataset_sha256: str | None = None  # as recorded by the run, when it did
     checkpoint_step: int | None = None  # an unfinished run's last checkpoint (None: none)
+    online_steps: int = 0  # env steps of an online phase after the `steps` offline updates (0: none)
+    offline_final: float | None = None  # the normalised score at the switch to the online phase
+    regret: float | None = None  # the online phase's cumulative regret
 
 
 class Corrupt(Exception):
@@ -132,8 +135,9 @@ def read_run(path: Path) -> RunRecord:
     metrics = _read_metrics(path / "metrics.jsonl")
     evals = [e for e in metrics if RETURN_KEY in e]
     steps = int(summary["steps"])
-    if not any(e["step"] == steps for e in evals):
-        raise Corrupt(f"metrics.jsonl has no evaluation at the final step {steps} (partial metrics)")
+    online_steps = int(summary.get("online_steps") or 0)  # an online phase ends the run at steps + online_steps
+    if not any(e["step"] == steps + online_steps for e in evals):
+        raise Corrupt(f"metrics.jsonl has no evaluation at the final step {steps + online_steps} (partial metrics)")
     key = SCORE_KEY if summary["normalized_score_mean"] is not None else RETURN_KEY
     if any(key not in e for e in evals):
         raise Corrupt(f"metrics.jsonl has evaluations without {key}")
@@ -149,7 +153,9 @@ def read_run(path: Path) -> RunRecord:
                      final_return=float(summary["return_mean"]),
                      best=None if final is None else max(values), curve=curve,
                      commit=summary.get("git_commit", "unknown"), eval_episodes=summary.get("eval_episodes", "?"),
-                     minari_id=summary.get("minari_id"), dataset_sha256=summary.get("dataset_sha256"))
+                     minari_id=summary.get("minari_id"), dataset_sha256=summary.get("dataset_sha256"),
+                     online_steps=online_steps, offline_final=summary.get("offline_normalized_score_mean"),
+                     regret=summary.get("online_regret"))
 
 
 def _checkpoint_step(path: Path) -> int | None:
@@ -613,6 +619,47 @@ def curve_figure(env: str, groups: list[Group], info: DatasetInfo, path: Path, c
     plt.close(fig)
 
 
+def finetune_table(groups: list[Group]) -> list[str]:
+    """Offline score at the switch -> score after the online phase, per row (mean ± std over seeds)."""
+    out = ["| dataset | algorithm | offline steps | online env steps | seeds | at the switch | after online | "
+           "change | regret |", "|---|---|---|---|---|---|---|---|---|"]
+    for g in sorted(groups, key=lambda g: (g.env, ordered([x.label for x in groups]).index(g.label))):
+        switch = np.array([r.offline_final if r.offline_final is not None else np.nan for r in g.runs])
+        final = g.finals()
+        regret = np.array([r.regret if r.regret is not None else np.nan for r in g.runs])
+        change = None if final is None else final - switch
+        out.append(f"| {g.env} | {g.label} | {g.steps} | {g.runs[0].online_steps} | "
+                   f"{', '.join(map(str, g.seeds))} | {_mean_std(switch)} | {_mean_std(final)} | "
+                   f"{_mean_std(change)} | {_mean_std(regret, 2)} |")
+    return out
+
+
+def finetune_figure(env: str, groups: list[Group], info: DatasetInfo, path: Path, caption: str) -> None:
+    """The normalised score against the step through both phases (mean ± std over seeds), the switch marked."""
+    plt = _pyplot()
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), layout="constrained")
+    order = ordered([g.label for g in groups])
+    for g in sorted(groups, key=lambda g: order.index(g.label)):
+        if g.finals() is None:
+            continue
+        steps, mean, std = curve_of(g)
+        colour = algorithm_colour(g.label)
+        ax.plot(steps, mean, color=colour, marker="o" if len(steps) < 4 else None, ms=3,
+                label=f"{g.label}: {g.steps} offline + {g.runs[0].online_steps} online ({len(g.runs)} seeds)")
+        ax.fill_between(steps, mean - std, mean + std, color=colour, alpha=0.15)
+        ax.axvline(g.steps, color=colour, ls=":", lw=1)
+    if info.data_score is not None:
+        ax.axhline(info.data_score, color="0.4", ls="--", lw=1, label=f"the data ({info.data_score:.1f})")
+    ax.set_xlabel("step (offline updates, then one update per online env step; dotted: the switch)")
+    ax.set_ylabel("normalised score (mean ± std over seeds)")
+    ax.set_title(env, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    _save(fig, path, caption)
+    plt.close(fig)
+
+
 def interval_figure(agg: Aggregate):
     """IQM and mean of each row with its interval, one panel per statistic, one line per row: a figure sized to
     its rows (returned for the layout test)."""
@@ -782,6 +829,22 @@ def report(args: argparse.Namespace) -> int:
         name = f"curves-{env.replace('/', '-')}.png"
         curve_figure(env, on_env, infos[env], figures / name, provenance(on_env, infos))
         lines += [f"![{env}: normalised score against steps, mean ± std over seeds]({figures.name}/{name})", ""]
+
+    tuned = [g for g in groups if g.runs and g.runs[0].online_steps]
+    if tuned:
+        lines += ["## Offline to online fine-tuning", "",
+                  "Rows whose runs continued with an online phase (`--online-steps`): the normalised score at the "
+                  "switch (the last offline evaluation), after the online env steps, their difference and the "
+                  "cumulative regret of the online episodes (1 - success, or 1 - normalised return / 100 where the "
+                  "env reports no success), each the mean ± std over the seeds listed.", "",
+                  *finetune_table(tuned), ""]
+        if not args.no_figures:
+            for env in sorted({g.env for g in tuned}):
+                on_env = [g for g in tuned if g.env == env]
+                name = f"finetune-{env.replace('/', '-')}.png"
+                finetune_figure(env, on_env, infos[env], figures / name, provenance(on_env, infos))
+                lines += [f"![{env}: normalised score against steps across the switch to the online phase]"
+                          f"({figures.name}/{name})", ""]
 
     if args.published:
         lines += ["## Other data: published numbers", "",
