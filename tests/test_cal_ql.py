@@ -283,7 +283,7 @@ def test_fine_tuning_raises_the_pendulum_score_above_the_offline_phase(pendulum_
     above the score at the switch."""
     summary = cal_ql.train(run_config(cal_ql.Config, pendulum_mixed_id, tmp_path, max_steps=1000, online_steps=2000,
                                       actor_hidden_dims=(64, 64), critic_hidden_dims=(64, 64), batch_size=128,
-                                      policy_lr=1e-3, critic_lr=1e-3, tau=0.05, eval_every=1000))
+                                      cql_num_samples=4, policy_lr=1e-3, critic_lr=1e-3, tau=0.05, eval_every=1000))
     assert summary["normalized_score_mean"] > summary["offline_normalized_score_mean"] + 30, summary
     assert summary["online_episodes"] == 10 and 0 < summary["online_regret"] < 1
 
