@@ -263,3 +263,37 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, pattern: str) -> No
     assert "Traceback" not in proc.stderr, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and pattern in errors[0], proc.stderr
+
+
+def train_rows(run_dir, key: str = "train/actor_loss") -> dict[int, dict[str, float]]:
+    """step -> the train/ values logged there, for the metrics rows that hold `key`."""
+    import json
+
+    rows = [json.loads(line) for line in open(f"{run_dir}/metrics.jsonl")]
+    return {r["step"]: {k: v for k, v in r.items() if k.startswith("train/")} for r in rows if key in r}
+
+
+def assert_same_train_logs(straight: dict, resumed: dict, key: str = "train/actor_loss",
+                           steps: list[int] | None = None) -> None:
+    """The resumed run logged the straight run's train/ values at each of its steps (it may log one more row where
+    its first segment ended); `steps`: the straight run's steps exactly."""
+    want, got = train_rows(straight["run_dir"], key), train_rows(resumed["run_dir"], key)
+    if steps is not None:
+        assert sorted(want) == steps
+    assert want and all(step in got and want[step] == got[step] for step in want)
+
+
+def assert_same_online_phase(straight: dict, resumed: dict, rows: int | None = None,
+                             summary_keys=("normalized_score_mean", "offline_normalized_score_mean",
+                                           "online_regret", "online_episodes")) -> dict[str, torch.Tensor]:
+    """Two runs with an online phase ended alike: every column of the online buffer in their last checkpoints
+    (`rows` of them, when given) and the summary's scores and regret. Returns the first run's buffer."""
+    buffers = [torch.load(f"{r['run_dir']}/checkpoint.pt", weights_only=True)["sampler"]["rows"]
+               for r in (straight, resumed)]
+    if rows is not None:
+        assert buffers[0]["obs"].shape[0] == rows
+    for key in buffers[0]:
+        assert torch.equal(buffers[0][key], buffers[1][key]), key
+    for key in summary_keys:
+        assert straight[key] == resumed[key], key
+    return buffers[0]

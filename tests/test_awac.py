@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import assert_states_equal, behaviour_return, checkpoint_agent, load_algorithm, random_batch, run_config
+from conftest import (assert_same_online_phase, assert_states_equal, behaviour_return, checkpoint_agent,
+                      load_algorithm, random_batch, run_config)
 
 from common.datasets import DataSpec
 from common.errors import UserError
@@ -138,10 +139,4 @@ def test_resume_mid_online_equals_an_uninterrupted_run(pendulum_mixed_id, tmp_pa
     a, b = checkpoint_agent(straight["run_dir"]), checkpoint_agent(resumed["run_dir"])
     assert_states_equal(a, b, ["actor", "critic", "target_critic"])
     assert torch.equal(a["log_std"], b["log_std"])
-    buffers = [torch.load(f"{r['run_dir']}/checkpoint.pt", weights_only=True)["sampler"]["rows"]
-               for r in (straight, resumed)]
-    assert buffers[0]["obs"].shape[0] == 450
-    for key in buffers[0]:
-        assert torch.equal(buffers[0][key], buffers[1][key]), key
-    for key in ("normalized_score_mean", "offline_normalized_score_mean", "online_regret", "online_episodes"):
-        assert straight[key] == resumed[key], key
+    assert_same_online_phase(straight, resumed, rows=450)

@@ -11,7 +11,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import assert_states_equal, checkpoint_agent, load_algorithm, run_config, train_straight_and_resumed
+from conftest import (assert_same_online_phase, assert_states_equal, checkpoint_agent, load_algorithm, run_config,
+                      train_straight_and_resumed)
 
 from common.runs import apply_dataset_settings
 from common.datasets import DataSpec, ObsNormalizer, TensorSampler, load_dataset
@@ -269,13 +270,7 @@ def test_resume_mid_online_equals_an_uninterrupted_run(pendulum_mixed_id, tmp_pa
     assert_states_equal(a, b, ("actor", "critic", "target_critic"))
     assert torch.equal(a["log_entropy_alpha"], b["log_entropy_alpha"])
     assert a["online"] and b["online"] and a["step"] == b["step"] == 550
-    buffers = [torch.load(f"{r['run_dir']}/checkpoint.pt", weights_only=True)["sampler"]["rows"]
-               for r in (straight, resumed)]
-    assert buffers[0]["obs"].shape[0] == 450
-    for key in buffers[0]:
-        assert torch.equal(buffers[0][key], buffers[1][key]), key
-    for key in ("normalized_score_mean", "offline_normalized_score_mean", "online_regret", "online_episodes"):
-        assert straight[key] == resumed[key], key
+    assert_same_online_phase(straight, resumed, rows=450)
     rows = lambda d: [json.loads(line) for line in open(f"{d}/metrics.jsonl") if "train/cql_alpha" in line]
     assert [(r["step"], r["train/cql_alpha"]) for r in rows(straight["run_dir"])] == \
         [(50, 5.0), (100, 5.0), *[(s, 1.0) for s in range(150, 551, 50)]]

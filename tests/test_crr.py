@@ -5,12 +5,11 @@ resume, and learning on mixed pendulum data (beats the behaviour policy)."""
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
 import torch
-from conftest import (assert_one_line_error, assert_states_equal, behaviour_return, load_algorithm, random_batch,
-                      run_algorithm_cli, run_config, train_straight_and_resumed)
+from conftest import (assert_one_line_error, assert_same_train_logs, assert_states_equal, behaviour_return,
+                      load_algorithm, random_batch, run_algorithm_cli, run_config, train_straight_and_resumed)
 
 from common.datasets import DataSpec
 from common.errors import UserError
@@ -243,14 +242,7 @@ def test_resume_continues_with_the_same_numbers(tmp_path, pendulum_mixed_id):
     assert_states_equal(a, b, ("actor", "actor_target", "critic", "critic_target"))
     assert a["step"] == b["step"] == 201
 
-    def train_rows(run_dir):  # step -> the train/ values logged there
-        rows = [json.loads(line) for line in open(f"{run_dir}/metrics.jsonl")]
-        return {r["step"]: {k: v for k, v in r.items() if k.startswith("train/")} for r in rows
-                if "train/actor_loss" in r}
-
-    want, got = train_rows(straight["run_dir"]), train_rows(resumed["run_dir"])
-    assert sorted(want) == [50, 100, 150, 200, 201]
-    assert all(want[step] == got[step] for step in want)
+    assert_same_train_logs(straight, resumed, steps=[50, 100, 150, 200, 201])
     assert straight["return_mean"] == resumed["return_mean"]
 
 

@@ -270,7 +270,8 @@ def test_build_made_before_policy_files_is_refused_with_the_export_command(sac_b
     proc = subprocess.run([sys.executable, *command.split()[1:]], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0 and (old / "agent" / POLICY_FILE).is_file(), proc.stderr
     obs = hundred_observations("Pendulum-v1")
-    np.testing.assert_array_equal(dagger.load_expert(str(old), env)(obs), dagger.load_expert(str(sac_build[0]), env)(obs))
+    np.testing.assert_array_equal(dagger.load_expert(str(old), env)(obs),
+                                  dagger.load_expert(str(sac_build[0]), env)(obs))
 
 
 def test_policy_file_holds_plain_tensors_only(sac_build):

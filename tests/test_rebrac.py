@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 import re
 
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from conftest import (assert_one_line_error, assert_states_equal, behaviour_return, checkpoint_agent, load_algorithm,
-                      random_batch, run_algorithm_cli, run_config, train_straight_and_resumed)
+from conftest import (assert_one_line_error, assert_same_online_phase, assert_same_train_logs, assert_states_equal,
+                      behaviour_return, checkpoint_agent, load_algorithm, random_batch, run_algorithm_cli, run_config,
+                      train_rows, train_straight_and_resumed)
 from torch._dynamo.utils import counters
 
 from common.datasets import DataSpec, Episode, OfflineDataset
@@ -207,14 +207,7 @@ def test_resume_continues_with_the_same_numbers(tmp_path, pendulum_mixed_id):
     assert_states_equal(a, b, ("actor", "actor_target", "critic", "critic_target"))
     assert a["total_it"] == b["total_it"] == 201
 
-    def train_rows(run_dir):  # step -> the train/ values logged there
-        rows = [json.loads(line) for line in open(f"{run_dir}/metrics.jsonl")]
-        return {r["step"]: {k: v for k, v in r.items() if k.startswith("train/")} for r in rows
-                if "train/actor_loss" in r}
-
-    want, got = train_rows(straight["run_dir"]), train_rows(resumed["run_dir"])
-    assert sorted(want) == [50, 100, 150, 200, 201]
-    assert all(want[step] == got[step] for step in want)
+    assert_same_train_logs(straight, resumed, steps=[50, 100, 150, 200, 201])
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -358,21 +351,10 @@ def test_resume_mid_online_equals_an_uninterrupted_run(pendulum_mixed_id, tmp_pa
             assert all(torch.equal(value[k], b[name]["state"][key][k]) for k in value), name
     assert (a["total_it"], a["online_it"], a["online"]) == (b["total_it"], b["online_it"], b["online"]) == \
         (550, 450, True)
-    buffers = [torch.load(f"{r['run_dir']}/checkpoint.pt", weights_only=True)["sampler"]["rows"]
-               for r in (straight, resumed)]
-    assert buffers[0]["obs"].shape[0] == 450 and "next_actions" in buffers[0]
-    for key in buffers[0]:
-        assert torch.equal(buffers[0][key], buffers[1][key]), key
-    for key in ("normalized_score_mean", "offline_normalized_score_mean", "online_regret", "online_episodes"):
-        assert straight[key] == resumed[key], key
+    assert "next_actions" in assert_same_online_phase(straight, resumed, rows=450)
 
-    def train_rows(run_dir):  # step -> the train/ values logged there
-        rows = [json.loads(line) for line in open(f"{run_dir}/metrics.jsonl")]
-        return {r["step"]: {k: v for k, v in r.items() if k.startswith("train/")} for r in rows
-                if "train/actor_loss" in r}
-
-    want, got = train_rows(straight["run_dir"]), train_rows(resumed["run_dir"])
-    assert all(want[step] == got[step] for step in want)
+    assert_same_train_logs(straight, resumed)
+    want = train_rows(straight["run_dir"])
     # step s is online update k = s - 101 (the first online update, step 101, keeps beta_1)
     steps = (100, 150, 200, 350)
     assert [want[step]["train/actor_beta"] for step in steps] == pytest.approx(

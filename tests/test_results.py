@@ -109,7 +109,8 @@ def test_rows_equal_the_hand_computed_means_and_stds(report):
     assert row(text, A, "iql") == (f"| {A} | iql | 1000 | 0, 1, 2 | 70.0 ± 8.2 | 75.0 ± 10.8 | 55.0 | "
                                    f"-30.0 ± 8.2 | 10 | - | abc123def456 |")
     assert row(text, A, "bc") == (f"| {A} | bc | 1000 | 0, 1 | 45.0 ± 5.0 | 45.0 ± 5.0 | 55.0 | -55.0 ± 5.0 | 10 | "
-                                  f"seed 2 unfinished (logged to step 500, no checkpoint, of 1000 steps) | abc123def456 |")
+                                  f"seed 2 unfinished (logged to step 500, no checkpoint, of 1000 steps) | "
+                                  f"abc123def456 |")
     assert row(text, B, "iql") == (f"| {B} | iql | 1000 | 0, 2 | 25.0 ± 5.0 | 25.0 ± 5.0 | n/a | -75.0 ± 5.0 | 10 | "
                                    f"seed 1 missing | abc123def456 |")
     # bc on B: 10 20 60 -> 30.0 ± sqrt(1400/3) = 21.6; the corrupt (999) and partial (999) runs are not in it

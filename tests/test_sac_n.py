@@ -5,13 +5,12 @@ settings per variant, compiled = eager for the second-order term, learning on pe
 from __future__ import annotations
 
 import copy
-import json
 import math
 
 import pytest
 import torch
-from conftest import (assert_one_line_error, assert_states_equal, behaviour_return, load_algorithm, random_batch,
-                      run_algorithm_cli, run_config, train_straight_and_resumed)
+from conftest import (assert_one_line_error, assert_same_train_logs, assert_states_equal, behaviour_return,
+                      load_algorithm, random_batch, run_algorithm_cli, run_config, train_straight_and_resumed)
 
 from common.datasets import DataSpec
 from common.errors import UserError
@@ -311,14 +310,7 @@ def test_resume_continues_with_the_same_numbers(tmp_path, pendulum_mixed_id):
         for index, moments in a[name]["state"].items():
             assert all(torch.equal(value, b[name]["state"][index][key]) for key, value in moments.items()), name
 
-    def train_rows(run_dir):
-        rows = [json.loads(line) for line in open(f"{run_dir}/metrics.jsonl")]
-        return {r["step"]: {k: v for k, v in r.items() if k.startswith("train/")} for r in rows
-                if "train/diversity_loss" in r}
-
-    want, got = train_rows(straight["run_dir"]), train_rows(resumed["run_dir"])
-    assert sorted(want) == [50, 100, 150, 200, 201]
-    assert all(want[step] == got[step] for step in want)
+    assert_same_train_logs(straight, resumed, "train/diversity_loss", steps=[50, 100, 150, 200, 201])
     assert straight["return_mean"] == resumed["return_mean"]
 
 

@@ -10,8 +10,8 @@ import math
 
 import pytest
 import torch
-from conftest import (assert_one_line_error, assert_states_equal, checkpoint_agent, load_algorithm, random_batch,
-                      run_algorithm_cli, run_config)
+from conftest import (assert_one_line_error, assert_same_online_phase, assert_states_equal, checkpoint_agent,
+                      load_algorithm, random_batch, run_algorithm_cli, run_config)
 from torch.distributions import Normal, kl_divergence
 
 from common.datasets import DataSpec, ObsNormalizer, TensorSampler, load_dataset
@@ -357,13 +357,8 @@ def test_resume_mid_online_equals_an_uninterrupted_run_and_never_refits_the_vae(
             assert all(torch.equal(value[k], b[name]["state"][key][k]) for k in value), name
     assert (a["total_it"], a["online_it"], a["vae_step"]) == (b["total_it"], b["online_it"], b["vae_step"]) == \
         (550, 450, 50)
-    buffers = [torch.load(f"{r['run_dir']}/checkpoint.pt", weights_only=True)["sampler"]["rows"]
-               for r in (straight, resumed)]
-    assert buffers[0]["obs"].shape[0] == 450
-    for key in buffers[0]:
-        assert torch.equal(buffers[0][key], buffers[1][key]), key
-    for key in ("normalized_score_mean", "offline_normalized_score_mean", "online_regret", "behaviour_vae"):
-        assert straight[key] == resumed[key], key
+    assert_same_online_phase(straight, resumed, rows=450, summary_keys=(
+        "normalized_score_mean", "offline_normalized_score_mean", "online_regret", "behaviour_vae"))
 
 
 def test_a_run_killed_while_fitting_the_vae_continues_the_fit_exactly(pendulum_mixed_id, tmp_path, monkeypatch):

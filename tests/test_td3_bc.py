@@ -4,13 +4,12 @@ the online phase (TD3's Gaussian exploration inside the box; resume mid-online c
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import (assert_states_equal, behaviour_return, checkpoint_agent, load_algorithm, random_batch,
-                      run_config, train_straight_and_resumed)
+from conftest import (assert_same_train_logs, assert_states_equal, behaviour_return, checkpoint_agent, load_algorithm,
+                      random_batch, run_config, train_straight_and_resumed)
 
 from common.datasets import DataSpec
 from common.errors import UserError
@@ -120,14 +119,7 @@ def test_resume_continues_with_the_same_numbers(tmp_path, pendulum_mixed_id):
     straight, resumed, a, b = train_straight_and_resumed(td3_bc, pendulum_mixed_id, tmp_path, 101, 201, **common)
     assert_states_equal(a, b, ("actor", "actor_target", "critic", "critic_target"))
     assert a["total_it"] == b["total_it"] == 201
-    def train_rows(run_dir):  # step -> the train/ values logged there
-        rows = [json.loads(line) for line in open(f"{run_dir}/metrics.jsonl")]
-        return {r["step"]: {k: v for k, v in r.items() if k.startswith("train/")} for r in rows
-                if "train/actor_loss" in r}
-
-    want, got = train_rows(straight["run_dir"]), train_rows(resumed["run_dir"])
-    assert sorted(want) == [50, 100, 150, 200, 201]
-    assert all(want[step] == got[step] for step in want)
+    assert_same_train_logs(straight, resumed, steps=[50, 100, 150, 200, 201])
 
 
 # --- online fine-tuning -------------------------------------------------------------------------------------
