@@ -15,7 +15,7 @@ RUNS ?= runs
 FLAGS ?=
 
 .PHONY: install run test bench datasets datasets-default scores clean-runs figures sweep results video export-policy \
-	crosscheck
+	crosscheck finetune speed-vs-corl
 
 # pip is only called when requirements.txt changed since the last successful install
 install: .installed
@@ -100,6 +100,21 @@ CROSSCHECK ?= all
 crosscheck: install
 	$(PY) -m common.reporting.crosscheck $(if $(CORL),--reference $(CORL)) $(if $(JAX_PYTHON),--jax-python $(JAX_PYTHON)) \
 	  $(if $(D3RLPY_PYTHON),--d3rlpy-python $(D3RLPY_PYTHON)) --algos $(CROSSCHECK)
+
+# The fine-tuning table and curves (results/finetune.md, results/finetune/): every file with an online phase on
+# pendulum medium-replay, 3 seeds; CQL and Cal-QL (about 10 updates/s on one core) at a smaller budget
+FINETUNE_ENV ?= local/pendulum/medium-replay-v0
+finetune: install
+	$(PY) -m common.reporting.sweep --algos iql awac td3_bc rebrac spot --envs $(FINETUNE_ENV) --seeds $(SWEEP_SEEDS) \
+	  --threads $(THREADS) --runs-dir runs/finetune --name finetune-5k -- --max-steps 5000 --online-steps 5000 --eval-every 1000
+	$(PY) -m common.reporting.sweep --algos cql cal_ql --envs $(FINETUNE_ENV) --seeds $(SWEEP_SEEDS) \
+	  --threads $(THREADS) --runs-dir runs/finetune --name finetune-2k -- --max-steps 2000 --online-steps 2000 --eval-every 500
+	$(PY) -m common.reporting.results --runs-dir runs/finetune --output results/finetune.md \
+	  --title "Offline to online fine-tuning" --command "make finetune"
+
+# sac_n.py's updates/s against CORL's sac_n.py and edac.py, side by side (results/speed-vs-corl.md); CORL=<checkout>
+speed-vs-corl: install
+	$(PY) -m common.reporting.crosscheck.speed --reference $(CORL)
 
 # every run and sweep, but not runs/datasets (the builder's build folders: DAgger's default expert lives there)
 clean-runs:

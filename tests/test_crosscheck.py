@@ -94,3 +94,19 @@ def test_a_reference_file_imports_with_its_training_modules_stubbed_then_unstubb
     assert module.train(21) == 42  # pyrallis.wrap left train() as it is
     assert {name: sys.modules.get(name) for name in reference.TRAINING_ONLY_MODULES} == saved
     assert reference.commit_of(tmp_path, "algo.py").startswith("unknown")
+
+
+def test_speed_tool_alternates_the_sides_and_refuses_a_missing_reference_in_one_line(tmp_path, capsys):
+    from common.reporting.crosscheck import speed
+
+    calls = []
+    mine, ref = speed.measure(lambda: calls.append("ours"), lambda: calls.append("theirs"), rounds=3, updates=5)
+    assert len(mine) == len(ref) == 3
+    timed = calls[2 * 5:]  # after one warm-up block of 5 each
+    blocks = [timed[i] for i in range(0, len(timed), 5)]
+    assert blocks == ["theirs", "ours", "ours", "theirs", "theirs", "ours"]  # who goes first alternates
+    out = tmp_path / "speed.md"
+    assert speed.main(["--reference", str(tmp_path), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no algorithms/offline/sac_n.py there" in err
+    assert not out.exists()
