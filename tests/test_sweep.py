@@ -203,3 +203,23 @@ def test_a_trial_shared_by_two_sweeps_is_trained_once(tmp_path, pendulum_expert_
         assert adopted is not None and (adopted / "summary.json").is_file()
     assert holder.wait() == 0
     assert len(list((runs / "bc").glob("*/*/summary.json"))) == 1
+
+
+def test_a_worker_serving_two_trials_reports_each_under_its_own_key(tmp_path, pendulum_expert_id, monkeypatch):
+    """Ray reuses a worker process (reuse_actors): the second trial must not report through the first's wrapper,
+    which would mark the finished first trial running again, with the second's run directory."""
+    from ray import tune
+
+    events = []
+    monkeypatch.setattr(tune, "report", events.append)
+    runs, folder = tmp_path / "runs", tmp_path / "runs" / "sweeps" / "t"
+    trials = [sweep.Trial("bc", pendulum_expert_id, seed, tuple(FLAGS)) for seed in (0, 1)]
+    for trial in trials:
+        sweep.run_trial({"trial": {"key": trial.key, "algo": "bc", "argv": trial.argv(runs, 1, "cpu", False),
+                                   "resume": None, "log": str(folder / "logs" / f"{trial.name}.log"), "env_vars": {},
+                                   "run_dir_file": str(sweep.run_dir_file(folder, trial))}})
+    started = [(e["key"], e["run_dir"]) for e in events if e.get("event") == "started"]
+    assert [key for key, _ in started] == [t.key for t in trials], started
+    assert [Path(run).name.split("-")[0] for _, run in started] == ["0", "1"]
+    for trial, (_, run) in zip(trials, started):
+        assert sweep.run_dir_file(folder, trial).read_text().strip() == run

@@ -439,7 +439,10 @@ def run_trial(space: dict) -> None:
         start = time.perf_counter()
         try:
             module = import_algorithm(params["algo"])
-            module.Run = reporting_run(module.Run, report, Path(params["run_dir_file"]))
+            # a reused worker serves trial after trial with the module already imported: wrap its own Run, not
+            # the previous trial's wrapper (whose report would speak for that trial, with this one's run directory)
+            base = module.__dict__.setdefault("_sweep_unwrapped_run", module.Run)
+            module.Run = reporting_run(base, report, Path(params["run_dir_file"]))
             argv = params["argv"] + (["--resume", params["resume"]] if params["resume"] else [])
             config = cli_config(module.Config, argv)
             with trial_lock(Path(config.runs_dir), params["algo"], config) as adopted:
