@@ -214,6 +214,8 @@ def test_a_worker_serving_two_trials_reports_each_under_its_own_key(tmp_path, pe
     monkeypatch.setattr(tune, "report", events.append)
     runs, folder = tmp_path / "runs", tmp_path / "runs" / "sweeps" / "t"
     trials = [sweep.Trial("bc", pendulum_expert_id, seed, tuple(FLAGS)) for seed in (0, 1)]
+    bc = sweep.import_algorithm("bc")
+    plain = bc.Run
     for trial in trials:
         sweep.run_trial({"trial": {"key": trial.key, "algo": "bc", "argv": trial.argv(runs, 1, "cpu", False),
                                    "resume": None, "log": str(folder / "logs" / f"{trial.name}.log"), "env_vars": {},
@@ -223,3 +225,4 @@ def test_a_worker_serving_two_trials_reports_each_under_its_own_key(tmp_path, pe
     assert [Path(run).name.split("-")[0] for _, run in started] == ["0", "1"]
     for trial, (_, run) in zip(trials, started):
         assert sweep.run_dir_file(folder, trial).read_text().strip() == run
+    assert bc.Run is plain  # the module's Run is put back after each trial

@@ -440,17 +440,21 @@ def run_trial(space: dict) -> None:
         try:
             module = import_algorithm(params["algo"])
             # a reused worker serves trial after trial with the module already imported: wrap its own Run, not
-            # the previous trial's wrapper (whose report would speak for that trial, with this one's run directory)
-            base = module.__dict__.setdefault("_sweep_unwrapped_run", module.Run)
+            # the previous trial's wrapper (whose report would speak for that trial, with this one's run directory),
+            # and put it back afterwards
+            base = module.Run
             module.Run = reporting_run(base, report, Path(params["run_dir_file"]))
-            argv = params["argv"] + (["--resume", params["resume"]] if params["resume"] else [])
-            config = cli_config(module.Config, argv)
-            with trial_lock(Path(config.runs_dir), params["algo"], config) as adopted:
-                if adopted is not None:  # another sweep trained this very trial meanwhile
-                    print(f"adopting {adopted}: finished by another sweep on the same --runs-dir", flush=True)
-                    summary = {**json.loads((adopted / "summary.json").read_text()), "run_dir": str(adopted)}
-                else:
-                    summary = module.train(config)
+            try:
+                argv = params["argv"] + (["--resume", params["resume"]] if params["resume"] else [])
+                config = cli_config(module.Config, argv)
+                with trial_lock(Path(config.runs_dir), params["algo"], config) as adopted:
+                    if adopted is not None:  # another sweep trained this very trial meanwhile
+                        print(f"adopting {adopted}: finished by another sweep on the same --runs-dir", flush=True)
+                        summary = {**json.loads((adopted / "summary.json").read_text()), "run_dir": str(adopted)}
+                    else:
+                        summary = module.train(config)
+            finally:
+                module.Run = base
         except (Exception, SystemExit) as err:
             if isinstance(err, SystemExit) and err.code in (0, None):
                 raise  # Tune stops a trial (Ctrl-C on the sweep) by raising SystemExit(0) inside report()
