@@ -400,7 +400,8 @@ def reporting_run(base: type, report, run_dir_file: Path) -> type:
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             atomic_write_text(run_dir_file, str(self.dir) + "\n")
-            report({"event": "started", "run_dir": str(self.dir), "max_steps": int(self.config.max_steps)})
+            steps = int(self.config.max_steps) + int(getattr(self.config, "online_steps", 0) or 0)  # both phases
+            report({"event": "started", "run_dir": str(self.dir), "max_steps": steps})
 
         def log(self, step, metrics):
             values = super().log(step, metrics)
