@@ -65,6 +65,9 @@ def test_bench_tiny_agent_runs_the_same_update_with_little_arithmetic(name):
     full, _, _ = bench.make_agent(name, torch.device("cpu"), compile_update=False)
     source = bench.batch_source(name, spec, config, torch.device("cpu"))
     assert set(agent.update(source.sample(config.batch_size))) == set(full.update(source.sample(32)))
+    with bench.FlopCount() as counter:  # the bench counts every file's FLOPs (EDAC's update is second order)
+        agent.update(source.sample(config.batch_size))
+    assert counter.total > 0
 
 
 def test_bench_harness_reports_rates_and_floor(tmp_path):
