@@ -456,12 +456,15 @@ def main(argv: list[str] | None = None) -> int:
     commit = git_commit()
     lines = ["# Throughput benchmark", "",
              f"Command: `python -m common.reporting.bench --threads {args.threads} --seconds {args.seconds}"
-             f"{' --compile' if args.compile else ''}` (or `make bench`)  ",
+             f"{' --compile' if args.compile else ''}"
+             f"{' --algos ' + ' '.join(args.algos) if args.algos and args.algos != ALGORITHMS else ''}"
+             f"{' --output ' + str(args.output) if Path(args.output).resolve() != ROOT / 'results' / 'bench.md' else ''}`"
+             f"{' (or `make bench`)' if not args.algos or args.algos == ALGORITHMS else ''}  ",
              f"Commit: `{commit}`; date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
              f"torch {torch.__version__}; torch threads {args.threads}  ",
              f"Sizes: obs {OBS_DIM}, actions {ACT_DIM} (discrete: {N_DISCRETE_ACTIONS}), each file's default "
              f"networks and batch size; synthetic data kept on the device.  ",
-             "Floor = measured 256x256x256 fp32 matmul rate / FLOPs per update (FlopCounterMode, averaged over "
+             "Floor = measured 256x256x256 fp32 matmul rate / FLOPs per update (torch's flop formulas, averaged over "
              f"{FLOP_WINDOW} updates); best of three timing windows.  ",
              f"Overhead = time of the same update with every hidden layer {TINY_WIDTH} wide and batch "
              f"{TINY_BATCH} (dispatch, autograd, optimisers, sampling: what the framework costs per update with "
